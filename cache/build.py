@@ -1,0 +1,419 @@
+"""`selkd-cache build`: corpus -> sequences -> (scores ->) teacher outputs -> committed parts.
+
+The build is a deterministic function of its settings: every builder (rank) derives the same
+sequence list, eval split, sample selection and part plan, then writes only its own parts
+(part p belongs to rank p % world_size). A part is committed atomically, so a rerun of the same
+command skips committed parts and redoes the rest; the last builder to finish finalises the root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selkd.cache import __version__
+from selkd.cache import format as fmt
+from selkd.cache.classes import teacher_outputs
+from selkd.cache.config import SETTINGS_KEYS, BuildConfig
+from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
+from selkd.cache.reader import CacheError, read_header
+from selkd.cache.scoring import (
+    commit_scores,
+    committed_score_parts,
+    mean_entropy,
+    read_scores,
+    score_part_sequences,
+    select_top,
+    wait_for,
+)
+from selkd.cache.store import Storage
+from selkd.cache.teacher import (
+    config_hash,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+    vocab_size,
+)
+from selkd.cache.writer import PartWriter
+
+
+class BuildError(Exception):
+    """A user-facing build failure: names the thing and what to do."""
+
+
+def log(msg: str) -> None:
+    print(f"selkd-cache: {msg}", file=sys.stderr, flush=True)
+
+
+def torchrun_rank_world(cfg: BuildConfig) -> tuple[int, int]:
+    """--rank/--world-size, else torchrun's RANK/WORLD_SIZE (its launch contract), else 0/1."""
+    rank = cfg.rank if cfg.rank is not None else int(os.environ.get("RANK", "0"))
+    world = cfg.world_size if cfg.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise BuildError(f"rank {rank} is not in [0, world size {world})")
+    return rank, world
+
+
+@dataclass
+class Plan:
+    """Which sequences each part holds; identical on every builder."""
+
+    parts: list[dict[str, Any]]  # name, split, n_sequences
+    members: list[np.ndarray]  # global sequence indices per part
+
+    def to_json(self, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"parts": self.parts, **extra}
+
+
+def make_plan(eval_index: np.ndarray, train_index: np.ndarray, seqs_per_part: int) -> Plan:
+    parts, members = [], []
+    for split, index in (("eval", eval_index), ("train", train_index)):
+        for s in range(0, len(index), seqs_per_part):
+            chunk = index[s : s + seqs_per_part]
+            parts.append({"name": fmt.part_name(len(parts)), "split": split, "n_sequences": len(chunk)})
+            members.append(chunk)
+    return Plan(parts, members)
+
+
+@dataclass
+class BuildResult:
+    parts_written: int
+    parts_skipped: int
+    sequences: int
+    positions: int
+    bytes_written: int
+    seconds: float
+    finalized: bool
+
+
+def root_metadata(header: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {fmt.ROOT_ATTR: header}
+    if summary is not None:
+        attrs[fmt.SUMMARY_ATTR] = summary
+    return {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+
+
+def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that change what is stored, as 'name: saved -> now' lines."""
+    out = []
+    for key in SETTINGS_KEYS:
+        a, b = saved.get("settings", {}).get(key), current["settings"][key]
+        if a != b:
+            out.append(f"--{key.replace('_', '-')}: {a!r} -> {b!r}")
+    for key, label in (
+        ("teacher_config_hash", "teacher model config"),
+        ("tokenizer_fingerprint", "teacher tokenizer"),
+        ("teacher_dtype", "--dtype"),
+    ):
+        if saved.get(key) != current[key]:
+            out.append(f"{label}: {saved.get(key)} -> {current[key]}")
+    if saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
+        out.append("data: the corpus (its token stream) is not the same")
+    if saved.get("sample_selection") != current["sample_selection"]:
+        out.append(f"sample selection: {saved.get('sample_selection')} -> {current['sample_selection']}")
+    return out
+
+
+def open_output(cfg: BuildConfig) -> tuple[Storage, dict[str, Any] | None]:
+    """The output store and its existing header (None if new); refuses foreign contents."""
+    storage = Storage.open(cfg.out, cfg.storage_option, mode="w")
+    if storage.is_empty():
+        return storage, None
+    if not storage.exists("zarr.json"):
+        raise BuildError(
+            f"{storage.url}: holds files that are not a selkd cache; choose an empty or new location for --out"
+        )
+    try:
+        return storage, read_header(storage)
+    except CacheError as err:
+        raise BuildError(f"{err}; choose an empty or new location for --out") from err
+
+
+def finalize(storage: Storage) -> dict[str, Any]:
+    """Aggregate the commit records into the root summary. Needs every planned part committed."""
+    header = read_header(storage)
+    plan = storage.read_json(fmt.PLAN_KEY)
+    if plan is None:
+        raise BuildError(f"{storage.url}: no part plan yet; the build has not got past its planning step")
+    records = {}
+    for name in storage.list_dir(fmt.COMMITS_PREFIX):
+        rec = storage.read_json(f"{fmt.COMMITS_PREFIX}/{name}")
+        records[rec["part"]] = rec
+    missing = [p["name"] for p in plan["parts"] if p["name"] not in records]
+    if missing:
+        raise BuildError(
+            f"{storage.url}: {len(missing)} of {len(plan['parts'])} parts are not committed "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); rerun the build to finish them"
+        )
+    summary: dict[str, Any] = {"parts": len(records), "finalized_at": time.time()}
+    for split in ("train", "eval"):
+        recs = [r for r in records.values() if r["split"] == split]
+        summary[f"{split}_sequences"] = sum(r["n_sequences"] for r in recs)
+        summary[f"{split}_tokens"] = sum(r["n_tokens"] for r in recs)
+        summary[f"{split}_targets"] = sum(r["n_targets"] for r in recs)
+    summary["bytes_parts"] = sum(r["bytes"] for r in records.values())
+    storage.write_json("zarr.json", root_metadata(header, summary))
+    return summary
+
+
+class _Overlap:
+    """Runs class selection, encoding and writing on one background thread so they overlap the
+    next teacher forward pass (torch and numpy release the GIL). At most ``depth`` batches wait."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selkd-encode")
+        self.pending: list[Future[Any]] = []
+        self.depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _batches(corpus: PackedCorpus, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches of sequence indices with one length each (only the corpus's last sequence is short)."""
+    out = []
+    lengths = np.array([corpus.sequence_bounds(int(i))[1] - corpus.sequence_bounds(int(i))[0] for i in index])
+    for length in np.unique(lengths):
+        same = index[lengths == length]
+        out.extend(same[s : s + batch_size] for s in range(0, len(same), batch_size))
+    return out
+
+
+def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildResult:
+    t0 = time.time()
+    rank, world = torchrun_rank_world(cfg)
+    spec = cfg.class_spec
+
+    # --- output, models, corpus ----------------------------------------------------------------
+    storage, existing = open_output(cfg)
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_causal_lm(cfg.teacher, device, dtype, trust_remote_code=cfg.trust_remote_code)
+    vocab = vocab_size(teacher)
+    try:
+        spec.check_vocab(vocab)
+    except ValueError as err:
+        raise BuildError(str(err)) from err
+    corpus = load_corpus(
+        cfg.data,
+        tokenizer,
+        cfg.max_seq_len,
+        cfg.text_field,
+        cfg.limit_tokens,
+        progress=cfg.progress and rank == 0,
+    )
+    for warning in corpus.stats.warnings():
+        log(f"warning: {warning}")
+    if corpus.tokens.size and int(corpus.tokens.max()) >= vocab:
+        raise BuildError(f"token id {int(corpus.tokens.max())} >= the teacher's vocabulary ({vocab})")
+
+    if cfg.student is not None:
+        student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(tokenizer):
+            raise BuildError(
+                f"--student {cfg.student} has another tokenizer than --teacher {cfg.teacher} (fingerprints "
+                "differ); sample selection needs a student that shares the teacher's tokenizer"
+            )
+
+    # --- header: new, or the same settings as before -------------------------------------------
+    n_seq = corpus.n_sequences
+    is_eval = eval_mask(n_seq, cfg.eval_fraction, cfg.seed)
+    header: dict[str, Any] = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "selkd_version": __version__,
+        "settings": {k: getattr(cfg, k) for k in SETTINGS_KEYS},
+        "teacher": cfg.teacher,
+        "teacher_config_hash": config_hash(teacher),
+        "teacher_dtype": str(dtype).removeprefix("torch."),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size": vocab,
+        "classes": {"mode": spec.mode, "k": spec.k, "text": str(spec)},
+        "temperature": cfg.temperature,
+        "max_seq_len": cfg.max_seq_len,
+        "data": {
+            "specs": list(cfg.data),
+            "text_field": cfg.text_field,
+            "limit_tokens": cfg.limit_tokens,
+            "fingerprint": corpus.fingerprint,
+            "n_tokens": int(corpus.tokens.size),
+            "n_sequences": n_seq,
+            "documents": corpus.stats.documents,
+        },
+        "eval": {"fraction": cfg.eval_fraction, "n_sequences": int(is_eval.sum())},
+        "sample_selection": None
+        if cfg.sample_ratio is None
+        else {"ratio": cfg.sample_ratio, "signal": cfg.sample_signal, "student": cfg.student},
+        "command": list(argv) if argv is not None else None,
+        "created": time.time(),
+    }
+    if existing is not None:
+        diffs = header_differences(existing, header)
+        if diffs:
+            raise BuildError(
+                f"{storage.url} was built with other settings; rerun with the original settings or choose a new "
+                "--out. Differences (stored -> now):\n  " + "\n  ".join(diffs)
+            )
+        header = existing
+    elif rank == 0 or world == 1:
+        storage.write_json("zarr.json", root_metadata(header, None))
+    else:
+        wait_for(lambda: storage.exists("zarr.json"), "rank 0 to create the cache")
+
+    # --- sample selection: score every training sequence once ----------------------------------
+    train_index = np.flatnonzero(~is_eval)
+    eval_index = np.flatnonzero(is_eval)
+    seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
+    if cfg.sample_ratio is not None:
+        groups = score_part_sequences(train_index, seqs_per_part)
+        done = committed_score_parts(storage)
+        todo = [i for i in range(len(groups)) if i % world == rank and fmt.score_part_name(i) not in done]
+        scorer = None
+        if cfg.sample_signal == "student-entropy" and todo:
+            scorer = load_causal_lm(cfg.student, device, dtype, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+        elif cfg.sample_signal == "teacher-entropy":
+            scorer = teacher
+        bar = tqdm(
+            total=sum(len(groups[i]) for i in todo),
+            unit="seq",
+            desc="scoring samples",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        for i in todo:
+            idx = groups[i]
+            if scorer is None:  # random: seeded per score part, independent of rank
+                scores = np.random.default_rng([cfg.seed, i]).random(len(idx)).astype(np.float32)
+            else:
+                scores = np.empty(len(idx), dtype=np.float32)
+                pos = {int(s): j for j, s in enumerate(idx)}
+                for b in _batches(corpus, idx, cfg.batch_size):
+                    x = torch.from_numpy(np.stack(corpus.sequences(b)).astype(np.int64)).to(device)
+                    scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x).float().cpu().numpy()
+                    bar.update(len(b))
+            commit_scores(storage, fmt.score_part_name(i), idx, scores, cfg.sample_signal)
+        bar.close()
+        if scorer is not None and scorer is not teacher:
+            del scorer
+        wait_for(
+            lambda: len(committed_score_parts(storage)) >= len(groups), "other builders to finish scoring"
+        )
+        idx_all, val_all = read_scores(storage)
+        train_index = select_top(idx_all, val_all, cfg.sample_ratio)
+        log(
+            f"sample selection: kept {len(train_index)} of {len(idx_all)} training sequences "
+            f"(top {cfg.sample_ratio:g} by {cfg.sample_signal})"
+        )
+
+    # --- plan: the same on every builder -------------------------------------------------------
+    plan = make_plan(eval_index, train_index, seqs_per_part)
+    plan_json = plan.to_json({"seqs_per_part": seqs_per_part, "world_size_hint": world})
+    saved_plan = storage.read_json(fmt.PLAN_KEY)
+    if saved_plan is None:
+        storage.write_json(fmt.PLAN_KEY, plan_json)
+    elif saved_plan["parts"] != plan_json["parts"]:
+        raise BuildError(f"{storage.url}: the stored part plan differs from this build's; use a new --out")
+
+    # --- teacher pass over this builder's parts ------------------------------------------------
+    committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
+    mine = [i for i in range(len(plan.parts)) if i % world == rank]
+    todo = [i for i in mine if plan.parts[i]["name"] not in committed]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        log(f"resuming: {skipped} of {len(mine)} parts of this builder are already committed")
+    total_seq = sum(len(plan.members[i]) for i in todo)
+    bar = tqdm(
+        total=total_seq,
+        unit="seq",
+        desc=f"teacher [rank {rank}/{world}]" if world > 1 else "teacher",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    positions = 0
+    bytes_written = 0
+    overlap = _Overlap()
+    lock = threading.Lock()
+    try:
+        for i in todo:
+            part = plan.parts[i]
+            writer = PartWriter(storage, part["name"], part["split"], spec.mode, spec.k, vocab)
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
+            for b in _batches(corpus, plan.members[i], cfg.batch_size):
+                b = np.sort(b)
+                seqs = corpus.sequences(b)
+                x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(device)
+                with torch.no_grad():
+                    logits = teacher(input_ids=x).logits[:, :-1]
+                nxt = x[:, 1:]
+                starts = [corpus.sequence_bounds(int(s)) for s in b]
+                doc = [corpus.doc_start[a:e] for a, e in starts]
+
+                def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
+                    out = teacher_outputs(
+                        logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), spec, cfg.temperature, gen
+                    )
+                    writer.add(b, seqs, doc, out)
+
+                overlap.submit(encode)
+                with lock:
+                    positions += int(nxt.numel())
+                bar.update(len(b))
+                bar.set_postfix(tok_s=f"{positions / max(time.time() - t0, 1e-9):,.0f}")
+            record: dict[str, Any] = {}
+
+            def commit(writer=writer, record=record) -> None:
+                record.update(writer.commit())
+
+            overlap.submit(commit)
+            overlap.drain()
+            bytes_written += record["bytes"]
+    finally:
+        overlap.close()
+        bar.close()
+
+    # --- finalize when every part is committed -------------------------------------------------
+    committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
+    finalized = all(p["name"] in committed for p in plan.parts)
+    if finalized:
+        finalize(storage)
+    else:
+        left = sum(p["name"] not in committed for p in plan.parts)
+        log(
+            f"{left} parts belong to other builders and are not committed yet; the last builder to finish "
+            f"finalises the cache (or run `selkd-cache finalize {storage.url}`)"
+        )
+    seconds = time.time() - t0
+    result = BuildResult(len(todo), skipped, total_seq, positions, bytes_written, seconds, finalized)
+    per_pos = bytes_written / positions if positions else float("nan")
+    log(
+        f"done in {seconds:.1f} s: {len(todo)} parts written ({skipped} already there), {positions:,} positions, "
+        f"{bytes_written:,} bytes ({per_pos:.1f} B/position) -> {storage.url}"
+    )
+    return result

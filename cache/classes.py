@@ -1,0 +1,154 @@
+"""Teacher logits -> SparseTargets (class selection) and the per-position teacher scalars.
+
+Everything here is vectorised torch over positions (no per-row Python loops) and processed in
+chunks of positions so that ``[chunk, V]`` fp32 temporaries stay small at V = 151,936.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selkd.cache.targets import SparseTargets
+
+MAX_DRAWS = 255  # counts are stored as uint8
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """Which classes to keep per position: ``topk:K``, ``sample:N`` or ``full``."""
+
+    mode: str
+    k: int = 0  # K for topk, N for sample, 0 for full
+
+    @classmethod
+    def parse(cls, text: str) -> ClassSpec:
+        text = text.strip()
+        if text == "full":
+            return cls("full", 0)
+        name, sep, num = text.partition(":")
+        if name not in ("topk", "sample") or not sep:
+            raise ValueError(f"--classes {text!r}: expected topk:K, sample:N or full")
+        try:
+            k = int(num)
+        except ValueError:
+            raise ValueError(f"--classes {text!r}: {num!r} is not a whole number") from None
+        if name == "sample" and not 1 <= k <= MAX_DRAWS:
+            raise ValueError(
+                f"--classes {text!r}: N must be between 1 and {MAX_DRAWS} (counts are stored as uint8)"
+            )
+        if name == "topk" and k < 1:
+            raise ValueError(f"--classes {text!r}: K must be >= 1")
+        return cls(name, k)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.mode == "topk" and self.k > vocab_size:
+            raise ValueError(
+                f"--classes topk:{self.k}: K is larger than the teacher's vocabulary ({vocab_size})"
+            )
+
+    def __str__(self) -> str:
+        return "full" if self.mode == "full" else f"{self.mode}:{self.k}"
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What the cache stores for T positions: the sparse targets and two exact scalars."""
+
+    targets: SparseTargets  # leading shape [T]
+    entropy: torch.Tensor  # [T] float32, teacher entropy at temperature 1 (nats), full distribution
+    next_logprob: torch.Tensor  # [T] float32, teacher log-prob (temperature 1) of the actual next token
+
+
+def sample_counts(
+    probs: torch.Tensor, num_draws: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``num_draws`` classes with replacement from each row of ``probs`` [T, V] by inverse-CDF
+    sampling; return unique ids [T, U] (ascending, padding 0) and their counts [T, U] (padding 0),
+    where U is the largest number of unique ids in any row."""
+    t = probs.shape[0]
+    cdf = torch.cumsum(probs.float(), dim=-1)
+    u = torch.rand((t, num_draws), generator=generator, device=probs.device, dtype=torch.float32)
+    u = u * cdf[:, -1:]  # normalise away fp32 drift of the cumulative sum
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1)
+    draws, _ = torch.sort(draws, dim=-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = torch.cumsum(first.long(), dim=-1) - 1  # [T, N]: index of each draw's unique id
+    u_max = int(group[:, -1].max().item()) + 1 if t else 0
+    counts = torch.zeros((t, num_draws), dtype=torch.long, device=probs.device)
+    counts.scatter_add_(1, group, torch.ones_like(group))
+    ids = torch.zeros((t, num_draws), dtype=torch.long, device=probs.device)
+    ids.scatter_(1, group, draws)
+    return ids[:, :u_max], counts[:, :u_max]
+
+
+def _chunk_outputs(
+    logits: torch.Tensor,
+    next_ids: torch.Tensor,
+    spec: ClassSpec,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    logp1 = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp1.exp() * logp1).sum(-1)
+    next_lp = logp1.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+    logp = logp1 if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+    if spec.mode == "full":
+        return None, logp, None, entropy, next_lp
+    if spec.mode == "topk":
+        vals, ids = torch.topk(logp, spec.k, dim=-1)
+        rest = logp.scatter(-1, ids, float("-inf"))
+        tail = torch.logsumexp(rest, dim=-1)
+        return ids, vals, tail, entropy, next_lp
+    ids, counts = sample_counts(logp.exp(), spec.k, generator)
+    lp = torch.log(counts.float() / spec.k)  # -inf at padding (count 0)
+    return ids, lp, None, entropy, next_lp
+
+
+def teacher_outputs(
+    logits: torch.Tensor,
+    next_ids: torch.Tensor,
+    spec: ClassSpec,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk: int = 256,
+) -> TeacherOutputs:
+    """Class selection for T positions.
+
+    logits:   [T, V] teacher logits (any float dtype; math in fp32).
+    next_ids: [T] int64 actual next tokens.
+    Returns targets with leading shape [T] on the logits' device; sample-mode rows are padded to the
+    largest number of unique ids in the whole call.
+    """
+    if logits.dim() != 2 or next_ids.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits [T, V] and next_ids [T], got {tuple(logits.shape)} and {tuple(next_ids.shape)}"
+        )
+    parts = [
+        _chunk_outputs(logits[s : s + chunk], next_ids[s : s + chunk], spec, temperature, generator)
+        for s in range(0, logits.shape[0], chunk)
+    ]
+    if not parts:
+        parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator)]
+    entropy = torch.cat([p[3] for p in parts])
+    next_lp = torch.cat([p[4] for p in parts])
+    if spec.mode == "sample":
+        width = max(p[1].shape[1] for p in parts)
+        ids = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1])) for p in parts])  # type: ignore[arg-type]
+        lp = torch.cat(
+            [torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=float("-inf")) for p in parts]
+        )
+        targets = SparseTargets("sample", ids, lp, None, spec.k)
+    elif spec.mode == "topk":
+        targets = SparseTargets(
+            "topk",
+            torch.cat([p[0] for p in parts]),  # type: ignore[misc]
+            torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]),  # type: ignore[misc]
+        )
+    else:
+        targets = SparseTargets("full", None, torch.cat([p[1] for p in parts]))
+    return TeacherOutputs(targets, entropy, next_lp)

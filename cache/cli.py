@@ -1,0 +1,123 @@
+"""`selkd-cache build | info | verify | finalize`: parse, call, map errors to messages and exit codes.
+
+Exit codes: 0 success; 1 the command ran and found a problem (verify) or failed at run time;
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from selkd.cache.build import BuildError, build_cache, finalize
+from selkd.cache.config import BuildConfig
+from selkd.cache.corpus import DataError
+from selkd.cache.info import cache_info, info_dict
+from selkd.cache.options import ConfigError, add_arguments, from_args, read_config_file
+from selkd.cache.reader import CacheError, open_cache
+from selkd.cache.store import Storage, StoreError
+from selkd.cache.teacher import ModelError
+from selkd.cache.verify import verify_cache
+
+USER_ERRORS = (BuildError, CacheError, DataError, ModelError, StoreError)
+
+
+def _storage_options(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
+    return dict(pairs or [])
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from selkd.cache.options import _parse_kv
+
+    parser = argparse.ArgumentParser(
+        prog="selkd-cache", description="Build, inspect and verify selkd caches of sparse teacher outputs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "build",
+        help="run the teacher over a corpus and write a cache",
+        description="Run the teacher over a corpus and write a sharded Zarr cache.",
+    )
+    p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
+    add_arguments(p, BuildConfig)
+    for name, helptext in (
+        ("info", "show what a cache holds and what it costs"),
+        ("verify", "check every committed part (checksums and contents)"),
+        ("finalize", "write the root summary once every part is committed"),
+    ):
+        q = sub.add_parser(name, help=helptext, description=helptext)
+        q.add_argument("store", metavar="STORE", help="the cache: a local directory or an fsspec URL")
+        q.add_argument(
+            "--storage-option",
+            dest="storage_option",
+            type=_parse_kv,
+            action="append",
+            metavar="KEY=VALUE",
+            help="fsspec storage option, repeatable",
+        )
+        if name == "info":
+            q.add_argument(
+                "--json", action="store_true", help="print one JSON object instead of the text view"
+            )
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        file_values = read_config_file(args.config) if args.config else None
+        cfg = from_args(BuildConfig, args, file_values)
+        result = build_cache(cfg, argv=["selkd-cache", *argv])
+        return 0 if result is not None else 1
+    options = _storage_options(args.storage_option)
+    if args.command == "finalize":
+        summary = finalize(Storage.open(args.store, options, mode="r"))
+        print(json.dumps(summary, indent=2))
+        return 0
+    reader = open_cache(args.store, options, require_complete=False)
+    if args.command == "info":
+        info = cache_info(reader)
+        print(json.dumps(info_dict(info), indent=2) if args.json else str(info))
+        return 0
+    bar = tqdm(total=len(reader.parts), unit="part", desc="verify", file=sys.stderr, dynamic_ncols=True)
+    problems = verify_cache(reader, progress=lambda _name: bar.update(1))
+    bar.close()
+    if reader.missing_parts:
+        print(
+            f"note: {len(reader.missing_parts)} planned parts are not committed: "
+            f"{', '.join(reader.missing_parts[:5])}",
+            file=sys.stderr,
+        )
+    for problem in problems:
+        print(f"selkd-cache verify: {reader.url}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"ok: {len(reader.parts)} parts verified in {reader.url}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(argv)
+    except ConfigError as err:
+        print(f"selkd-cache: error: {err}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        print(f"selkd-cache: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "selkd-cache: interrupted; rerun the same command to resume (committed parts are kept)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""CacheReader: the trainer's only way into a cache.
+
+It reads the build header and the commit records, sees only committed parts, decodes a part's
+arrays in one read (verifying their checksums), and gives random access to one sequence by
+slicing (zarr then reads only the inner chunks that hold it).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from selkd.cache import format as fmt
+from selkd.cache.scoring import read_scores
+from selkd.cache.store import Storage, StoreError
+from selkd.cache.targets import SparseTargets
+from selkd.cache.writer import array_checksum
+
+
+class CacheError(Exception):
+    """The cache cannot be used as asked: the message names the store and what to do."""
+
+
+class CacheCorruptError(CacheError):
+    """Stored data does not match its commit record; names the part and the array."""
+
+    def __init__(self, store: str, part: str, array: str, problem: str) -> None:
+        super().__init__(
+            f"{store}: part {part}, array {array}: {problem}; rebuild this part "
+            f"(delete {fmt.COMMITS_PREFIX}/{part}.json and rerun the build command)"
+        )
+        self.part, self.array = part, array
+
+
+@dataclass(frozen=True)
+class CachedSequence:
+    """One stored sequence of L tokens and the teacher's targets at its L - 1 positions."""
+
+    seq_index: int
+    input_ids: np.ndarray  # int32 [L]
+    doc_start: np.ndarray  # bool [L]
+    teacher_entropy: np.ndarray  # float32 [L - 1]
+    teacher_logprob: np.ndarray  # float32 [L - 1]
+    targets: SparseTargets  # leading shape [L - 1]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    name: str
+    split: str
+    n_sequences: int
+    n_tokens: int
+    record: dict[str, Any]
+
+
+def read_header(storage: Storage) -> dict[str, Any]:
+    """The build header in the root group's attributes; refuses anything that is not a v1 cache."""
+    root = storage.read_json("zarr.json")
+    if root is None:
+        raise CacheError(
+            f"{storage.url}: not a selkd cache (no zarr.json); build one with `selkd-cache build`"
+        )
+    header = root.get("attributes", {}).get(fmt.ROOT_ATTR)
+    if not isinstance(header, dict) or header.get("format") != fmt.FORMAT_NAME:
+        raise CacheError(
+            f"{storage.url}: a zarr store, but not a selkd cache (no '{fmt.ROOT_ATTR}' attribute)"
+        )
+    version = header.get("format_version")
+    if version != fmt.FORMAT_VERSION:
+        raise CacheError(
+            f"{storage.url}: cache format version {version}, but this selkd reads version {fmt.FORMAT_VERSION}; "
+            "rebuild the cache with this selkd or install the selkd that wrote it"
+        )
+    return header
+
+
+class CacheReader:
+    def __init__(self, storage: Storage, require_complete: bool = True) -> None:
+        self.storage = storage
+        self.url = storage.url
+        self.header = read_header(storage)
+        root = storage.read_json("zarr.json") or {}
+        self.summary: dict[str, Any] | None = root.get("attributes", {}).get(fmt.SUMMARY_ATTR)
+        self.plan: dict[str, Any] | None = storage.read_json(fmt.PLAN_KEY)
+        classes = self.header["classes"]
+        self.mode: str = classes["mode"]
+        self.k: int = int(classes["k"])
+        self.vocab_size: int = int(self.header["vocab_size"])
+        self.max_seq_len: int = int(self.header["max_seq_len"])
+        self.temperature: float = float(self.header["temperature"])
+        self.tokenizer_fingerprint: str = self.header["tokenizer_fingerprint"]
+        self.parts: list[PartRecord] = self._committed_parts()
+        if require_complete and self.missing_parts:
+            shown = ", ".join(self.missing_parts[:5]) + (" ..." if len(self.missing_parts) > 5 else "")
+            raise CacheError(
+                f"{self.url}: incomplete cache: {len(self.missing_parts)} of {self.expected_parts} parts are not "
+                f"committed ({shown}); rerun the same `selkd-cache build` command to finish it"
+            )
+        self._by_split: dict[str, list[PartRecord]] = {}
+        for p in self.parts:
+            self._by_split.setdefault(p.split, []).append(p)
+
+    def _committed_parts(self) -> list[PartRecord]:
+        out = []
+        for name in self.storage.list_dir(fmt.COMMITS_PREFIX):
+            if not name.endswith(".json"):
+                continue
+            rec = self.storage.read_json(f"{fmt.COMMITS_PREFIX}/{name}")
+            if not isinstance(rec, dict) or "part" not in rec:
+                raise CacheCorruptError(
+                    self.url, name.removesuffix(".json"), "(commit record)", "unreadable record"
+                )
+            out.append(
+                PartRecord(rec["part"], rec["split"], int(rec["n_sequences"]), int(rec["n_tokens"]), rec)
+            )
+        return sorted(out, key=lambda p: p.name)
+
+    # --- what is there -------------------------------------------------------------------------
+    @property
+    def expected_parts(self) -> int:
+        return len(self.plan["parts"]) if self.plan else len(self.parts)
+
+    @cached_property
+    def missing_parts(self) -> list[str]:
+        if not self.plan:
+            return []
+        have = {p.name for p in self.parts}
+        return [p["name"] for p in self.plan["parts"] if p["name"] not in have]
+
+    def split_parts(self, split: str = "train") -> list[PartRecord]:
+        return list(self._by_split.get(split, []))
+
+    def num_sequences(self, split: str = "train") -> int:
+        return sum(p.n_sequences for p in self.split_parts(split))
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(seq_index int64 [n], score float32 [n]) of every scored training sequence, or None when
+        the build did no sample selection."""
+        idx, val = read_scores(self.storage)
+        return (idx, val) if len(idx) else None
+
+    # --- reading -------------------------------------------------------------------------------
+    def read_part(self, part: str | PartRecord, verify: bool = True) -> PartData:
+        """Every array of a committed part, checksums verified."""
+        rec = part if isinstance(part, PartRecord) else self._record(part)
+        arrays: dict[str, np.ndarray] = {}
+        for name, meta in rec.record["arrays"].items():
+            try:
+                values = self.storage.open_array(f"{fmt.PARTS_GROUP}/{rec.name}/{name}")[:]
+            except Exception as err:  # a decode failure is corruption of this array
+                raise CacheCorruptError(
+                    self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
+                ) from err
+            if list(values.shape) != meta["shape"]:
+                raise CacheCorruptError(
+                    self.url, rec.name, name, f"shape {values.shape} != committed {meta['shape']}"
+                )
+            if verify and array_checksum(values) != meta["sha256"]:
+                raise CacheCorruptError(self.url, rec.name, name, "checksum mismatch")
+            arrays[name] = values
+        return PartData(self, rec, arrays)
+
+    def _record(self, name: str) -> PartRecord:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise CacheError(f"{self.url}: no committed part named {name}")
+
+    def iter_sequences(self, split: str = "train") -> Iterator[CachedSequence]:
+        """Every sequence of a split, part by part (one read per part)."""
+        for rec in self.split_parts(split):
+            data = self.read_part(rec)
+            for i in range(rec.n_sequences):
+                yield data.sequence(i)
+
+    def eval_sequences(self) -> Iterator[CachedSequence]:
+        return self.iter_sequences("eval")
+
+    @cached_property
+    def _cum(self) -> dict[str, list[int]]:
+        out = {}
+        for split, parts in self._by_split.items():
+            cum, total = [0], 0
+            for p in parts:
+                total += p.n_sequences
+                cum.append(total)
+            out[split] = cum
+        return out
+
+    def get(self, i: int, split: str = "train") -> CachedSequence:
+        """Sequence i of a split (0-based over its committed parts), reading only its chunks."""
+        parts = self.split_parts(split)
+        cum = self._cum.get(split, [0])
+        if not 0 <= i < cum[-1]:
+            raise IndexError(f"sequence {i} out of range: the {split} split has {cum[-1]} sequences")
+        p = bisect.bisect_right(cum, i) - 1
+        rec, j = parts[p], i - cum[p]
+        base = f"{fmt.PARTS_GROUP}/{rec.name}"
+
+        def arr(name: str) -> Any:
+            return self.storage.open_array(f"{base}/{name}")
+
+        a, b = (int(x) for x in arr("seq_offsets")[j : j + 2])
+        ta, tb = a - j, b - j - 1
+        sl: dict[str, np.ndarray] = {
+            "seq_index": arr("seq_index")[j : j + 1],
+            "seq_offsets": np.array([0, b - a], dtype=np.int64),
+            "input_ids": arr("input_ids")[a:b],
+            "doc_start": arr("doc_start")[a:b],
+            "teacher_entropy": arr("teacher_entropy")[ta:tb],
+            "teacher_logprob": arr("teacher_logprob")[ta:tb],
+        }
+        if self.mode == "sample":
+            ca, cb = (int(x) for x in arr("class_offsets")[j : j + 2])
+            sl["num_classes"] = arr("num_classes")[ta:tb]
+            sl["class_offsets"] = np.array([0, cb - ca], dtype=np.int64)
+            sl["class_ids"] = arr("class_ids")[ca:cb]
+            sl["class_counts"] = arr("class_counts")[ca:cb]
+        elif self.mode == "topk":
+            for name in ("class_ids", "class_logprobs", "tail_logmass"):
+                sl[name] = arr(name)[ta:tb]
+        else:
+            sl["class_logprobs"] = arr("class_logprobs")[ta:tb]
+        return PartData(self, rec, sl).sequence(0)
+
+
+class PartData:
+    """A part's decoded arrays; :meth:`sequence` slices one sequence out without further reads."""
+
+    def __init__(self, reader: CacheReader, rec: PartRecord, arrays: Mapping[str, np.ndarray]) -> None:
+        self.reader, self.rec, self.arrays = reader, rec, dict(arrays)
+        self.offsets = self.arrays["seq_offsets"]
+        if reader.mode == "sample":
+            num = self.arrays["num_classes"]
+            self.abs_ids = fmt.decode_sample(num, self.arrays["class_ids"])
+            self.entry_starts = fmt.segment_starts(num.astype(np.int64))
+        elif reader.mode == "topk":
+            self.topk_logprobs = fmt.decode_f16_rows(self.arrays["class_logprobs"])
+
+    def __len__(self) -> int:
+        return int(self.arrays["seq_index"].shape[0])
+
+    def sequence(self, j: int) -> CachedSequence:
+        a, b = int(self.offsets[j]), int(self.offsets[j + 1])
+        ta, tb = a - j, b - j - 1
+        arrays, mode = self.arrays, self.reader.mode
+        if mode == "sample":
+            num = arrays["num_classes"][ta:tb].astype(np.int64)
+            ca, cb = int(arrays["class_offsets"][j]), int(arrays["class_offsets"][j + 1])
+            ids = fmt.pad_rows(self.abs_ids[ca:cb], num, 0, np.int64)
+            counts = fmt.pad_rows(arrays["class_counts"][ca:cb], num, 0, np.int64)
+            n = self.reader.k
+            logprobs = np.log(np.where(counts > 0, counts, 1) / n).astype(np.float32)
+            logprobs[counts == 0] = -np.inf
+            targets = SparseTargets("sample", torch.from_numpy(ids), torch.from_numpy(logprobs), None, n)
+        elif mode == "topk":
+            targets = SparseTargets(
+                "topk",
+                torch.from_numpy(arrays["class_ids"][ta:tb].astype(np.int64)),
+                torch.from_numpy(self.topk_logprobs[ta:tb].astype(np.float32)),
+                torch.from_numpy(arrays["tail_logmass"][ta:tb].astype(np.float32)),
+            )
+        else:
+            targets = SparseTargets(
+                "full", None, torch.from_numpy(arrays["class_logprobs"][ta:tb].astype(np.float32))
+            )
+        return CachedSequence(
+            seq_index=int(arrays["seq_index"][j]),
+            input_ids=arrays["input_ids"][a:b],
+            doc_start=arrays["doc_start"][a:b],
+            teacher_entropy=arrays["teacher_entropy"][ta:tb].astype(np.float32),
+            teacher_logprob=arrays["teacher_logprob"][ta:tb].astype(np.float32),
+            targets=targets,
+        )
+
+
+def open_cache(
+    url: str, storage_options: Mapping[str, Any] | None = None, require_complete: bool = True
+) -> CacheReader:
+    """Open a cache for reading: a local path or an fsspec URL (s3://bucket/prefix)."""
+    try:
+        storage = Storage.open(url, storage_options, mode="r")
+    except StoreError as err:
+        raise CacheError(str(err)) from err
+    return CacheReader(storage, require_complete=require_complete)

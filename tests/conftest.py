@@ -1,0 +1,161 @@
+"""Shared, session-scoped fixtures: tiny offline models, tokenizers and corpora.
+
+Everything is built once per test session from the interpreter's standard library (no hub, no
+downloads) by ``tools/make_tiny.py``; the whole setup takes a few seconds. Fixtures return directories
+laid out like any Hugging Face checkpoint, so tests exercise the same loading path as real models.
+Treat them as read-only: copy a directory (``shutil.copytree``) before modifying it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_TOOLS = str(REPO_ROOT / "tools")
+if _TOOLS not in sys.path:
+    sys.path.insert(0, _TOOLS)
+
+import make_tiny  # noqa: E402  (needs tools/ on sys.path)
+
+TINY_VOCAB = 384
+OTHER_VOCAB = 320
+BIG_VOCAB = 151_936  # Qwen2/Qwen3 output layer size
+CORPUS_TOKENS = 60_000
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root; ``tools/`` is on ``sys.path`` (``import make_tiny`` works in tests)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def stdlib_sample() -> list[str]:
+    """~400 KB of standard-library source: the tiny tokenizer's training text and the corpus source."""
+    return make_tiny.stdlib_texts(max_bytes=400_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_sample: list[str]) -> Path:
+    """A byte-level BPE tokenizer with 384 tokens (eos=bos ``<|endoftext|>``, pad ``<|pad|>``, ChatML
+    chat template), saved with ``save_pretrained``."""
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    make_tiny.train_bpe_tokenizer(stdlib_sample, TINY_VOCAB, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`tiny_tokenizer_dir`, loaded once (do not mutate it)."""
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    return make_tiny.save_model(model, tokenizer, out)
+
+
+def _special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """Llama teacher: vocab = len(tokenizer) = 384, hidden 64, 2 layers, seed 0, random init; the
+    tokenizer is saved next to it."""
+    model = make_tiny.make_llama(
+        len(tiny_tokenizer), hidden=64, layers=2, seed=0, **_special_ids(tiny_tokenizer)
+    )
+    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """Llama student: same tokenizer and vocab as the teacher, hidden 32, 1 layer, seed 1."""
+    model = make_tiny.make_llama(
+        len(tiny_tokenizer), hidden=32, layers=1, seed=1, **_special_ids(tiny_tokenizer)
+    )
+    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_sample: list[str]) -> Path:
+    """A Llama (hidden 32, 1 layer) with a DIFFERENT tokenizer (320 tokens, trained on upper-cased
+    text), for tokenizer-mismatch tests."""
+    other_text = [t.upper() for t in stdlib_sample[: max(1, len(stdlib_sample) // 2)]]
+    tok = make_tiny.train_bpe_tokenizer(other_text, OTHER_VOCAB)
+    model = make_tiny.make_llama(len(tok), hidden=32, layers=1, seed=2, **_special_ids(tok))
+    return _save(model, tok, tmp_path_factory.mktemp("other_tokenizer_model"))
+
+
+@pytest.fixture(scope="session")
+def big_vocab_teacher_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """A teacher whose logits have 151,936 classes while its (tiny) tokenizer has 384 tokens, like
+    Qwen3's padded output layer. Hidden 16, 1 layer, tied embeddings (~10 MB)."""
+    model = make_tiny.make_llama(
+        BIG_VOCAB, hidden=16, layers=1, heads=4, seed=3, tie=True, **_special_ids(tiny_tokenizer)
+    )
+    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("big_vocab_teacher"))
+
+
+@pytest.fixture(scope="session")
+def text_corpus_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+    stdlib_sample: list[str],
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> Path:
+    """Three ``part-*.jsonl`` files of ``{"text": ...}`` rows (stdlib source cut at line boundaries into
+    pieces of at most 2,000 characters), about 60k tokens in total with the tiny tokenizer. Rows are
+    dealt round-robin, so every file mixes short and long rows."""
+    out = tmp_path_factory.mktemp("text_corpus")
+    rows: list[str] = []
+    n_tokens = 0
+    for text in stdlib_sample:
+        for piece in make_tiny.chunk_text(text, 2000):
+            rows.append(piece)
+            n_tokens += len(tiny_tokenizer(piece, add_special_tokens=False)["input_ids"])
+            if n_tokens >= CORPUS_TOKENS:
+                break
+        if n_tokens >= CORPUS_TOKENS:
+            break
+    n_files = 3
+    for i in range(n_files):
+        make_tiny.write_jsonl(out / f"part-{i:02d}.jsonl", rows[i::n_files])
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
+    """A tiny BERT encoder (not a causal LM) saved with ``save_pretrained``, plus the tiny tokenizer, so
+    that loading it fails on the model type and nothing else."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertModel(config)
+    out = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(str(out))
+    tiny_tokenizer.save_pretrained(str(out))
+    return out

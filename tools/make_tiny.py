@@ -1,0 +1,481 @@
+#!/usr/bin/env python
+"""Make a tiny teacher, a tinier student and a text corpus, all offline, in seconds.
+
+The files look like any Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json), so
+every selkd command can be tried end to end on a laptop before pointing it at a real model:
+
+    python tools/make_tiny.py --out out/tiny
+    # -> out/tiny/teacher/  (Llama, model + tokenizer)
+    #    out/tiny/student/  (smaller Llama, same tokenizer)
+    #    out/tiny/corpus.jsonl  ({"text": ...} rows of Python standard-library source)
+
+The corpus is the running interpreter's standard library, so nothing is downloaded. ``--train-steps N``
+trains the teacher briefly so that its distributions are not those of a random model.
+
+It is also imported by the tests (``tests/conftest.py`` puts ``tools/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
+
+# ChatML-style template. The {% generation %} markers let `apply_chat_template(...,
+# return_assistant_tokens_mask=True)` mark the assistant tokens, which chat distillation needs.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def _stdlib_paths(root: Path) -> list[Path]:
+    """Every ``.py`` under ``root`` outside the excluded directories, sorted by relative path."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_files(max_files: int | None = None, max_bytes: int | None = None) -> list[tuple[str, str]]:
+    """``(relative path, source)`` of the running interpreter's standard-library ``.py`` files.
+
+    Sorted by path so that the same interpreter always yields the same list; test suites, IDLE and
+    installed packages are skipped (they are huge, or not the stdlib). ``max_bytes`` bounds the total
+    size: files are taken in path order, skipping any that would overflow the budget, so the corpus
+    fills it closely even when one module is large."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: list[tuple[str, str]] = []
+    total = 0
+    for p in _stdlib_paths(root):
+        if max_files is not None and len(out) >= max_files:
+            break
+        if max_bytes is not None:
+            if max_bytes - total < 256:
+                break
+            try:
+                if total + p.stat().st_size > max_bytes:
+                    continue
+            except OSError:
+                continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip():
+            continue
+        out.append((p.relative_to(root).as_posix(), text))
+        total += len(text.encode("utf-8"))
+    return out
+
+
+def stdlib_texts(max_files: int | None = None, max_bytes: int | None = None) -> list[str]:
+    """The sources of :func:`stdlib_files`: a deterministic, offline, license-clean text corpus."""
+    return [text for _, text in stdlib_files(max_files=max_files, max_bytes=max_bytes)]
+
+
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """Split at line boundaries into pieces of at most ``max_chars`` (a longer line is its own piece),
+    so corpus rows have moderate, varied lengths instead of one 100 KB module per row."""
+    pieces: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        if cur and size + len(line) > max_chars:
+            pieces.append("".join(cur))
+            cur, size = [], 0
+        cur.append(line)
+        size += len(line)
+    if cur:
+        pieces.append("".join(cur))
+    return [p for p in pieces if p.strip()]
+
+
+def write_jsonl(path: Path, texts: Iterable[str]) -> int:
+    """Write ``{"text": ...}`` rows; returns the number of rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: Path | str | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2/Qwen style: no unknown tokens, any text round-trips).
+
+    ``<|endoftext|>`` is both eos and bos, ``<|pad|>`` is pad, and ``<|im_start|>``/``<|im_end|>`` carry
+    the chat template. ``vocab_size`` counts all of them plus the 256 byte symbols. Training is
+    deterministic for the same texts. Saved with ``save_pretrained`` when ``out_dir`` is given."""
+    min_size = 256 + len(SPECIAL_TOKENS) + 1
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + special tokens + 1 merge)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=1_000_000,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_llama(
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_pos: int = 1024,
+    seed: int = 0,
+    tie: bool = False,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama; the same arguments always give the same weights.
+
+    The global torch RNG is left untouched (the init runs under ``fork_rng``), so building a fixture
+    model does not change the random stream of the code under test. ``intermediate`` defaults to
+    ``4 * hidden``; ``tie=True`` shares input and output embeddings, which keeps huge-vocab models small."""
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    kv = heads if kv_heads is None else kv_heads
+    if heads % kv:
+        raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv})")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate if intermediate is not None else 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path | str
+) -> Path:
+    """``save_pretrained`` the model (safetensors) and the tokenizer into one directory.
+
+    The model's bos/eos/pad ids are set from the tokenizer first, so that generation and the saved
+    config agree with the tokenizer that ships next to them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        for name in ("bos", "eos", "pad"):
+            tid = getattr(tokenizer, f"{name}_token_id", None)
+            setattr(model.config, f"{name}_token_id", tid)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, f"{name}_token_id", tid)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def train_lm(
+    model: PreTrainedModel,
+    token_ids: Sequence[int],
+    steps: int,
+    batch: int = 8,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 10,
+) -> list[float]:
+    """Plain next-token cross-entropy with AdamW on random windows of one token stream.
+
+    Enough to give a tiny teacher peaked, text-like distributions (a random model's are near uniform,
+    which makes distillation demos meaningless). Returns the loss of every step."""
+    data = torch.tensor(list(token_ids), dtype=torch.long)
+    if data.numel() < seq_len:
+        raise ValueError(f"need at least {seq_len} tokens to train, got {data.numel()}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, data.numel() - seq_len + 1, (batch,), generator=gen)
+        windows = torch.stack([data[s : s + seq_len] for s in starts.tolist()])
+        out = model(input_ids=windows, labels=windows, use_cache=False)  # the model shifts labels itself
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        if step == 1 or step % log_every == 0 or step == steps:
+            print(
+                f"  step {step:>5}/{steps}  loss {losses[-1]:.3f}  ({time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _n_params(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_tiny.py",
+        description="Write a tiny Llama teacher, a smaller student (same tokenizer) and a text corpus.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=512,
+        help="BPE vocabulary size, special tokens included (default: %(default)s)",
+    )
+    p.add_argument("--hidden", type=int, default=64, help="teacher hidden size (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="teacher layers (default: %(default)s)")
+    p.add_argument(
+        "--heads", type=int, default=4, help="attention heads (teacher and student) (default: %(default)s)"
+    )
+    p.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default hidden/2)")
+    p.add_argument("--student-layers", type=int, default=None, help="student layers (default layers/2)")
+    p.add_argument(
+        "--max-pos", type=int, default=1024, help="max positions of both models (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="teacher init seed; the student uses seed+1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--corpus-bytes",
+        type=int,
+        default=300_000,
+        help="size of corpus.jsonl (stdlib source) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-chars", type=int, default=4000, help="max characters per corpus row (default: %(default)s)"
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="train the teacher this many CE steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=8, help="training batch size (sequences) (default: %(default)s)"
+    )
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="training learning rate (AdamW) (default: %(default)s)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in (
+        "vocab",
+        "hidden",
+        "layers",
+        "heads",
+        "max_pos",
+        "corpus_bytes",
+        "chunk_chars",
+        "batch",
+        "seq_len",
+    ):
+        if getattr(args, name) <= 0:
+            print(f"make_tiny.py: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    if args.train_steps < 0:
+        print("make_tiny.py: error: --train-steps must be >= 0", file=sys.stderr)
+        return 2
+    s_hidden = args.student_hidden or max(args.heads * 4, args.hidden // 2)
+    s_layers = args.student_layers or max(1, args.layers // 2)
+    for label, h in (("--hidden", args.hidden), ("--student-hidden", s_hidden)):
+        if h % args.heads or (h // args.heads) % 2:
+            print(
+                f"make_tiny.py: error: {label} {h} must be a multiple of --heads {args.heads} with an even "
+                "head size",
+                file=sys.stderr,
+            )
+            return 2
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress lines are enough
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    print(f"[1/4] reading standard-library sources (~{_fmt_bytes(args.corpus_bytes)}) ...", flush=True)
+    files = stdlib_files(max_bytes=args.corpus_bytes)
+    texts = [t for _, t in files]
+    rows = [piece for t in texts for piece in chunk_text(t, args.chunk_chars)]
+    corpus_path = out / "corpus.jsonl"
+    n_rows = write_jsonl(corpus_path, rows)
+    print(f"      {len(files)} files -> {n_rows} rows in {corpus_path}", flush=True)
+
+    print(f"[2/4] training a byte-level BPE tokenizer (vocab {args.vocab}) ...", flush=True)
+    try:
+        tok = train_bpe_tokenizer(texts, args.vocab)
+    except ValueError as e:
+        print(f"make_tiny.py: error: --vocab: {e}", file=sys.stderr)
+        return 2
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+        ids.append(tok.eos_token_id)
+    print(
+        f"      {len(tok)} tokens; corpus = {len(ids):,} tokens "
+        f"({sum(map(len, texts)) / len(ids):.2f} chars/token)"
+    )
+
+    token_ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    print(
+        f"[3/4] building the teacher (hidden {args.hidden}, {_plural(args.layers, 'layer')}) ...", flush=True
+    )
+    teacher = make_llama(
+        len(tok),
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        max_pos=args.max_pos,
+        seed=args.seed,
+        **token_ids,
+    )
+    if args.train_steps > 0:
+        if len(ids) < args.seq_len:
+            print(
+                "make_tiny.py: error: corpus too small for --seq-len; raise --corpus-bytes", file=sys.stderr
+            )
+            return 2
+        print(
+            f"      training {args.train_steps} steps (batch {args.batch} x {args.seq_len}, lr {args.lr}); "
+            f"a uniform model would score {math.log(len(tok)):.3f}",
+            flush=True,
+        )
+        train_lm(
+            teacher, ids, args.train_steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed
+        )
+    teacher_dir = save_model(teacher, tok, out / "teacher")
+
+    print(f"[4/4] building the student (hidden {s_hidden}, {_plural(s_layers, 'layer')}) ...", flush=True)
+    student = make_llama(
+        len(tok),
+        hidden=s_hidden,
+        layers=s_layers,
+        heads=args.heads,
+        max_pos=args.max_pos,
+        seed=args.seed + 1,
+        **token_ids,
+    )
+    student_dir = save_model(student, tok, out / "student")
+
+    trained = f", trained {args.train_steps} steps" if args.train_steps else ", random init"
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s; wrote {out}/")
+    t_size, s_size = _fmt_bytes(_dir_size(teacher_dir)), _fmt_bytes(_dir_size(student_dir))
+    print(f"  teacher/      {_n_params(teacher):>9,} params{trained}  ({t_size})")
+    print(f"  student/      {_n_params(student):>9,} params, random init  ({s_size})")
+    print(f'  corpus.jsonl  {n_rows:>9,} rows of {{"text": ...}}  ({_fmt_bytes(corpus_path.stat().st_size)})')
+    print(
+        f"  tokenizer     byte-level BPE, {len(tok)} tokens, eos=bos={EOS_TOKEN} pad={PAD_TOKEN}, "
+        "ChatML chat template"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
