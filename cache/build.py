@@ -170,15 +170,26 @@ def finalize(storage: Storage) -> dict[str, Any]:
 
 class _Overlap:
     """Runs class selection, encoding and writing on one background thread so they overlap the
-    next teacher forward pass (torch and numpy release the GIL). At most ``depth`` batches wait."""
+    next teacher forward pass (torch and numpy release the GIL). At most ``depth`` batches wait.
+    Once a task fails, every later task (a part's commit above all) is skipped, not run."""
 
     def __init__(self, depth: int = 2) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selkd-encode")
         self.pending: list[Future[Any]] = []
         self.depth = depth
+        self.failed = False
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.failed:
+            raise RuntimeError("skipped after an earlier failure")
+        try:
+            return fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
+        self.pending.append(self.pool.submit(self._guarded, fn, *args))
         while len(self.pending) > self.depth:
             self.pending.pop(0).result()
 
@@ -187,9 +198,8 @@ class _Overlap:
             self.pending.pop(0).result()
 
     def close(self) -> None:
-        for f in self.pending:
-            f.cancel()
-        self.pool.shutdown(wait=True)
+        self.failed = True  # anything still queued is abandoned, never committed
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batches(corpus: PackedCorpus, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -322,9 +332,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         bar.close()
         if scorer is not None and scorer is not teacher:
             del scorer
-        wait_for(
-            lambda: len(committed_score_parts(storage)) >= len(groups), "other builders to finish scoring"
-        )
+        wait_for(lambda: len(committed_score_parts(storage)) >= len(groups), "other builders to finish scoring")
         idx_all, val_all = read_scores(storage)
         train_index = select_top(idx_all, val_all, cfg.sample_ratio)
         log(

@@ -35,18 +35,14 @@ class ClassSpec:
         except ValueError:
             raise ValueError(f"--classes {text!r}: {num!r} is not a whole number") from None
         if name == "sample" and not 1 <= k <= MAX_DRAWS:
-            raise ValueError(
-                f"--classes {text!r}: N must be between 1 and {MAX_DRAWS} (counts are stored as uint8)"
-            )
+            raise ValueError(f"--classes {text!r}: N must be between 1 and {MAX_DRAWS} (counts are stored as uint8)")
         if name == "topk" and k < 1:
             raise ValueError(f"--classes {text!r}: K must be >= 1")
         return cls(name, k)
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.mode == "topk" and self.k > vocab_size:
-            raise ValueError(
-                f"--classes topk:{self.k}: K is larger than the teacher's vocabulary ({vocab_size})"
-            )
+            raise ValueError(f"--classes topk:{self.k}: K is larger than the teacher's vocabulary ({vocab_size})")
 
     def __str__(self) -> str:
         return "full" if self.mode == "full" else f"{self.mode}:{self.k}"
@@ -138,9 +134,7 @@ def teacher_outputs(
     if spec.mode == "sample":
         width = max(p[1].shape[1] for p in parts)
         ids = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1])) for p in parts])  # type: ignore[arg-type]
-        lp = torch.cat(
-            [torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=float("-inf")) for p in parts]
-        )
+        lp = torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=float("-inf")) for p in parts])
         targets = SparseTargets("sample", ids, lp, None, spec.k)
     elif spec.mode == "topk":
         targets = SparseTargets(

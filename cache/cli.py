@@ -60,9 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
             help="fsspec storage option, repeatable",
         )
         if name == "info":
-            q.add_argument(
-                "--json", action="store_true", help="print one JSON object instead of the text view"
-            )
+            q.add_argument("--json", action="store_true", help="print one JSON object instead of the text view")
     return parser
 
 
@@ -89,8 +87,7 @@ def run(argv: Sequence[str]) -> int:
     bar.close()
     if reader.missing_parts:
         print(
-            f"note: {len(reader.missing_parts)} planned parts are not committed: "
-            f"{', '.join(reader.missing_parts[:5])}",
+            f"note: {len(reader.missing_parts)} planned parts are not committed: {', '.join(reader.missing_parts[:5])}",
             file=sys.stderr,
         )
     for problem in problems:

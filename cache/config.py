@@ -22,12 +22,9 @@ def _valid_classes(text: str) -> str | None:
 
 @dataclass
 class BuildConfig:
-    teacher: str = opt(
-        help="teacher model: a local Hugging Face directory or a hub id", required=True, metavar="MODEL"
-    )
+    teacher: str = opt(help="teacher model: a local Hugging Face directory or a hub id", required=True, metavar="MODEL")
     data: list[str] = opt(
-        help="corpus: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a `datasets` save_to_disk "
-        "directory",
+        help="corpus: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a `datasets` save_to_disk directory",
         required=True,
         metavar="SPEC",
     )
@@ -38,8 +35,7 @@ class BuildConfig:
     )
     classes: str = opt(
         "sample:50",
-        help="classes kept per position: sample:N (RS-KD, N draws, N <= 255), topk:K (K largest + tail mass), "
-        "or full",
+        help="classes kept per position: sample:N (RS-KD, N draws, N <= 255), topk:K (K largest + tail mass), or full",
         validate=_valid_classes,
         metavar="MODE",
     )
@@ -65,17 +61,13 @@ class BuildConfig:
     )
     part_tokens: int = opt(1 << 20, help="about this many positions per part (one writer per part)", lo=2)
     seed: int = opt(0, help="seed of class sampling, the eval split and random sample selection", lo=0)
-    device: str = opt(
-        "auto", help="device of the teacher and student: auto (cuda when available), cuda, cpu, cuda:N"
-    )
+    device: str = opt("auto", help="device of the teacher and student: auto (cuda when available), cuda, cpu, cuda:N")
     dtype: str = opt("auto", help="teacher dtype: auto (bf16 on GPU, fp32 on CPU)", choices=DTYPES)
     batch_size: int = opt(8, help="sequences per teacher forward pass", lo=1)
     trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
     rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0)
     world_size: int | None = opt(help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1)
-    storage_option: dict[str, Any] = opt(
-        {}, help="fsspec storage option for --out, repeatable", metavar="KEY=VALUE"
-    )
+    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --out, repeatable", metavar="KEY=VALUE")
     progress: bool = opt(True, help="show progress bars")
 
     def __post_init__(self) -> None:

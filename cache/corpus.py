@@ -104,9 +104,7 @@ class CorpusStats:
                 "lives under another key"
             )
         if self.bad_json_rows:
-            out.append(
-                f"skipped {self.bad_json_rows} line(s) of invalid JSON (first at {self.first_bad_json})"
-            )
+            out.append(f"skipped {self.bad_json_rows} line(s) of invalid JSON (first at {self.first_bad_json})")
         if self.docs_with_replaced_bytes:
             out.append(
                 f"{self.docs_with_replaced_bytes} document(s) had bytes that are not valid UTF-8, "
@@ -171,9 +169,7 @@ class PackedCorpus:
         idx = np.asarray(indices)
         if idx.dtype == np.bool_:
             if idx.shape != (self.n_sequences,):
-                raise ValueError(
-                    f"bool mask of shape {idx.shape} does not match {self.n_sequences} sequences"
-                )
+                raise ValueError(f"bool mask of shape {idx.shape} does not match {self.n_sequences} sequences")
             idx = np.flatnonzero(idx)
         return [self.sequence(int(i)) for i in idx.ravel()]
 
@@ -245,9 +241,7 @@ def _expand(spec: str) -> list[Source]:
     if _GLOB_CHARS.intersection(spec):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         if not matches:
-            raise DataError(
-                f"{spec}: the pattern matches nothing; check the path (and quote it in the shell)"
-            )
+            raise DataError(f"{spec}: the pattern matches nothing; check the path (and quote it in the shell)")
         found = []
         for m in matches:
             p = Path(m)
@@ -301,9 +295,7 @@ def _decode(data: bytes) -> tuple[str, bool]:
 
 
 def _is_chat(value: Any) -> bool:
-    return (
-        isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
-    )
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _render_chat(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, where: str) -> str:
@@ -315,9 +307,7 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerB
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:
-        raise DataError(
-            f"{where}: the tokenizer's chat template failed on this row: {_one_line(err)}"
-        ) from err
+        raise DataError(f"{where}: the tokenizer's chat template failed on this row: {_one_line(err)}") from err
     if not isinstance(text, str):
         raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected text")
     return text
@@ -494,8 +484,7 @@ def _documents_of(
             yield text
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(
-            f"{source.path}: cannot read the file ({_one_line(err)}); "
-            "check that it is readable and not corrupt"
+            f"{source.path}: cannot read the file ({_one_line(err)}); check that it is readable and not corrupt"
         ) from err
 
 
@@ -523,9 +512,7 @@ class _StreamBuilder:
     """Accumulates documents, tokenizes them in batches, and keeps the stream as int32 chunks plus
     the global positions of document starts (concatenated once at the end)."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, eos_id: int, limit: int | None, stats: CorpusStats
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_id: int, limit: int | None, stats: CorpusStats) -> None:
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.limit = limit
@@ -645,9 +632,7 @@ def load_corpus(
     if tokens.shape[0] < 2:
         names = specs if isinstance(specs, (str, os.PathLike)) else ", ".join(os.fspath(s) for s in specs)
         hint = f"; {stats.warnings()[0]}" if stats.warnings() else f"; check text_field={text_field!r}"
-        raise DataError(
-            f"{names}: the corpus is empty ({tokens.shape[0]} token(s); at least 2 are needed){hint}"
-        )
+        raise DataError(f"{names}: the corpus is empty ({tokens.shape[0]} token(s); at least 2 are needed){hint}")
     return PackedCorpus(
         tokens=tokens,
         doc_start=doc_start,

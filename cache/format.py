@@ -169,9 +169,7 @@ def decode_sample(num: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     return delta_decode_segments(class_ids, num.astype(np.int64))
 
 
-def pad_rows(
-    values: np.ndarray, lengths: np.ndarray, fill: float | int, dtype: np.dtype | type
-) -> np.ndarray:
+def pad_rows(values: np.ndarray, lengths: np.ndarray, fill: float | int, dtype: np.dtype | type) -> np.ndarray:
     """Flat entries grouped in rows of ``lengths`` -> [T, max(lengths)] padded with ``fill``."""
     width = int(lengths.max()) if len(lengths) else 0
     out = np.full((len(lengths), width), fill, dtype=dtype)

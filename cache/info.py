@@ -58,9 +58,7 @@ class CacheInfo:
             f"(train {self.sequences_train:,}, eval {self.sequences_eval:,})",
         ]
         if self.sample_selection:
-            lines.append(
-                f"selection       {self.sample_selection}; {self.sequences_scored or 0:,} sequences scored"
-            )
+            lines.append(f"selection       {self.sample_selection}; {self.sequences_scored or 0:,} sequences scored")
         lines += [
             f"positions       {self.positions_stored:,} stored of {self.positions_corpus:,} in the corpus",
             f"bytes on disk   {self.bytes_on_disk:,} ({_human(self.bytes_on_disk)})",
@@ -74,9 +72,7 @@ class CacheInfo:
         if self.mean_kept_mass is not None:
             lines.append(f"kept mass       {self.mean_kept_mass:.4f} per position (mean)")
         state = "finalized" if self.finalized else "NOT finalized"
-        lines.append(
-            f"parts           {self.parts_committed} committed, {self.parts_incomplete} incomplete ({state})"
-        )
+        lines.append(f"parts           {self.parts_committed} committed, {self.parts_incomplete} incomplete ({state})")
         return "\n".join(lines)
 
 
@@ -118,9 +114,7 @@ def cache_info(reader: CacheReader) -> CacheInfo:
         sequences_train=reader.num_sequences("train"),
         sequences_eval=reader.num_sequences("eval"),
         sequences_scored=None if scores is None else len(scores[0]),
-        sample_selection=None
-        if not sel
-        else f"top {sel['ratio']:g} of training sequences by {sel['signal']}",
+        sample_selection=None if not sel else f"top {sel['ratio']:g} of training sequences by {sel['signal']}",
         positions_stored=positions,
         positions_corpus=corpus_positions,
         bytes_on_disk=on_disk,

@@ -204,9 +204,7 @@ def build(config_cls: type, values: Mapping[str, Any], source: str = "options") 
     return config_cls(**values)
 
 
-def from_args(
-    config_cls: type, args: argparse.Namespace, file_values: Mapping[str, Any] | None = None
-) -> Any:
+def from_args(config_cls: type, args: argparse.Namespace, file_values: Mapping[str, Any] | None = None) -> Any:
     """Config from a config file's values overridden by the flags that were given."""
     values: dict[str, Any] = dict(file_values or {})
     for f in dataclasses.fields(config_cls):

@@ -66,14 +66,10 @@ def read_header(storage: Storage) -> dict[str, Any]:
     """The build header in the root group's attributes; refuses anything that is not a v1 cache."""
     root = storage.read_json("zarr.json")
     if root is None:
-        raise CacheError(
-            f"{storage.url}: not a selkd cache (no zarr.json); build one with `selkd-cache build`"
-        )
+        raise CacheError(f"{storage.url}: not a selkd cache (no zarr.json); build one with `selkd-cache build`")
     header = root.get("attributes", {}).get(fmt.ROOT_ATTR)
     if not isinstance(header, dict) or header.get("format") != fmt.FORMAT_NAME:
-        raise CacheError(
-            f"{storage.url}: a zarr store, but not a selkd cache (no '{fmt.ROOT_ATTR}' attribute)"
-        )
+        raise CacheError(f"{storage.url}: a zarr store, but not a selkd cache (no '{fmt.ROOT_ATTR}' attribute)")
     version = header.get("format_version")
     if version != fmt.FORMAT_VERSION:
         raise CacheError(
@@ -116,12 +112,8 @@ class CacheReader:
                 continue
             rec = self.storage.read_json(f"{fmt.COMMITS_PREFIX}/{name}")
             if not isinstance(rec, dict) or "part" not in rec:
-                raise CacheCorruptError(
-                    self.url, name.removesuffix(".json"), "(commit record)", "unreadable record"
-                )
-            out.append(
-                PartRecord(rec["part"], rec["split"], int(rec["n_sequences"]), int(rec["n_tokens"]), rec)
-            )
+                raise CacheCorruptError(self.url, name.removesuffix(".json"), "(commit record)", "unreadable record")
+            out.append(PartRecord(rec["part"], rec["split"], int(rec["n_sequences"]), int(rec["n_tokens"]), rec))
         return sorted(out, key=lambda p: p.name)
 
     # --- what is there -------------------------------------------------------------------------
@@ -161,9 +153,7 @@ class CacheReader:
                     self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
                 ) from err
             if list(values.shape) != meta["shape"]:
-                raise CacheCorruptError(
-                    self.url, rec.name, name, f"shape {values.shape} != committed {meta['shape']}"
-                )
+                raise CacheCorruptError(self.url, rec.name, name, f"shape {values.shape} != committed {meta['shape']}")
             if verify and array_checksum(values) != meta["sha256"]:
                 raise CacheCorruptError(self.url, rec.name, name, "checksum mismatch")
             arrays[name] = values
@@ -270,9 +260,7 @@ class PartData:
                 torch.from_numpy(arrays["tail_logmass"][ta:tb].astype(np.float32)),
             )
         else:
-            targets = SparseTargets(
-                "full", None, torch.from_numpy(arrays["class_logprobs"][ta:tb].astype(np.float32))
-            )
+            targets = SparseTargets("full", None, torch.from_numpy(arrays["class_logprobs"][ta:tb].astype(np.float32)))
         return CachedSequence(
             seq_index=int(arrays["seq_index"][j]),
             input_ids=arrays["input_ids"][a:b],

@@ -44,9 +44,7 @@ def committed_score_parts(storage: Storage) -> set[str]:
     return {n.removesuffix(".json") for n in storage.list_dir(fmt.SCORE_COMMITS_PREFIX)}
 
 
-def commit_scores(
-    storage: Storage, name: str, seq_index: np.ndarray, scores: np.ndarray, signal: str
-) -> None:
+def commit_scores(storage: Storage, name: str, seq_index: np.ndarray, scores: np.ndarray, signal: str) -> None:
     prefix = f"{fmt.SCORES_GROUP}/{name}"
     storage.delete_prefix(prefix)
     seq_index = seq_index.astype(np.int64)
@@ -67,9 +65,7 @@ def commit_scores(
     )
 
 
-def wait_for(
-    predicate: Callable[[], bool], what: str, timeout_s: float = 7 * 24 * 3600, poll_s: float = 2.0
-) -> None:
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 7 * 24 * 3600, poll_s: float = 2.0) -> None:
     """Block until another builder has finished ``what`` (polling the store)."""
     start = time.monotonic()
     while not predicate():

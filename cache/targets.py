@@ -78,9 +78,7 @@ class SparseTargets:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 
-        return replace(
-            self, ids=pick(self.ids), logprobs=pick(self.logprobs), tail_logmass=pick(self.tail_logmass)
-        )
+        return replace(self, ids=pick(self.ids), logprobs=pick(self.logprobs), tail_logmass=pick(self.tail_logmass))
 
     def flatten(self) -> SparseTargets:
         """Leading dims flattened to one ``[T]``."""

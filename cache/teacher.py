@@ -88,9 +88,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ModelError(f"device {str(dev)!r} requested but CUDA is not available; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(
-                f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
+            raise ModelError(f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
@@ -216,9 +214,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(_tokenizer_error(source, e, trust_remote_code)) from e
     try:
-        return _from_hub(
-            AutoTokenizer.from_pretrained, source, "tokenizer", trust_remote_code=trust_remote_code
-        )
+        return _from_hub(AutoTokenizer.from_pretrained, source, "tokenizer", trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         raise ModelError(_tokenizer_error(source, e, trust_remote_code)) from e
 
@@ -291,9 +287,7 @@ def config_hash(model_or_config: PreTrainedModel | PretrainedConfig) -> str:
     versions can change it."""
     config = getattr(model_or_config, "config", model_or_config)
     if not isinstance(config, PretrainedConfig):
-        raise TypeError(
-            f"config_hash needs a PreTrainedModel or PretrainedConfig, got {type(config).__name__}"
-        )
+        raise TypeError(f"config_hash needs a PreTrainedModel or PretrainedConfig, got {type(config).__name__}")
     data = _strip_volatile(json.loads(config.to_json_string(use_diff=False)))
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -363,9 +357,7 @@ def load_causal_lm(
         if local:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         else:
-            config = _from_hub(
-                AutoConfig.from_pretrained, source, "model", trust_remote_code=trust_remote_code
-            )
+            config = _from_hub(AutoConfig.from_pretrained, source, "model", trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         model_type = _raw_model_type(source, local)
         if "trust_remote_code" in str(e) and not trust_remote_code:
@@ -373,9 +365,7 @@ def load_causal_lm(
                 f"{source} needs custom model code from its repository (model_type={model_type}); pass "
                 "trust_remote_code=True only if you trust it"
             ) from e
-        raise ModelError(
-            f"could not read the config of {source} (model_type={model_type}): {_first_line(e)}"
-        ) from e
+        raise ModelError(f"could not read the config of {source} (model_type={model_type}): {_first_line(e)}") from e
     except OSError as e:
         raise ModelError(f"could not read {source}/config.json: {_first_line(e)}") from e
 

@@ -64,9 +64,7 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
         f"token ids outside [0, {vocab})",
     )
     for name in ("teacher_entropy", "teacher_logprob"):
-        yield from bad(
-            name, lambda name=name: len(a[name]) != n_targets, f"length != {n_targets} target positions"
-        )
+        yield from bad(name, lambda name=name: len(a[name]) != n_targets, f"length != {n_targets} target positions")
     ent = a["teacher_entropy"].astype(np.float32)
     yield from bad(
         "teacher_entropy",
@@ -74,9 +72,7 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
         "negative or non-finite entropy",
     )
     lp = a["teacher_logprob"].astype(np.float32)
-    yield from bad(
-        "teacher_logprob", lambda: bool((lp > 0).any() or np.isnan(lp).any()), "log-probs > 0 or NaN"
-    )
+    yield from bad("teacher_logprob", lambda: bool((lp > 0).any() or np.isnan(lp).any()), "log-probs > 0 or NaN")
 
     if reader.mode == "sample":
         num = a["num_classes"].astype(np.int64)
@@ -101,9 +97,7 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
                 f"counts do not sum to N={reader.k} at every position",
             )
             ids = data.abs_ids
-            yield from bad(
-                "class_ids", lambda: bool(((ids < 0) | (ids >= vocab)).any()), f"ids outside [0, {vocab})"
-            )
+            yield from bad("class_ids", lambda: bool(((ids < 0) | (ids >= vocab)).any()), f"ids outside [0, {vocab})")
             gaps = a["class_ids"].astype(np.int64)
             not_first = np.ones(len(gaps), dtype=bool)
             not_first[fmt.segment_starts(num)] = False
@@ -114,13 +108,9 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
             )
     elif reader.mode == "topk":
         ids = a["class_ids"]
-        yield from bad(
-            "class_ids", lambda: bool(((ids < 0) | (ids >= vocab)).any()), f"ids outside [0, {vocab})"
-        )
+        yield from bad("class_ids", lambda: bool(((ids < 0) | (ids >= vocab)).any()), f"ids outside [0, {vocab})")
         kept = data.topk_logprobs.astype(np.float32)
-        yield from bad(
-            "class_logprobs", lambda: bool((kept > 0).any() or np.isnan(kept).any()), "log-probs > 0 or NaN"
-        )
+        yield from bad("class_logprobs", lambda: bool((kept > 0).any() or np.isnan(kept).any()), "log-probs > 0 or NaN")
         tail = a["tail_logmass"].astype(np.float32)
         total = np.logaddexp(_logsumexp(kept), tail) if len(tail) else tail
         yield from bad(
@@ -131,9 +121,7 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
     else:
         full = a["class_logprobs"].astype(np.float32)
         yield from bad("class_logprobs", lambda: full.shape[1:] != (vocab,), f"width != vocab {vocab}")
-        yield from bad(
-            "class_logprobs", lambda: bool((full > 0).any() or np.isnan(full).any()), "log-probs > 0 or NaN"
-        )
+        yield from bad("class_logprobs", lambda: bool((full > 0).any() or np.isnan(full).any()), "log-probs > 0 or NaN")
         yield from bad(
             "class_logprobs",
             lambda: bool(len(full) and (np.abs(_logsumexp(full)) > MASS_TOL).any()),

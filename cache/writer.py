@@ -93,9 +93,7 @@ class PartWriter:
             c["num_classes"].append(num)
             c["class_ids"].append(deltas)
             c["class_counts"].append(cnt)
-            per_seq = (
-                np.add.reduceat(num.astype(np.int64), fmt.segment_starts(lengths - 1)) if n_targets else None
-            )
+            per_seq = np.add.reduceat(num.astype(np.int64), fmt.segment_starts(lengths - 1)) if n_targets else None
             if per_seq is not None:
                 per_seq[lengths - 1 == 0] = 0
             self.entry_counts.append(per_seq if per_seq is not None else np.zeros(len(lengths), np.int64))
