@@ -57,17 +57,34 @@ class TeacherOutputs:
     next_logprob: torch.Tensor  # [T] float32, teacher log-prob (temperature 1) of the actual next token
 
 
+BLOCK = 128  # two-level inverse-CDF sampling: pick a block of BLOCK classes, then a class inside it
+
+
 def sample_counts(
     probs: torch.Tensor, num_draws: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``num_draws`` classes with replacement from each row of ``probs`` [T, V] by inverse-CDF
-    sampling; return unique ids [T, U] (ascending, padding 0) and their counts [T, U] (padding 0),
-    where U is the largest number of unique ids in any row."""
-    t = probs.shape[0]
-    cdf = torch.cumsum(probs.float(), dim=-1)
+    """Draw ``num_draws`` classes with replacement from each row of ``probs`` [T, V]; return unique
+    ids [T, U] (ascending, padding 0) and their counts [T, U] (padding 0), U = the largest number of
+    unique ids in any row.
+
+    Exact inverse-CDF sampling in two levels, so no [T, V] cumulative sum is built: a cumulative
+    sum over block masses picks a block of BLOCK classes, then a cumulative sum inside the chosen
+    blocks ([T, N, BLOCK]) picks the class."""
+    t, v = probs.shape
+    nb = -(-v // BLOCK)
+    p = probs.float()
+    if nb * BLOCK != v:
+        p = torch.nn.functional.pad(p, (0, nb * BLOCK - v))
+    blocks = p.view(t, nb, BLOCK)
+    cdf_b = blocks.sum(-1).cumsum_(-1)  # [T, nb]
     u = torch.rand((t, num_draws), generator=generator, device=probs.device, dtype=torch.float32)
-    u = u * cdf[:, -1:]  # normalise away fp32 drift of the cumulative sum
-    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1)
+    u = u * cdf_b[:, -1:]
+    b = torch.searchsorted(cdf_b, u, right=True).clamp_(max=nb - 1)  # [T, N]
+    before = torch.where(b > 0, cdf_b.gather(1, (b - 1).clamp_(min=0)), torch.zeros_like(u))
+    inner = blocks.gather(1, b.unsqueeze(-1).expand(t, num_draws, BLOCK)).cumsum_(-1)  # [T, N, BLOCK]
+    r = (u - before).clamp_(min=0).unsqueeze(-1)
+    j = torch.searchsorted(inner, r, right=True).squeeze(-1).clamp_(max=BLOCK - 1)
+    draws = (b * BLOCK + j).clamp_(max=v - 1)
     draws, _ = torch.sort(draws, dim=-1)
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -87,11 +104,26 @@ def _chunk_outputs(
     temperature: float,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    logp1 = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp1.exp() * logp1).sum(-1)
-    next_lp = logp1.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
-    logp = logp1 if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+    x = logits.float()
+    # One fused pass instead of log_softmax + exp + product: H = logsumexp(x) - sum(p * x).
+    m = x.amax(-1, keepdim=True)
+    p1 = torch.exp(x - m)
+    z = p1.sum(-1, keepdim=True)
+    p1.div_(z)
+    lse = (m + z.log()).squeeze(-1)
+    entropy = (lse - torch.linalg.vecdot(p1, x)).clamp_(min=0)
+    bad = torch.isnan(entropy)
+    if bad.any():  # -inf logits (masked classes) make p * x = 0 * -inf: redo those rows safely
+        xb, pb = x[bad], p1[bad]
+        entropy[bad] = lse[bad] - (pb * torch.where(pb > 0, xb, torch.zeros_like(xb))).sum(-1)
+    next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
+    if spec.mode == "sample":
+        probs = p1 if temperature == 1.0 else torch.softmax(x / temperature, dim=-1)
+        ids, counts = sample_counts(probs, spec.k, generator)
+        lp = torch.log(counts.float() / spec.k)  # -inf at padding (count 0)
+        return ids, lp, None, entropy, next_lp
+    del p1
+    logp = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
     if spec.mode == "full":
         return None, logp, None, entropy, next_lp
     if spec.mode == "topk":
@@ -99,9 +131,7 @@ def _chunk_outputs(
         rest = logp.scatter(-1, ids, float("-inf"))
         tail = torch.logsumexp(rest, dim=-1)
         return ids, vals, tail, entropy, next_lp
-    ids, counts = sample_counts(logp.exp(), spec.k, generator)
-    lp = torch.log(counts.float() / spec.k)  # -inf at padding (count 0)
-    return ids, lp, None, entropy, next_lp
+    raise AssertionError(spec.mode)
 
 
 def teacher_outputs(

@@ -300,8 +300,17 @@ class Storage:
 
         return sorted({k.rstrip("/") for k in sync(collect())})
 
+    @staticmethod
+    def _dir_prefix(prefix: str) -> str:
+        """``"a"`` and ``"a/"`` both mean the directory ``a/``: zarr's MemoryStore matches plain string
+        prefixes (``"a"`` would also match ``"ab/..."``) while LocalStore and FsspecStore match
+        directories; normalising gives every backend the directory meaning."""
+        prefix = prefix.strip("/")
+        return f"{prefix}/" if prefix else ""
+
     def list_prefix(self, prefix: str) -> list[str]:
-        """Every key below ``prefix`` (recursive), sorted."""
+        """Every key below the directory ``prefix`` (recursive; "" for all), sorted."""
+        prefix = self._dir_prefix(prefix)
 
         async def collect() -> list[str]:
             return [k async for k in self.store.list_prefix(prefix)]
@@ -309,7 +318,8 @@ class Storage:
         return sorted(sync(collect()))
 
     def size_bytes(self, prefix: str = "") -> int:
-        """Total stored bytes of every object under ``prefix``."""
+        """Total stored bytes of every object below the directory ``prefix``."""
+        prefix = self._dir_prefix(prefix)
         return int(sync(self.store.getsize_prefix(prefix))) if self.list_prefix(prefix) else 0
 
     def is_empty(self) -> bool:

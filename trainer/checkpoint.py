@@ -1,0 +1,668 @@
+"""Crash-safe, resumable training checkpoints: ``OUT/checkpoints/step-000123/``.
+
+Layout of one checkpoint (every file is written, flushed and fsynced before ``COMPLETE``)::
+
+    model.safetensors    full (unsharded) state dict; tied weights stored once, aliases in metadata
+    optimizer.pt         {"optimizer": ..., "scheduler": ...}; loaded ONLY with weights_only=True
+    rank-00000.pt        per rank: RNG states (python, numpy, torch CPU, CUDA) and the caller's
+                         ``rank_state`` (e.g. a GlobalQueue); weights_only-loadable
+    loader.json          the data loader's state
+    config.json          the run's config (TrainConfig.to_dict())
+    state.json           step, world size, the caller's ``extra`` (metrics, ...)
+    COMPLETE             written last: {"step": ..., "files": {name: size}}
+
+Why it is built this way:
+
+* Atomic: files go into ``step-000123.tmp-<pid>``, are fsynced, ``COMPLETE`` is written last, then the
+  directory is renamed to ``step-000123`` (and the parent fsynced). A crash at any point leaves either
+  a complete checkpoint or a directory no reader accepts. :func:`latest_checkpoint` scans for complete
+  directories instead of following a ``latest`` pointer file, which could be stale or point at a
+  directory that was being deleted.
+* Deletion is the reverse: a directory is first renamed out of the ``step-N`` namespace
+  (``.trash-<pid>``) and only then removed, so a crash mid-``rmtree`` never leaves a ``step-N`` with
+  ``COMPLETE`` but missing files.
+* No pickle of arbitrary objects: weights are safetensors, everything else is JSON or a
+  ``torch.load(weights_only=True)`` file (tensors, numbers, strings, lists, tuples, dicts). AdamW's
+  state dict and LambdaLR's are within that subset; a file holding anything else is refused.
+* Distributed (DDP, FSDP2): saving and loading are collectives. Every rank calls them; state dicts are
+  gathered as full, CPU-offloaded dicts with ``torch.distributed.checkpoint.state_dict`` (so only rank 0
+  holds the full copy), rank 0 writes, and on load rank 0 reads and broadcasts
+  (``broadcast_from_rank0``), so host memory holds one full copy per node, not one per rank, and only
+  rank 0 needs to see ``OUT``. Checkpoints are interchangeable between plain, DDP and FSDP2 runs (keys
+  are the unwrapped module's parameter names; optimizer state is keyed by those names, not by index).
+  Without a process group the same functions work on a plain module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "COMPLETE",
+    "CheckpointError",
+    "CheckpointState",
+    "clean_incomplete",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_final",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+COMPLETE = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+LOADER_FILE = "loader.json"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TIED_KEY = "selkd.tied"  # safetensors metadata: JSON {alias: stored name}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the directory or file."""
+
+
+@dataclass
+class CheckpointState:
+    """What :func:`load_checkpoint` returns besides restoring model / optimizer / scheduler / RNG.
+
+    rank_state: this rank's ``rank_state`` as saved (None if the checkpoint has no file for this rank,
+    e.g. the world size grew). rng_restored: False in that case too (the caller may reseed)."""
+
+    path: Path
+    step: int
+    loader_state: dict[str, Any]
+    config: dict[str, Any]
+    extra: dict[str, Any]
+    world_size: int = 1
+    rank_state: Any = None
+    rng_restored: bool = False
+    saved_at: float = 0.0
+    files: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (identity without a process group)."""
+    if not _dist_on() or _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_object_device())
+    return box[0]
+
+
+def _object_device() -> torch.device | None:
+    """The device object collectives must stage through: the current CUDA device under NCCL."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _gather(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere)."""
+    if not _dist_on() or _world() == 1:
+        return [obj]
+    if dist.get_backend() == "nccl":
+        # gather_object is not supported by every NCCL build; all_gather_object is. The objects are small.
+        out: list[Any] = [None] * _world()
+        dist.all_gather_object(out, obj)
+        return out if _rank() == 0 else None
+    gathered: list[Any] | None = [None] * _world() if _rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _scatter(objs: list[Any] | None) -> Any:
+    """Rank r gets ``objs[r]`` from rank 0."""
+    if not _dist_on() or _world() == 1:
+        return objs[0] if objs else None
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, objs if _rank() == 0 else None, src=0)
+    return box[0]
+
+
+def _run_on_rank0(fn: Any, what: str) -> Any:
+    """Run ``fn()`` on rank 0 and hand its result (or its failure) to every rank, so that a failed write
+    raises everywhere instead of leaving the other ranks blocked in the next collective."""
+    result: tuple[bool, Any] = (True, None)
+    if _rank() == 0:
+        try:
+            result = (True, fn())
+        except Exception as err:
+            if not _dist_on() or _world() == 1:
+                raise
+            result = (False, f"{type(err).__name__}: {err}")
+    ok, value = _broadcast(result)
+    if not ok:
+        raise CheckpointError(f"{what} failed on rank 0: {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the checkpoint's keys (DDP's ``module``, torch.compile's
+    ``_orig_mod``); FSDP2 (``fully_shard``) keeps the module itself."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under several names (tied embeddings). Found from the
+    module, not from tensor storage, because gathered / CPU-offloaded state dicts hold copies."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in _unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _sd_options(**kw: Any) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _gather_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, CPU-offloaded model state dict (collective under a process group; empty off rank 0)."""
+    return get_model_state_dict(model, options=_sd_options(cpu_offload=True))
+
+
+def _gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(model, optimizer, options=_sd_options(cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states in weights_only-loadable types (tensors, ints, floats, tuples)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": (int(version), torch.tensor(mt, dtype=torch.int64), gauss),
+        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(list(cuda[:n]))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # platforms without directory fds (Windows): rename is the best we can do
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(path: Path, obj: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: refused or unreadable (only weights_only-safe content is loaded): {err}"
+        ) from err
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable: {err}") from err
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory safely: rename it out of the ``step-N`` namespace first."""
+    if not path.exists():
+        return
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        path.rename(trash)
+        _fsync_dir(path.parent)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
+    """safetensors of the unique tensors; ``aliases`` (tied names) are recorded in the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    stored_aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, t in state_dict.items():
+        if name in aliases and aliases[name] in state_dict:
+            stored_aliases[name] = aliases[name]
+            continue
+        t = t.detach()
+        # Any other tensors sharing memory (safetensors refuses them): identical views become aliases,
+        # partial overlaps are copied.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            stored_aliases[name] = seen[key]
+            continue
+        if t.numel():
+            seen[key] = name
+        tensors[name] = t
+    ptrs: dict[int, str] = {}
+    for name, t in list(tensors.items()):
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in ptrs:
+            tensors[name] = t.clone()
+        elif t.numel():
+            ptrs[ptr] = name
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
+    _fsync_file(path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full state dict with tied aliases pointing at their stored tensor."""
+    try:
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from err
+    for alias, name in json.loads(meta.get(_TIED_KEY, "{}")).items():
+        state[alias] = state[name]
+    return state
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _checkpoints_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``OUT/checkpoints`` as (step, path), oldest first. Only directories named
+    exactly ``step-N`` that hold ``COMPLETE`` count; tmp/trash directories and unfinished ones do not."""
+    root = _checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and child.is_dir() and (child / COMPLETE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Found by scanning, never via a pointer
+    file; has no side effects (call :func:`clean_incomplete` on rank 0 to tidy up)."""
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def clean_incomplete(out_dir: str | Path) -> list[Path]:
+    """Remove half-written checkpoints (``*.tmp-*``, ``*.trash-*``, ``step-N`` without ``COMPLETE``) left by
+    a crash. Call on rank 0 only, with no other writer on ``OUT`` (this process's own tmp dir is kept).
+    Returns what was removed."""
+    root = _checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    own = f".tmp-{os.getpid()}"
+    removed = []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        half = ".tmp-" in child.name and not child.name.endswith(own)
+        trash = ".trash-" in child.name
+        unfinished = bool(_STEP_RE.match(child.name)) and not (child / COMPLETE).is_file()
+        if trash:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+        elif half or unfinished:
+            _discard(child)
+            removed.append(child)
+    return removed
+
+
+def _prune(out_dir: str | Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    found = list_checkpoints(out_dir)
+    for _, path in found[: max(0, len(found) - keep)]:
+        _discard(path)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    loader_state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    keep: int | None = 2,
+    rank_state: Any = None,
+) -> Path:
+    """Write ``OUT/checkpoints/step-{step:06d}`` atomically and keep the newest ``keep`` (None: all).
+
+    A collective under a process group: call it on every rank (rank 0 writes; the others send their RNG
+    states and ``rank_state``). ``loader_state``, ``config`` and ``extra`` must be JSON-able (rank 0's
+    values are written); ``rank_state`` is anything ``torch.load(weights_only=True)`` accepts (tensors,
+    numbers, strings, containers), e.g. ``GlobalQueue.state_dict()``. An existing checkpoint of the same
+    step is replaced. Returns the checkpoint's path on every rank.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    aliases = _tied_aliases(model)
+    model_sd = _gather_model(model)
+    optim_sd = _gather_optimizer(model, optimizer) if optimizer is not None else None
+    per_rank = _gather({"rng": _rng_state(), "state": _to_cpu(rank_state)})
+    root = _checkpoints_root(out_dir)
+    final = root / _step_dir_name(step)
+
+    def write() -> Path:
+        assert per_rank is not None
+        root.mkdir(parents=True, exist_ok=True)
+        clean_incomplete(out_dir)
+        tmp = root / f"{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_weights(tmp / MODEL_FILE, model_sd, aliases)
+        _torch_save(
+            tmp / OPTIMIZER_FILE,
+            {
+                "optimizer": optim_sd,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            },
+        )
+        for r, obj in enumerate(per_rank):
+            _torch_save(tmp / f"rank-{r:05d}.pt", obj)
+        _write_json(tmp / LOADER_FILE, dict(loader_state))
+        _write_json(tmp / CONFIG_FILE, dict(config))
+        _write_json(
+            tmp / STATE_FILE,
+            {
+                "format": FORMAT_VERSION,
+                "step": int(step),
+                "world_size": len(per_rank),
+                "saved_at": time.time(),
+                "extra": dict(extra or {}),
+            },
+        )
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _write_json(tmp / COMPLETE, {"step": int(step), "files": files})
+        _fsync_dir(tmp)
+        if final.exists():
+            _discard(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+        _prune(out_dir, keep)
+        return final
+
+    return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything of a checkpoint in memory (rank 0 only)."""
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    complete = _read_json(path / COMPLETE)
+    for name, size in complete.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{path}: {name} is missing or has the wrong size (damaged checkpoint)")
+    state = _read_json(path / STATE_FILE)
+    world = int(state.get("world_size", 1))
+    return {
+        "model": _load_weights(path / MODEL_FILE),
+        "optim": _torch_load(path / OPTIMIZER_FILE),
+        "ranks": [
+            _torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
+            for r in range(world)
+        ],
+        "loader": _read_json(path / LOADER_FILE),
+        "config": _read_json(path / CONFIG_FILE),
+        "state": state,
+        "files": dict(complete.get("files", {})),
+    }
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    restore_rng: bool = True,
+) -> CheckpointState:
+    """Restore model, optimizer, scheduler and (with ``restore_rng``) this rank's RNG states from a complete
+    checkpoint; return the rest as a :class:`CheckpointState`.
+
+    A collective under a process group: every rank calls it with the same ``path``; only rank 0 reads files
+    and the state is broadcast. Wrap the model (DDP / FSDP2) and build the optimizer on it *before*
+    loading. The scheduler is restored after the optimizer, so its ``last_epoch``/``base_lrs`` win.
+    """
+    path = Path(path)
+    distributed = _dist_on() and _world() > 1
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    if _rank() == 0:
+        try:
+            data = _read_checkpoint(path)
+        except CheckpointError as err:
+            if not distributed:
+                raise
+            error = str(err)
+    if distributed:
+        error = _broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+    empty: dict[str, Any] = {}
+    if data is None:
+        data = {"model": empty, "optim": {"optimizer": empty, "scheduler": None}, "ranks": None}
+    opts = _sd_options(broadcast_from_rank0=distributed, strict=True)
+    model_sd = data["model"]
+    aliases = _tied_aliases(model)
+    for alias, name in aliases.items():  # a checkpoint written by other code may lack the alias
+        if name in model_sd and alias not in model_sd:
+            model_sd[alias] = model_sd[name]
+    try:
+        set_model_state_dict(model, model_sd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: the weights do not fit this model: {err}") from err
+    optim = data["optim"]
+    if optimizer is not None:
+        if _rank() == 0 and optim.get("optimizer") is None:
+            raise CheckpointError(f"{path}: holds no optimizer state")
+        tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
+        try:
+            set_optimizer_state_dict(model, optimizer, optim["optimizer"] or {}, options=opts)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer: {err}") from err
+        for group, keys in zip(optimizer.param_groups, tuples):  # DCP returns tuples (betas) as lists
+            for k in keys:
+                if isinstance(group.get(k), list):
+                    group[k] = tuple(group[k])
+    small = _broadcast(
+        {k: data[k] for k in ("loader", "config", "state", "files")} if _rank() == 0 else None
+    )
+    if scheduler is not None:
+        sched_sd = _broadcast(optim.get("scheduler") if _rank() == 0 else None)
+        if sched_sd is None:
+            raise CheckpointError(f"{path}: holds no scheduler state")
+        scheduler.load_state_dict(sched_sd)
+    ranks = data["ranks"]
+    if distributed:
+        objs = None
+        if _rank() == 0:
+            assert ranks is not None
+            objs = [ranks[r] if r < len(ranks) else None for r in range(_world())]
+        mine = _scatter(objs)
+    else:
+        mine = ranks[0] if ranks else None
+    rng_restored = False
+    if mine is not None and restore_rng:
+        _set_rng_state(mine["rng"])
+        rng_restored = True
+    state = small["state"]
+    return CheckpointState(
+        path=path,
+        step=int(state["step"]),
+        loader_state=small["loader"],
+        config=small["config"],
+        extra=dict(state.get("extra", {})),
+        world_size=int(state.get("world_size", 1)),
+        rank_state=mine["state"] if mine is not None else None,
+        rng_restored=rng_restored,
+        saved_at=float(state.get("saved_at", 0.0)),
+        files=small["files"],
+    )
+
+
+def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> Path:
+    """``OUT/final``: a plain Hugging Face directory (safetensors weights, config, tokenizer) that
+    ``AutoModelForCausalLM.from_pretrained`` loads. A collective under a process group (the weights are
+    gathered); rank 0 writes into ``final.tmp-<pid>`` and renames, replacing an older ``final``."""
+    state_dict = _gather_model(model)
+    inner = _unwrap(model)
+    out = Path(out_dir) / FINAL_DIR
+
+    def write() -> Path:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{FINAL_DIR}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save = getattr(inner, "save_pretrained", None)
+        if save is None:
+            raise CheckpointError(f"{type(inner).__name__} has no save_pretrained (not a Hugging Face model)")
+        save(str(tmp), state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                _fsync_file(p)
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f"{FINAL_DIR}.trash-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        _fsync_dir(out.parent)
+        return out
+
+    return Path(_run_on_rank0(write, f"saving the final model to {out}"))

@@ -1,0 +1,41 @@
+"""`selkd-train`: parse the config, run the loop, map errors to messages and exit codes.
+
+Exit codes: 0 success; 1 a run-time failure the user can act on; 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from selkd.cache.build import BuildError
+from selkd.cache.corpus import DataError
+from selkd.cache.options import ConfigError
+from selkd.cache.reader import CacheError
+from selkd.cache.store import StoreError
+from selkd.cache.teacher import ModelError
+from selkd.trainer.checkpoint import CheckpointError
+from selkd.trainer.config import TrainConfig
+from selkd.trainer.loop import TrainError, train
+
+USER_ERRORS = (TrainError, CacheError, DataError, ModelError, StoreError, CheckpointError, BuildError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = TrainConfig.from_cli(list(sys.argv[1:] if argv is None else argv))
+        train(cfg)
+        return 0
+    except ConfigError as err:
+        print(f"selkd-train: error: {err}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        print(f"selkd-train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("selkd-train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""TrainConfig: every option of ``selkd-train``, declared once.
+
+Two data modes, exactly one per run:
+
+* **cache** (offline, the default workflow): ``--cache STORE`` streams the sparse teacher targets a
+  ``selkd-cache build`` wrote. The class selection, teacher temperature, sequence length and eval split
+  were fixed when the cache was built, so the online data options (``--classes``, ``--temperature``,
+  ``--max-seq-len``, ``--text-field``, ``--limit-tokens``, ``--eval-fraction``) are refused here rather
+  than silently ignored.
+* **online**: ``--teacher MODEL --data SPEC...`` runs the teacher during training. The online data
+  options mirror ``selkd-cache build``'s and take its defaults, except ``--classes``, which defaults to
+  ``full``: an online teacher's full distribution is already in memory, and the loss only ever needs it
+  at the selected positions (``[N_sel, V]``), so exact targets cost nothing extra, whereas sparse targets
+  exist to make *storage* cheap. Those defaults are filled in by ``__post_init__`` so that the saved
+  config (and resume checks) record the values the run really used; in cache mode they stay ``None``.
+
+The student is either ``--student MODEL`` (pretrained weights) or ``--student-config CONFIG`` (a fresh
+random init from a config directory / hub id): exactly one.
+
+Resume: a rerun on the same ``--out`` must match the saved config except for :data:`RESUME_MUTABLE`
+(see :func:`config_differences`). ``storage_option`` values that look like credentials are redacted by
+:meth:`TrainConfig.to_dict` so they never land in checkpoint directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from selkd.cache.classes import ClassSpec
+from selkd.cache.options import ConfigError, add_arguments, build, check, flag_name, from_args, opt, read_config_file
+from selkd.trainer.losses import LOSSES
+from selkd.trainer.selection import DEFAULT_GLOBAL_CAPACITY, POLICIES, SIGNALS, parse_select
+
+__all__ = [
+    "DTYPES",
+    "ONLINE_DEFAULTS",
+    "REDACTED",
+    "RESUME_MUTABLE",
+    "SCHEDULES",
+    "TrainConfig",
+    "build_parser",
+    "config_differences",
+    "steps_raised",
+]
+
+SCHEDULES = ("cosine", "linear", "constant")
+# fp16 is left out on purpose: it needs loss scaling (GradScaler), which bf16 does not.
+DTYPES = ("auto", "fp32", "bf16")
+CE_ON = ("all", "selected")
+
+# Online-mode data options: their defaults (the same as `selkd-cache build`, except classes).
+ONLINE_DEFAULTS: dict[str, Any] = {
+    "classes": "full",
+    "temperature": 1.0,
+    "max_seq_len": 512,
+    "text_field": "text",
+    "eval_fraction": 0.01,
+}
+_ONLINE_ONLY = (*ONLINE_DEFAULTS, "limit_tokens")
+
+# Options that may change between a run and its resumption: they do not change what is learned
+# (logging, evaluation cadence, I/O, memory knobs, where things live) or, for steps/epochs, extend the
+# run (see steps_raised). Everything else must match the checkpoint's config exactly.
+RESUME_MUTABLE: tuple[str, ...] = (
+    "steps",
+    "epochs",
+    "progress",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "resume",
+    "num_workers",
+    "prefetch",
+    "tensorboard",
+    "out",
+    "storage_option",
+    "device",
+    "gradient_checkpointing",
+    "entropy_chunk",
+    "fsdp",
+    "trust_remote_code",
+)
+
+REDACTED = "<redacted>"
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session")
+
+
+def _valid_select(text: str) -> str | None:
+    try:
+        parse_select(text)
+    except ValueError as err:
+        # parse_select names the flag itself; check() adds it again, so keep only the rest.
+        return str(err).removeprefix("--select ")
+    return None
+
+
+def _valid_classes(text: str) -> str | None:
+    try:
+        ClassSpec.parse(text)
+    except ValueError as err:
+        return str(err).removeprefix("--classes ")
+    return None
+
+
+def _below_one(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+@dataclass
+class TrainConfig:
+    # ---------------------------------------------------------------- data and models
+    cache: str | None = opt(help="the cache of teacher targets: a local directory or an fsspec URL (offline "
+                            "mode)", metavar="STORE")
+    teacher: str | None = opt(help="teacher model run during training (online mode, with --data)",
+                              metavar="MODEL")
+    data: list[str] = opt([], help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, "
+                          "globs or a `datasets` save_to_disk directory", metavar="SPEC")
+    student: str | None = opt(help="student to distil into: a local Hugging Face directory or a hub id",
+                              metavar="MODEL")
+    student_config: str | None = opt(help="instead of --student: start from random weights built from this "
+                                     "config (directory or hub id)", metavar="CONFIG")
+    out: str = opt(help="output directory: checkpoints/, final/, logs", required=True, metavar="DIR")
+    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable",
+                                         metavar="KEY=VALUE")
+    # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
+    text_field: str | None = opt(help="online mode: field of .jsonl/.parquet/datasets rows that holds the text "
+                                 "(default: text)")
+    max_seq_len: int | None = opt(help="online mode: tokens per packed sequence (default: 512)", lo=2)
+    limit_tokens: int | None = opt(help="online mode: stop reading the corpus after this many tokens", lo=2)
+    eval_fraction: float | None = opt(help="online mode: fraction of sequences held out for evaluation "
+                                      "(default: 0.01)", lo=0.0, hi=0.5)
+    classes: str | None = opt(help="online mode: teacher classes per position: full (default: exact, the "
+                              "logits are in memory anyway), topk:K or sample:N", validate=_valid_classes,
+                              metavar="MODE")
+    temperature: float | None = opt(help="online mode: teacher temperature of the targets (default: 1.0)",
+                                    lo=0.0, lo_open=True)
+    # ---------------------------------------------------------------- selection and loss
+    select: str = opt("student-entropy:0.2", help="positions distilled: SIGNAL:FRACTION (signals: "
+                      f"{', '.join(SIGNALS)}) or none (full KD)", validate=_valid_select,
+                      metavar="SIGNAL:FRACTION")
+    select_policy: str = opt("sequence", help="how scores become a selection", choices=tuple(POLICIES))
+    global_queue: int = opt(DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1)
+    loss: str = opt("fkl", help="divergence at the selected positions", choices=tuple(LOSSES))
+    topk_renormalize: bool = opt(False, help="topk targets: drop the tail bucket and renormalise over the k "
+                                 "classes (biased)")
+    ce_weight: float = opt(0.0, help="weight of the next-token cross-entropy added to the KD loss", lo=0.0)
+    ce_on: str = opt("all", help="positions the CE term covers: all valid positions or the selected ones",
+                     choices=CE_ON)
+    sample_ratio: float | None = opt(help="train only on this fraction of training sequences, those with the "
+                                     "highest mean student entropy", lo=0.0, lo_open=True, hi=1.0)
+    # ---------------------------------------------------------------- optimisation
+    batch_size: int = opt(8, help="sequences per step per rank (before --grad-accum)", lo=1)
+    grad_accum: int = opt(1, help="micro-batches accumulated per optimizer step", lo=1)
+    lr: float = opt(1e-4, help="peak learning rate (AdamW)", lo=0.0, lo_open=True)
+    weight_decay: float = opt(0.0, help="AdamW weight decay", lo=0.0)
+    adam_beta1: float = opt(0.9, help="AdamW beta1", validate=_below_one)
+    adam_beta2: float = opt(0.999, help="AdamW beta2", validate=_below_one)
+    adam_eps: float = opt(1e-8, help="AdamW epsilon", lo=0.0, lo_open=True)
+    warmup_steps: int = opt(0, help="linear warm-up steps", lo=0)
+    warmup_ratio: float | None = opt(help="instead of --warmup-steps: warm up for this fraction of the steps",
+                                     lo=0.0, hi=1.0)
+    schedule: str = opt("cosine", help="learning-rate decay after warm-up", choices=SCHEDULES)
+    min_lr_ratio: float = opt(0.0, help="final learning rate as a fraction of --lr", lo=0.0, hi=1.0)
+    max_grad_norm: float = opt(1.0, help="gradient clipping norm; 0 disables clipping", lo=0.0)
+    steps: int | None = opt(help="optimizer steps to train (exclusive with --epochs; default: 1 epoch)", lo=1)
+    epochs: float | None = opt(help="passes over the training data, may be fractional (exclusive with "
+                               "--steps)", lo=0.0, lo_open=True)
+    seed: int = opt(0, help="seed of initialisation, data order and random selection", lo=0)
+    # ---------------------------------------------------------------- runtime
+    dtype: str = opt("auto", help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
+                     "(autocast; master weights stay fp32)", choices=DTYPES)
+    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local rank's "
+                      "GPU)")
+    gradient_checkpointing: bool = opt(False, help="recompute decoder activations in backward (less memory)")
+    entropy_chunk: int = opt(128, help="positions per no-grad scoring chunk of the LM head", lo=1)
+    num_workers: int = opt(1, help="DataLoader worker processes (0: load in the training process)", lo=0)
+    prefetch: int = opt(2, help="batches prefetched per worker", lo=1)
+    eval_every: int = opt(200, help="evaluate every N steps; 0 disables periodic evaluation", lo=0)
+    eval_batches: int | None = opt(help="batches per evaluation (default: the whole held-out split)", lo=1)
+    log_every: int = opt(10, help="log every N steps", lo=1)
+    save_every: int = opt(500, help="checkpoint every N steps; 0 saves only at the end", lo=0)
+    resume: bool = opt(False, help="require an existing checkpoint in --out and continue from it")
+    fsdp: bool = opt(False, help="shard the student with FSDP2 (fully_shard) instead of DDP under torchrun")
+    allow_missing_parts: bool = opt(False, help="train on an incomplete cache (only its committed parts)")
+    progress: bool = opt(True, help="show progress bars")
+    trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
+    tensorboard: bool = opt(False, help="write TensorBoard event files to OUT/tensorboard")
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        check(self)
+        self._check_sources()
+        self._check_targets()
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give --steps or --epochs, not both (neither: 1 epoch)")
+        if self.warmup_ratio is not None and self.warmup_steps > 0:
+            raise ConfigError("give --warmup-steps or --warmup-ratio, not both")
+        if self.select_policy == "none" and self.select != "none":
+            raise ConfigError(
+                f"--select-policy none keeps every position, which contradicts --select {self.select}; "
+                "use --select none for full KD"
+            )
+
+    def _check_sources(self) -> None:
+        if (self.cache is None) == (self.teacher is None):
+            which = "both were given" if self.cache is not None else "neither was given"
+            raise ConfigError(
+                f"give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); {which}"
+            )
+        if self.teacher is not None and not self.data:
+            raise ConfigError("--teacher (online mode) needs --data SPEC [SPEC ...]")
+        if self.cache is not None:
+            if self.data:
+                raise ConfigError("--data is for online mode (--teacher); --cache already holds the data")
+            given = [flag_name(k) for k in _ONLINE_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: online-mode option(s); with --cache these were fixed when the cache "
+                    "was built (see `selkd-cache info`)"
+                )
+        else:
+            for key, default in ONLINE_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, default)
+        if (self.student is None) == (self.student_config is None):
+            which = "both were given" if self.student is not None else "neither was given"
+            raise ConfigError(
+                f"give either --student MODEL (pretrained) or --student-config CONFIG (random init); {which}"
+            )
+
+    def _check_targets(self) -> None:
+        """What can be checked here about the targets; in cache mode the trainer checks the same
+        things against the cache's header."""
+        if self.classes is None:
+            return
+        spec = ClassSpec.parse(self.classes)
+        if self.topk_renormalize and spec.mode != "topk":
+            raise ConfigError(f"--topk-renormalize needs --classes topk:K, got --classes {self.classes}")
+        if spec.mode == "sample":
+            if self.loss != "fkl":
+                raise ConfigError(
+                    f"--loss {self.loss} is not defined on sampled targets (--classes {self.classes}): only fkl "
+                    "is unbiased; use --classes topk:K or full"
+                )
+            if self.select_signal == "reverse-kl":
+                raise ConfigError(f"--select reverse-kl needs topk or full targets, got --classes {self.classes}")
+
+    # ---------------------------------------------------------------- derived values
+
+    @property
+    def mode(self) -> str:
+        """``"cache"`` or ``"online"``."""
+        return "cache" if self.cache is not None else "online"
+
+    @property
+    def select_signal(self) -> str:
+        """The signal name of ``--select`` (``"none"`` for full KD)."""
+        return parse_select(self.select)[0]
+
+    @property
+    def select_fraction(self) -> float:
+        """The fraction of ``--select`` (1.0 for ``none``)."""
+        return parse_select(self.select)[1]
+
+    @property
+    def effective_policy(self) -> str:
+        """The policy the loop should use: ``none`` when ``--select none``, else ``--select-policy``."""
+        return "none" if self.select_signal == "none" else self.select_policy
+
+    @property
+    def class_spec(self) -> ClassSpec | None:
+        """Online mode's class selection (None in cache mode: read it from the cache)."""
+        return ClassSpec.parse(self.classes) if self.classes is not None else None
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: ``--steps``, else ``ceil(epochs * steps_per_epoch)`` (1 epoch
+        when neither is given). ``steps_per_epoch`` counts optimizer steps (after --grad-accum)."""
+        if self.steps is not None:
+            return self.steps
+        if steps_per_epoch < 1:
+            raise ConfigError("the training split is smaller than one optimizer step (batch size x grad accum "
+                              "x ranks)")
+        return max(1, math.ceil((self.epochs if self.epochs is not None else 1.0) * steps_per_epoch))
+
+    def resolved_warmup_steps(self, total_steps: int) -> int:
+        """``--warmup-steps``, or ``round(warmup_ratio * total_steps)``."""
+        if self.warmup_ratio is not None:
+            return round(self.warmup_ratio * total_steps)
+        return self.warmup_steps
+
+    def autocast_dtype(self, device_type: str) -> Any:
+        """The ``torch.autocast`` dtype for ``device_type`` (``"cuda"``/``"cpu"``), or None for fp32 (no
+        autocast). ``auto`` is bf16 on CUDA and fp32 elsewhere (CPU bf16 autocast is slow and unhelpful)."""
+        import torch
+
+        if self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    # ---------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain JSON-able dict of every option. ``redact`` hides credential-like ``storage_option`` values
+        (keys containing key/secret/token/password/...) so that saved configs never hold secrets."""
+        values = dataclasses.asdict(self)
+        if redact:
+            values["storage_option"] = {
+                k: (REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) else v)
+                for k, v in self.storage_option.items()
+            }
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "options") -> TrainConfig:
+        """Config from a mapping (field or flag names); unknown keys are refused by name."""
+        return build(cls, {str(k).replace("-", "_"): v for k, v in values.items()}, source)
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None) -> TrainConfig:
+        """Config from command-line arguments (``--config FILE`` first, flags override it).
+
+        Every problem, including the ones argparse finds (unknown flag, bad choice, bad number), raises
+        :class:`ConfigError`; ``--help`` still prints and exits.
+        """
+        parser = build_parser()
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        file_values = read_config_file(args.config) if args.config else None
+        if file_values is not None:
+            _check_file_keys(file_values, args.config)
+        return from_args(cls, args, file_values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ConfigError instead of exiting, so callers map every configuration
+    problem to one error type (and exit code)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "selkd-train") -> argparse.ArgumentParser:
+    """The ``selkd-train`` parser: ``--config FILE`` plus one flag per :class:`TrainConfig` field."""
+    parser = _Parser(
+        prog=prog,
+        description="Distil a student from cached (or online) teacher targets, applying KD at the positions "
+        "the student is least sure of (SE-KD).",
+    )
+    parser.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
+    add_arguments(parser, TrainConfig)
+    return parser
+
+
+# --------------------------------------------------------------------------- type coercion
+
+
+def _check_file_keys(values: Mapping[str, Any], path: str) -> None:
+    """Refuse unknown keys naming the file (values are checked by TrainConfig itself)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s): {', '.join(unknown)}")
+
+
+def _coerce_one(name: str, value: Any, tp: Any) -> Any:
+    """One value to the field's type. Lenient where files are ambiguous (PyYAML reads ``1e-4`` as a
+    string, TOML has no None), strict where a silent conversion would hide a mistake (``3.5`` steps)."""
+    flag = flag_name(name)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{flag}: expected a list, got {value!r}")
+        return [_coerce_one(name, v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{flag}: expected a mapping of KEY=VALUE, got {value!r}")
+        return dict(value)
+    if value is None:
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{flag}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{flag}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{flag}: expected a string, got {value!r}")
+    return value
+
+
+def _coerce_types(cfg: TrainConfig) -> None:
+    """Coerce every field to its declared type in place (ConfigError naming the flag if impossible), so
+    values from Python, a YAML/TOML file or JSON (a saved config) behave like parsed flags."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce_one(f.name, getattr(cfg, f.name), hints[f.name]))
+
+
+# --------------------------------------------------------------------------- resume checks
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def config_differences(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+    """What differs between a checkpoint's saved config (``to_dict()`` output) and this run's, ignoring
+    :data:`RESUME_MUTABLE`, as ``"flag: saved -> current"`` lines (empty: safe to resume).
+
+    Only the current options are compared: a key missing from an older checkpoint is taken to have had
+    its default (options are added with the old behaviour as default), and keys that are no longer
+    options are ignored. Numbers compare by value (JSON turns 1.0 into 1.0 but YAML may give 1)."""
+    now = current.to_dict()
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MUTABLE:
+            continue
+        a = saved[f.name] if f.name in saved else _field_default(f)
+        b = now[f.name]
+        if isinstance(a, tuple):
+            a = list(a)
+        if a != b:
+            out.append(f"{flag_name(f.name)}: {a!r} -> {b!r}")
+    return out
+
+
+def steps_raised(saved: Mapping[str, Any], current: TrainConfig, steps_per_epoch: int | None = None) -> bool:
+    """Whether this run's training budget is larger than the checkpoint's (the run is being extended:
+    the trainer must rebuild the LR schedule for the new total instead of restoring the old one).
+
+    Steps compare with steps, epochs with epochs (neither = 1 epoch). Mixing ``--steps`` and ``--epochs``
+    across the two runs needs ``steps_per_epoch`` to compare; without it this raises ConfigError."""
+    s_steps, s_epochs = saved.get("steps"), saved.get("epochs")
+    if s_steps is None and s_epochs is None:
+        s_epochs = 1.0
+    c_steps = current.steps
+    c_epochs = current.epochs if current.epochs is not None or c_steps is not None else 1.0
+    if s_steps is not None and c_steps is not None:
+        return c_steps > int(s_steps)
+    if s_epochs is not None and c_epochs is not None:
+        return c_epochs > float(s_epochs)
+    if steps_per_epoch is None:
+        raise ConfigError("cannot compare --steps with --epochs across a resume without the epoch length")
+    before = int(s_steps) if s_steps is not None else math.ceil(float(s_epochs) * steps_per_epoch)
+    return current.total_steps(steps_per_epoch) > before

@@ -1,0 +1,800 @@
+"""Streaming a cache into training batches: order, rank/worker split, reading, prefetching, resuming.
+
+:class:`CacheStream` is an ``IterableDataset`` that yields :class:`Batch` objects (collated inside the
+DataLoader workers) of one split of a cache; :func:`make_loader` wraps it in a DataLoader that counts
+what the training loop has taken, so its ``state_dict()`` resumes exactly.
+
+How the order is made (identical on every rank and worker, a function of ``seed`` and ``epoch`` only)
+------------------------------------------------------------------------------------------------------
+1. **Units.** Every committed part of the split (in part-name order) is cut into *units*: runs of
+   ``unit_size`` (default 32) consecutive stored sequences that are kept (all of them, or the top
+   ``sample_ratio`` by score). A unit never crosses a part, so it is read as one contiguous slice of
+   each array of its part.
+2. **Epoch permutation.** ``rng = numpy.random.default_rng([seed, epoch])`` permutes the units; the
+   permuted units are grouped into *windows* of ``shuffle_window`` (default 4) units, and the sequences
+   inside each window are shuffled with the same generator. Concatenating the windows gives the
+   epoch's *global order* ``G`` of all N kept sequences: each sequence appears exactly once, and a
+   batch mixes sequences from up to ``shuffle_window`` places of the corpus. ``shuffle=False`` gives
+   the stored order.
+3. **Ranks.** ``G`` is cut into *global batches* of ``batch_size`` sequences. With ``world_size`` W,
+   global step ``s`` consists of global batches ``s*W, ..., s*W + W - 1`` and rank ``r`` takes global
+   batch ``s*W + r``: the ranks never overlap and every rank gets ``steps_per_epoch() =
+   N // (batch_size * W)`` batches; the remainder ``N % (batch_size * W)`` is dropped (it differs
+   per epoch, as ``G`` does). With ``drop_last=False`` the last step is completed instead: with W = 1
+   by a shorter last batch, with W > 1 by wrapping around to the start of ``G`` (as PyTorch's
+   ``DistributedSampler`` pads), so every rank still gets the same number of full batches.
+4. **Workers.** A rank's batches ``0, 1, 2, ...`` are dealt round-robin to its DataLoader workers
+   (worker ``w`` of ``n`` builds batches ``w, w + n, w + 2n, ...`` in that order). The DataLoader
+   takes one batch from each worker in turn, so the training loop sees the rank's batches in order,
+   whatever ``num_workers`` is: the order depends on (seed, epoch, batch_size, world_size, rank)
+   only, never on the number of workers.
+
+Resuming
+--------
+The stream keeps a cursor: ``epoch``, ``samples`` (sequences of ``G`` consumed by all ranks together
+in this epoch: ``batch_size * world_size`` per step, independent of the world size) and ``step``
+(batches this rank consumed in this epoch). :class:`StatefulLoader` advances it when the training
+loop *takes* a batch (not when a worker prefetches one); when the last batch of an epoch is taken the
+cursor moves to the start of the next epoch. ``state_dict()`` is JSON-serialisable; a fresh
+stream and loader given ``load_state_dict(state)`` start their next iteration at global offset
+``samples`` of epoch ``epoch``, i.e. rank ``r``'s step ``s`` is global batch ``samples / batch_size +
+s*W + r``. With the same world size this is exactly the batches ``k, k+1, ...`` of the uninterrupted
+run (and every later epoch is the same, as the order depends on (seed, epoch) only); with another
+world size or batch size it continues from the same point of the same global order. Workers are not
+persistent: each iteration starts them from the cursor.
+
+Reading
+-------
+Each DataLoader worker opens the cache itself (``open_cache`` inside the worker; a reader inherited
+through ``fork`` is never used, and remote URLs use the ``spawn`` start method because s3fs is not
+fork-safe). A unit is read as one slice per array (:func:`read_range`) and decoded once; a worker
+keeps the units of its current and next window, so it decodes each unit it needs at most once per
+epoch. A unit that holds sequences of several workers' (or ranks') batches is read by each of them;
+smaller units (or larger batches) read less twice.
+
+Sample selection (``sample_ratio``) needs the scores a ``--sample-ratio`` build stores for every
+training sequence: the top ``ceil(sample_ratio * n)`` of the n stored training sequences by score
+(ties: lower sequence index) are streamed. Incomplete caches are refused (the reader's
+``CacheError``) unless ``allow_missing_parts``, which streams the committed parts and warns at every
+``set_epoch`` and epoch start how many parts are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import queue
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from zarr.api import asynchronous as zarr_async
+from zarr.core.array import AsyncArray
+from zarr.core.sync import sync
+
+from selkd.cache import format as fmt
+from selkd.cache.reader import CachedSequence, CacheReader, PartData, PartRecord, open_cache
+from selkd.cache.store import is_url
+from selkd.cache.targets import SparseTargets
+
+IGNORE_INDEX = -100
+STATE_VERSION = 1
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "CacheStream",
+    "StatefulLoader",
+    "collate",
+    "make_loader",
+    "open_part_arrays",
+    "read_range",
+]
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """B sequences padded to the longest one (L tokens).
+
+    ``labels[b, t]`` is ``input_ids[b, t + 1]`` where the teacher has a target (positions
+    ``0 .. len_b - 2``) and -100 at the last real position and at padding; ``valid`` is
+    ``labels != -100``. ``targets`` has leading shape ``[B, L]`` (invalid positions: ids 0,
+    logprob -inf); ``teacher_entropy`` and ``teacher_logprob`` are 0 where invalid.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64, padded with pad_id
+    attention_mask: torch.Tensor  # [B, L] int64 (1 = real token)
+    labels: torch.Tensor  # [B, L] int64
+    valid: torch.Tensor  # [B, L] bool
+    targets: SparseTargets  # leading [B, L]
+    teacher_entropy: torch.Tensor  # [B, L] float32
+    teacher_logprob: torch.Tensor  # [B, L] float32
+    seq_index: torch.Tensor  # [B] int64 global (corpus) sequence indices
+
+    def _map(self, fn: Any) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        tg = self.targets
+        return Batch(
+            input_ids=fn(self.input_ids),
+            attention_mask=fn(self.attention_mask),
+            labels=fn(self.labels),
+            valid=fn(self.valid),
+            targets=replace(tg, ids=mv(tg.ids), logprobs=fn(tg.logprobs), tail_logmass=mv(tg.tail_logmass)),
+            teacher_entropy=fn(self.teacher_entropy),
+            teacher_logprob=fn(self.teacher_logprob),
+            seq_index=fn(self.seq_index),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Every tensor in pinned memory (called by ``DataLoader(pin_memory=True)``)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_targets(self) -> int:
+        """Positions with a teacher target."""
+        return int(self.valid.sum())
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def collate(seqs: list[CachedSequence], pad_id: int) -> Batch:
+    """Pad and stack cached sequences into a :class:`Batch` (numpy mask-scatter; the targets are
+    stacked with :meth:`SparseTargets.stack_padded`)."""
+    if not seqs:
+        raise ValueError("collate needs at least one sequence")
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    if lengths.min() < 1:
+        raise ValueError("collate: empty sequence")
+    b, length = len(seqs), int(lengths.max())
+    pos = np.arange(length)
+    tok_mask = pos[None, :] < lengths[:, None]
+    tgt_mask = pos[None, :] < (lengths - 1)[:, None]
+
+    input_ids = np.full((b, length), pad_id, dtype=np.int64)
+    input_ids[tok_mask] = np.concatenate([s.input_ids for s in seqs])
+    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
+    labels[tgt_mask] = np.concatenate([s.input_ids[1:] for s in seqs])
+    entropy = np.zeros((b, length), dtype=np.float32)
+    entropy[tgt_mask] = np.concatenate([s.teacher_entropy for s in seqs])
+    logprob = np.zeros((b, length), dtype=np.float32)
+    logprob[tgt_mask] = np.concatenate([s.teacher_logprob for s in seqs])
+
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(tok_mask.astype(np.int64)),
+        labels=torch.from_numpy(labels),
+        valid=torch.from_numpy(tgt_mask),
+        targets=SparseTargets.stack_padded([s.targets for s in seqs], length),
+        teacher_entropy=torch.from_numpy(entropy),
+        teacher_logprob=torch.from_numpy(logprob),
+        seq_index=torch.tensor([s.seq_index for s in seqs], dtype=torch.int64),
+    )
+
+
+# --- reading a range of sequences ------------------------------------------------------------------
+
+
+async def _gather(*aws: Any) -> list[Any]:
+    return list(await asyncio.gather(*aws))
+
+
+def _read_slices(arrays: Mapping[str, AsyncArray], items: list[tuple[str, slice]]) -> dict[str, np.ndarray]:
+    """Read several slices concurrently (one trip through zarr's event loop)."""
+    values = sync(_gather(*(arrays[name].getitem(sl) for name, sl in items)))
+    return {name: np.asarray(v) for (name, _), v in zip(items, values)}
+
+
+def open_part_arrays(reader: CacheReader, part: PartRecord) -> dict[str, AsyncArray]:
+    """Every array of a committed part, opened concurrently (zarr ``AsyncArray`` handles)."""
+    names = list(part.record["arrays"])
+    base = f"{fmt.PARTS_GROUP}/{part.name}"
+    store = reader.storage.store
+    opened = sync(_gather(*(zarr_async.open_array(store=store, path=f"{base}/{n}", mode="r") for n in names)))
+    return dict(zip(names, opened))
+
+
+def read_range(
+    reader: CacheReader,
+    part: PartRecord,
+    start: int,
+    stop: int,
+    arrays: Mapping[str, AsyncArray] | None = None,
+) -> PartData:
+    """Sequences ``start .. stop - 1`` of a committed part as a :class:`PartData` (positions
+    ``0 .. stop - start - 1``): one slice per array, read concurrently, the offset arrays rebased to the
+    range.
+
+    ``arrays`` may hold the part's arrays from :func:`open_part_arrays` (saves re-reading their
+    metadata on every call). Checksums cover whole arrays and are not verified here (``read_part``
+    does).
+    """
+    if not 0 <= start < stop <= part.n_sequences:
+        raise IndexError(f"{part.name}: range [{start}, {stop}) outside its {part.n_sequences} sequences")
+    if arrays is None:
+        arrays = open_part_arrays(reader, part)
+    mode = reader.mode
+    first = [("seq_offsets", slice(start, stop + 1))]
+    if mode == "sample":
+        first.append(("class_offsets", slice(start, stop + 1)))
+    head = _read_slices(arrays, first)
+    offsets = head["seq_offsets"].astype(np.int64)
+    a, b = int(offsets[0]), int(offsets[-1])
+    ta, tb = a - start, b - stop  # target j of sequence i sits at seq_offsets[i] - i + j
+    items: list[tuple[str, slice]] = [
+        ("seq_index", slice(start, stop)),
+        ("input_ids", slice(a, b)),
+        ("doc_start", slice(a, b)),
+        ("teacher_entropy", slice(ta, tb)),
+        ("teacher_logprob", slice(ta, tb)),
+    ]
+    out: dict[str, np.ndarray] = {"seq_offsets": offsets - a}
+    if mode == "sample":
+        coff = head["class_offsets"].astype(np.int64)
+        ca, cb = int(coff[0]), int(coff[-1])
+        out["class_offsets"] = coff - ca
+        items += [("num_classes", slice(ta, tb)), ("class_ids", slice(ca, cb)), ("class_counts", slice(ca, cb))]
+    elif mode == "topk":
+        items += [(n, slice(ta, tb)) for n in ("class_ids", "class_logprobs", "tail_logmass")]
+    else:
+        items.append(("class_logprobs", slice(ta, tb)))
+    out.update(_read_slices(arrays, items))
+    return PartData(reader, part, out)
+
+
+# --- the layout: units of kept sequences ----------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """The kept sequences of a split, in stored order, cut into units."""
+
+    part_names: list[str]
+    seq_part: np.ndarray  # int32 [N]: index into part_names
+    seq_pos: np.ndarray  # int64 [N]: position inside the part
+    unit_bounds: np.ndarray  # int64 [U + 1]: units are flat ranges [unit_bounds[u], unit_bounds[u+1])
+    seq_unit: np.ndarray  # int64 [N]
+    missing_parts: int  # parts of the build plan that are not committed (all splits)
+    expected_parts: int
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.seq_pos.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        return int(self.unit_bounds.shape[0] - 1)
+
+
+def _mp_context(url: str) -> str | None:
+    """DataLoader start method: ``spawn`` for URLs (s3fs is not fork-safe), ``fork`` for local paths."""
+    if is_url(url):
+        return "spawn"
+    import multiprocessing as mp
+
+    return "fork" if "fork" in mp.get_all_start_methods() else None
+
+
+class _UnitReader:
+    """Per-process (or per-thread) reading state: its own reader, opened arrays and decoded units."""
+
+    def __init__(self, stream: CacheStream, layout: _Layout) -> None:
+        self.stream, self.layout = stream, layout
+        self.reader = stream._process_reader()
+        records = {p.name: p for p in self.reader.parts}
+        self.parts = [records[name] for name in layout.part_names]
+        self.arrays: OrderedDict[int, dict[str, AsyncArray]] = OrderedDict()
+        self.units: OrderedDict[int, tuple[PartData, int]] = OrderedDict()
+        self.capacity = 2 * stream.shuffle_window + 1  # units of the current and the next window
+        self.units_read = 0
+
+    def _part_arrays(self, p: int) -> dict[str, AsyncArray]:
+        if p in self.arrays:
+            self.arrays.move_to_end(p)
+            return self.arrays[p]
+        opened = open_part_arrays(self.reader, self.parts[p])
+        self.arrays[p] = opened
+        while len(self.arrays) > self.capacity:
+            self.arrays.popitem(last=False)
+        return opened
+
+    def unit(self, u: int) -> tuple[PartData, int]:
+        """The decoded unit ``u`` and the part position of its first sequence."""
+        if u in self.units:
+            self.units.move_to_end(u)
+            return self.units[u]
+        lay = self.layout
+        lo, hi = int(lay.unit_bounds[u]), int(lay.unit_bounds[u + 1])
+        p = int(lay.seq_part[lo])
+        start, stop = int(lay.seq_pos[lo]), int(lay.seq_pos[hi - 1]) + 1
+        data = read_range(self.reader, self.parts[p], start, stop, self._part_arrays(p))
+        self.units_read += 1
+        self.units[u] = (data, start)
+        while len(self.units) > self.capacity:
+            self.units.popitem(last=False)
+        return data, start
+
+    def batch(self, flat: np.ndarray, pad_id: int) -> Batch:
+        lay = self.layout
+        seqs = []
+        for i in flat.tolist():
+            data, start = self.unit(int(lay.seq_unit[i]))
+            seqs.append(data.sequence(int(lay.seq_pos[i]) - start))
+        return collate(seqs, pad_id)
+
+
+# --- the stream ----------------------------------------------------------------------------------
+
+
+class CacheStream(IterableDataset):
+    """Streams batches (already collated in the workers) of one split of a cache.
+
+    See the module docstring for the order, the rank/worker split and resuming. ``unit_size`` and
+    ``shuffle_window`` shape the order (keep them when resuming).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        split: str = "train",
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        storage_options: dict[str, Any] | None = None,
+        sample_ratio: float | None = None,
+        allow_missing_parts: bool = False,
+        pad_id: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        unit_size: int = 32,
+        shuffle_window: int = 4,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, not {seed}")
+        if unit_size < 1 or shuffle_window < 1:
+            raise ValueError("unit_size and shuffle_window must be >= 1")
+        if sample_ratio is not None and not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], not {sample_ratio}")
+        if sample_ratio is not None and split != "train":
+            raise ValueError(f"sample_ratio applies to the train split only, not {split!r}")
+        self.url = str(url)
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.storage_options = dict(storage_options or {})
+        self.sample_ratio = sample_ratio
+        self.allow_missing_parts = allow_missing_parts
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.unit_size = unit_size
+        self.shuffle_window = shuffle_window
+        # cursor
+        self._epoch = 0
+        self._samples = 0  # global sequences consumed in this epoch (all ranks)
+        self._step = 0  # batches this rank consumed in this epoch
+        self._iteration = 0  # bumped by each new iteration; older iterators stop counting
+        self._warned_epoch: int | None = None
+        # opened here so that an incomplete cache fails now; never used in another process
+        self._reader: CacheReader | None = open_cache(
+            self.url, self.storage_options or None, require_complete=not allow_missing_parts
+        )
+        self._reader_pid = os.getpid()
+        self._layout = self._make_layout(self._reader)
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.last_units_read = 0  # units decoded by the last in-process iteration (diagnostics)
+        if self.steps_per_epoch() == 0:
+            raise ValueError(
+                f"{self.url}: the {split!r} split streams {self.num_sequences} sequences, fewer than batch_size * "
+                f"world_size = {batch_size * world_size}: no batch per epoch (lower batch_size or pass drop_last=False)"
+            )
+
+    # --- pickling (spawned workers) and per-process readers --------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        state["_reader_pid"] = None
+        state["_order_cache"] = None
+        return state
+
+    def _process_reader(self) -> CacheReader:
+        """This process's reader: opened here (``open_cache``) unless this process opened one."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = open_cache(self.url, self.storage_options or None, require_complete=False)
+            self._reader_pid = os.getpid()
+            self._order_cache = None
+        return self._reader
+
+    # --- layout and order ------------------------------------------------------------------------
+    def _make_layout(self, reader: CacheReader) -> _Layout:
+        parts = [p for p in reader.split_parts(self.split) if p.n_sequences > 0]
+        if not parts:
+            raise ValueError(f"{self.url}: no committed sequences in the {self.split!r} split")
+        kept = [np.arange(p.n_sequences, dtype=np.int64) for p in parts]
+        if self.sample_ratio is not None:
+            kept = self._select(reader, parts)
+        seq_part = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(kept)])
+        seq_pos = np.concatenate(kept)
+        bounds = [0]
+        for k in kept:
+            base = bounds[-1]
+            bounds.extend(base + min(s + self.unit_size, len(k)) for s in range(0, len(k), self.unit_size))
+        unit_bounds = np.asarray(bounds, dtype=np.int64)
+        seq_unit = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(unit_bounds))
+        return _Layout(
+            [p.name for p in parts],
+            seq_part,
+            seq_pos,
+            unit_bounds,
+            seq_unit,
+            len(reader.missing_parts),
+            reader.expected_parts,
+        )
+
+    def _select(self, reader: CacheReader, parts: list[PartRecord]) -> list[np.ndarray]:
+        """Per part, the sorted positions of the top ``sample_ratio`` stored sequences by score."""
+        scores = reader.scores()
+        if scores is None:
+            raise ValueError(
+                f"{self.url}: sample_ratio={self.sample_ratio} needs sample scores, but this cache has none "
+                "(it was built without --sample-ratio); rebuild with `selkd-cache build --sample-ratio ...` "
+                "or train without sample_ratio"
+            )
+        idx, val = scores
+        stored = [np.asarray(reader.storage.open_array(f"{fmt.PARTS_GROUP}/{p.name}/seq_index")[:]) for p in parts]
+        all_stored = np.concatenate(stored).astype(np.int64)
+        where = np.searchsorted(idx, all_stored)
+        where = np.minimum(where, len(idx) - 1)
+        found = idx[where] == all_stored
+        if not found.all():
+            raise ValueError(
+                f"{self.url}: sample_ratio needs a score for every stored training sequence, but "
+                f"{int((~found).sum())} of {len(all_stored)} have none (incomplete scoring); rerun the build"
+            )
+        n = len(all_stored)
+        keep = max(1, math.ceil(self.sample_ratio * n))  # type: ignore[operator]
+        order = np.lexsort((all_stored, -val[where].astype(np.float64)))
+        chosen = np.zeros(n, dtype=bool)
+        chosen[order[:keep]] = True
+        out, base = [], 0
+        for s in stored:
+            out.append(np.flatnonzero(chosen[base : base + len(s)]).astype(np.int64))
+            base += len(s)
+        return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order: flat layout indices [N]."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        lay = self._layout
+        n = lay.num_sequences
+        if not self.shuffle:
+            order = np.arange(n, dtype=np.int64)
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(lay.num_units)
+            starts = lay.unit_bounds[:-1][perm]
+            lengths = np.diff(lay.unit_bounds)[perm]
+            out_starts = fmt.segment_starts(lengths)
+            order = np.arange(n, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
+            window = np.repeat(np.arange(lay.num_units, dtype=np.int64) // self.shuffle_window, lengths)
+            order = order[np.lexsort((rng.random(n), window))]
+        self._order_cache = (epoch, order)
+        return order
+
+    # --- sizes and the cursor ----------------------------------------------------------------------
+    @property
+    def reader(self) -> CacheReader:
+        """This process's :class:`CacheReader` of the cache (header, parts, ``get``)."""
+        return self._process_reader()
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences streamed per epoch (after sample selection), before the dropped remainder."""
+        return self._layout.num_sequences
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def missing_parts(self) -> int:
+        return self._layout.missing_parts
+
+    def _steps_from(self, samples: int) -> int:
+        left = max(0, self.num_sequences - samples)
+        per_step = self.batch_size * self.world_size
+        return left // per_step if self.drop_last else -(-left // per_step)
+
+    def steps_per_epoch(self) -> int:
+        """Batches per rank in a whole epoch (identical on every rank)."""
+        return self._steps_from(0)
+
+    def steps_remaining(self) -> int:
+        """Batches per rank that the next iteration yields (the rest of the current epoch)."""
+        return self._steps_from(self._samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch``; a no-op when the stream is already in ``epoch`` (so that a
+        resumed run's ``set_epoch(state["epoch"])`` keeps its position). Warns about missing parts."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, not {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._samples, self._step = epoch, 0, 0
+        self._warn_missing(force=True)
+
+    def _warn_missing(self, force: bool = False) -> None:
+        lay = self._layout
+        if not lay.missing_parts or (not force and self._warned_epoch == self._epoch):
+            return
+        self._warned_epoch = self._epoch
+        warnings.warn(
+            f"{self.url}: epoch {self._epoch}: {lay.missing_parts} of {lay.expected_parts} parts of the cache are "
+            f"missing (not committed); streaming the {len(lay.part_names)} committed {self.split} parts "
+            f"({self.num_sequences} sequences)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _consume(self, iteration: int) -> None:
+        """The consumer took one batch of iteration ``iteration``."""
+        if iteration != self._iteration:
+            return
+        self._samples += self.batch_size * self.world_size
+        self._step += 1
+        if self._steps_from(self._samples) == 0:  # epoch done: the cursor moves to the next one
+            self._epoch, self._samples, self._step = self._epoch + 1, 0, 0
+
+    def _begin(self) -> tuple[int, int, int]:
+        """Start an iteration in the consuming process: (iteration id, epoch, samples)."""
+        self._iteration += 1
+        self._warn_missing()
+        return self._iteration, self._epoch, self._samples
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: ``epoch``, ``step`` (batches this rank consumed in the epoch) and
+        ``samples`` (sequences consumed in the epoch by all ranks: the world-size-independent counter
+        that resuming uses; ``global_batches`` is the same in batches), plus the settings that shape
+        the order, checked by :meth:`load_state_dict`."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "step": self._step,
+            "samples": self._samples,
+            "global_batches": self._samples // self.batch_size,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "unit_size": self.unit_size,
+            "shuffle_window": self.shuffle_window,
+            "sample_ratio": self.sample_ratio,
+            "split": self.split,
+            "num_sequences": self.num_sequences,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (also one saved with another world size or batch size)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        for key in ("seed", "shuffle", "unit_size", "shuffle_window", "sample_ratio", "split"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume: the data state was saved with {key}={state.get(key)!r} but this stream has "
+                    f"{key}={getattr(self, key)!r}, which gives another order; use the saved value"
+                )
+        if state.get("num_sequences") != self.num_sequences:
+            warnings.warn(
+                f"{self.url}: the data state was saved with {state.get('num_sequences')} sequences per epoch, the "
+                f"cache now gives {self.num_sequences} (parts were added?); the order differs from the saved run",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._epoch = int(state["epoch"])
+        self._samples = int(state["samples"])
+        same_shape = state.get("world_size") == self.world_size and state.get("batch_size") == self.batch_size
+        self._step = int(state["step"]) if same_shape else self._samples // (self.batch_size * self.world_size)
+        self._iteration += 1  # iterators started before the load stop counting
+        if self._steps_from(self._samples) == 0:
+            self._epoch, self._samples, self._step = self._epoch + 1, 0, 0
+
+    # --- producing batches -----------------------------------------------------------------------
+    def _batch_indices(self, epoch: int, samples: int, step: int) -> np.ndarray:
+        """Flat layout indices of this rank's batch ``step`` of an iteration starting at ``samples``."""
+        order = self._order(epoch)
+        n = len(order)
+        a = samples + (step * self.world_size + self.rank) * self.batch_size
+        b = a + self.batch_size
+        if self.world_size == 1:
+            b = min(b, n)  # drop_last=False: a shorter last batch
+        return order[np.arange(a, b) % n]  # world_size > 1: wrap around (drop_last=False only)
+
+    def _generate(
+        self, epoch: int, samples: int, worker: int = 0, num_workers: int = 1, units: _UnitReader | None = None
+    ) -> Iterator[Batch]:
+        """This worker's share of this rank's batches of the iteration starting at (epoch, samples)."""
+        units = units or _UnitReader(self, self._layout)
+        try:
+            for step in range(worker, self._steps_from(samples), num_workers):
+                yield units.batch(self._batch_indices(epoch, samples, step), self.pad_id)
+        finally:
+            self.last_units_read = units.units_read
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is not None:  # a DataLoader worker: its share, from the cursor it was started with
+            yield from self._generate(self._epoch, self._samples, info.id, info.num_workers)
+            return
+        iteration, epoch, samples = self._begin()  # direct iteration: every yield is a consumed batch
+        for batch in self._generate(epoch, samples):
+            self._consume(iteration)
+            yield batch
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheStream({self.url!r}, split={self.split!r}, batch_size={self.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, epoch={self._epoch}, samples={self._samples}, sequences={self.num_sequences})"
+        )
+
+
+# --- the loader ----------------------------------------------------------------------------------
+
+
+class _ThreadPrefetcher:
+    """Runs a batch generator in a background thread, ``depth`` batches ahead."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Batch], depth: int, pin: bool) -> None:
+        self.source, self.pin = source, pin
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="selkd-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self.source:
+                if self.pin:
+                    batch = batch.pin_memory()
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # handed to the consumer
+            self._put(err)
+        finally:
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join(timeout=10)
+
+
+class StatefulLoader:
+    """A DataLoader over a :class:`CacheStream` whose iteration starts at the stream's cursor and
+    advances it by the batches the consumer takes. ``len(loader)`` is the number of batches the next
+    iteration yields; ``state_dict()`` / ``load_state_dict()`` are the stream's."""
+
+    def __init__(self, stream: CacheStream, num_workers: int = 1, prefetch: int = 2, pin_memory: bool = False) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, not {num_workers}")
+        if num_workers > 0 and prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 with worker processes, not {prefetch}")
+        self.stream = stream
+        self.num_workers = num_workers
+        self.prefetch = max(0, prefetch)
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.multiprocessing_context = _mp_context(stream.url) if num_workers > 0 else None
+
+    def __len__(self) -> int:
+        return self.stream.steps_remaining()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def _dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch,
+            pin_memory=self.pin_memory,
+            multiprocessing_context=self.multiprocessing_context,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = self.stream
+        iteration, epoch, samples = stream._begin()
+        if stream._steps_from(samples) == 0:
+            return
+        prefetcher: _ThreadPrefetcher | None = None
+        if self.num_workers > 0:
+            source: Iterator[Batch] = iter(self._dataloader())
+        elif self.prefetch > 0:
+            prefetcher = _ThreadPrefetcher(stream._generate(epoch, samples), self.prefetch, self.pin_memory)
+            source = iter(prefetcher)
+        else:
+            source = stream._generate(epoch, samples)
+        try:
+            for batch in source:
+                if prefetcher is None and self.num_workers == 0 and self.pin_memory:
+                    batch = batch.pin_memory()
+                stream._consume(iteration)
+                yield batch
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def make_loader(
+    stream: CacheStream, num_workers: int = 1, prefetch: int = 2, pin_memory: bool = False
+) -> StatefulLoader:
+    """A :class:`StatefulLoader`: ``num_workers`` DataLoader worker processes, each ``prefetch``
+    batches ahead (``spawn`` for remote URLs, ``fork`` locally); with ``num_workers=0`` a background
+    thread ``prefetch`` batches ahead (``prefetch=0``: no prefetching)."""
+    return StatefulLoader(stream, num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory)

@@ -1,0 +1,146 @@
+"""Online mode: the teacher runs in the loop and makes the same SparseTargets a cache would hold.
+
+The corpus is read and packed exactly as `selkd-cache build` does (selkd.cache.corpus) and the
+targets come from the same class selection (selkd.cache.classes), so the only difference between
+online and offline training is where a batch's targets come from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from selkd.cache.classes import ClassSpec, teacher_outputs
+from selkd.cache.corpus import PackedCorpus, eval_mask
+from selkd.cache.reader import CachedSequence
+from selkd.cache.targets import SparseTargets
+from selkd.trainer.data import Batch, collate
+
+
+class OnlineTeacher:
+    """Turns token sequences into cache-equivalent :class:`CachedSequence` objects, live."""
+
+    def __init__(self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0) -> None:
+        self.model, self.spec, self.temperature = model, spec, temperature
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    @torch.no_grad()
+    def sequences(
+        self, seqs: list[np.ndarray], seq_index: np.ndarray, doc_start: list[np.ndarray]
+    ) -> list[CachedSequence]:
+        """Teacher targets for equal- or mixed-length sequences (one forward per distinct length)."""
+        out: list[CachedSequence | None] = [None] * len(seqs)
+        lengths = np.array([len(s) for s in seqs])
+        for length in np.unique(lengths):
+            rows = np.flatnonzero(lengths == length)
+            x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
+            logits = self.model(input_ids=x).logits[:, :-1]
+            res = teacher_outputs(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), self.spec, self.temperature, self.generator
+            )
+            n = int(length) - 1
+            for j, i in enumerate(rows):
+                sl = slice(j * n, (j + 1) * n)
+                t = res.targets
+                targets = SparseTargets(
+                    t.mode,
+                    None if t.ids is None else t.ids[sl].cpu(),
+                    t.logprobs[sl].float().cpu(),
+                    None if t.tail_logmass is None else t.tail_logmass[sl].float().cpu(),
+                    t.num_draws,
+                )
+                out[i] = CachedSequence(
+                    seq_index=int(seq_index[i]),
+                    input_ids=seqs[i],
+                    doc_start=doc_start[i],
+                    teacher_entropy=res.entropy[sl].float().cpu().numpy(),
+                    teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
+                    targets=targets,
+                )
+        return [s for s in out if s is not None]
+
+
+class OnlineStream:
+    """Batches of a packed corpus with live teacher targets; the same cursor semantics as
+    :class:`selkd.trainer.data.CacheStream` (order from (seed, epoch); rank r of W takes global
+    batch s*W + r of each step; the remainder is dropped; the cursor moves to the next epoch when
+    the last batch of an epoch is taken)."""
+
+    def __init__(
+        self,
+        corpus: PackedCorpus,
+        teacher: OnlineTeacher,
+        *,
+        split: str,
+        eval_fraction: float,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_id: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        self.corpus, self.teacher = corpus, teacher
+        is_eval = eval_mask(corpus.n_sequences, eval_fraction, seed)
+        self.index = np.flatnonzero(is_eval if split == "eval" else ~is_eval)
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self._epoch, self._step = 0, 0
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.index)
+
+    def steps_per_epoch(self) -> int:
+        per = self.batch_size * self.world_size
+        return len(self.index) // per if self.drop_last else -(-len(self.index) // per)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._step = epoch, 0
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {
+            "mode": "online",
+            "epoch": self._epoch,
+            "step": self._step,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return self.index
+        return self.index[np.random.default_rng([self.seed, self._epoch]).permutation(len(self.index))]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch() - self._step
+
+    def __iter__(self):
+        order = self._order()
+        while self._step < self.steps_per_epoch():
+            a = (self._step * self.world_size + self.rank) * self.batch_size
+            idx = (
+                order[np.arange(a, a + self.batch_size) % len(order)]
+                if self.world_size > 1
+                else order[a : a + self.batch_size]
+            )
+            idx = np.asarray(idx)
+            seqs = self.corpus.sequences(idx)
+            docs = [self.corpus.doc_start[slice(*self.corpus.sequence_bounds(int(i)))] for i in idx]
+            batch: Batch = collate(self.teacher.sequences(seqs, idx, docs), self.pad_id)
+            self._step += 1
+            if self._step >= self.steps_per_epoch():
+                self._epoch, self._step = self._epoch + 1, 0
+                yield batch
+                return
+            yield batch

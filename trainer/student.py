@@ -1,0 +1,185 @@
+"""One distillation step's forward: decoder once, no-grad scores, LM head with grad where selected.
+
+:class:`SelectiveStudent` wraps the Hugging Face model so that the whole step runs inside one
+``forward``. That matters for the wrappers: DDP prepares gradient sync in ``forward`` and FSDP2
+unshards the root's parameters (the LM head among them) only around it, so the selective head
+must run inside, not after, the wrapped call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from selkd.cache.targets import SparseTargets
+from selkd.trainer import head as H
+from selkd.trainer import losses as L
+from selkd.trainer import selection as S
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a step optimises: signal and policy choose positions, ``loss`` compares there."""
+
+    signal: str  # a name in selection.SIGNALS, or "none" (full KD)
+    fraction: float
+    policy: str  # a name in selection.POLICIES ("none" for full KD)
+    loss: str  # a name in losses.LOSSES
+    temperature: float = 1.0
+    topk_renormalize: bool = False
+    ce_weight: float = 0.0
+    ce_on: str = "all"  # "all" valid positions or the "selected" ones
+    chunk: int = 128
+
+    @property
+    def loss_fn(self) -> L.LossFn:
+        return L.get_loss(self.loss)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, what backward runs on
+    kd: torch.Tensor  # scalar (detached)
+    ce: torch.Tensor  # scalar (detached), 0 when ce_weight == 0
+    per_position: torch.Tensor  # [B, L] float32 KD value at selected positions (detached), 0 elsewhere
+    selected: torch.Tensor  # [B, L] bool
+    n_selected: int
+    n_valid: int
+
+
+@dataclass
+class EvalSums:
+    """Sums over the valid positions of a held-out batch (divide by ``n``)."""
+
+    ce: float  # student -log q(true next token)
+    kl: float  # divergence (the objective's loss) to the teacher's stored target
+    agree: float  # student argmax == teacher argmax
+    n: int
+
+
+def teacher_top1(targets: SparseTargets) -> torch.Tensor:
+    """[...] the teacher's most likely class per position (for sample targets: the most drawn id)."""
+    best = targets.logprobs.argmax(-1, keepdim=True)
+    return best.squeeze(-1) if targets.ids is None else targets.ids.gather(-1, best).squeeze(-1)
+
+
+class SelectiveStudent(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.transform = H.logits_transform(model)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        targets: SparseTargets,
+        teacher_entropy: torch.Tensor,
+        teacher_logprob: torch.Tensor,
+        objective: Objective,
+        policy_state: Any = None,
+        progress: float = 0.0,
+        generator: torch.Generator | None = None,
+        evaluate: bool = False,
+    ) -> StepOutput | EvalSums:
+        """Shapes: input_ids, attention_mask, labels, valid, teacher_* [B, L]; targets leading [B, L].
+        ``evaluate=True`` returns held-out statistics instead (call it under no_grad)."""
+        obj = objective
+        hidden = H.hidden_states(self.model, input_ids, attention_mask)  # [B, L, H], with grad
+        head = H.lm_head(self.model)
+        if evaluate:
+            return self._evaluate(head, hidden, labels, valid, targets, obj)
+        loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
+
+        # --- which positions: scores from no-grad, chunked statistics ---------------------------
+        if obj.signal == "none":
+            mask, weights = valid, valid.float()
+        else:
+            sig = S.get_signal(obj.signal)
+            inputs = S.SignalInputs(
+                valid=valid, teacher_entropy=teacher_entropy, teacher_logprob=teacher_logprob, generator=generator
+            )
+            if sig.needs_student_pass:
+                stats = H.chunked_token_stats(head, hidden, labels, obj.chunk, self.transform)
+                inputs.student_entropy, inputs.student_ce = stats.entropy, stats.ce
+            if sig.needs_kl:
+                inputs.kl = lambda: H.chunked_divergence(
+                    head, hidden, targets, L.fkl, valid, obj.chunk, self.transform, **loss_kw
+                )
+            if sig.needs_reverse_kl:
+                inputs.reverse_kl = lambda: H.chunked_divergence(
+                    head, hidden, targets, L.rkl, valid, obj.chunk, self.transform, **loss_kw
+                )
+            scores = S.compute_scores(obj.signal, inputs)
+            mask, weights = S.select_positions(
+                scores,
+                valid,
+                obj.fraction,
+                obj.policy,
+                state=policy_state,
+                progress=progress,
+                generator=generator,
+                return_weights=True,
+            )
+
+        # --- the LM head with grad only at the selected positions --------------------------------
+        logits = H.selected_logits(head, hidden, mask, self.transform)  # [N_sel, V]
+        kd_sel = L.chunked(obj.loss_fn, obj.chunk, checkpoint=True)(logits, targets.select(mask), **loss_kw)
+        per_position = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        per_position = per_position.masked_scatter(mask, kd_sel.float())
+        kd = L.sequence_mean(per_position, mask, weights)
+
+        # --- optional CE on the true next tokens -------------------------------------------------
+        ce = torch.zeros((), device=hidden.device)
+        if obj.ce_weight > 0:
+            if obj.ce_on == "selected":
+                ce = L.masked_mean(L.chunked(L.ce_per_position, obj.chunk, checkpoint=True)(logits, labels[mask]))
+            else:
+                # every valid position: head + CE a chunk at a time, recomputed in backward, so the
+                # [N_valid, V] logits never exist at once
+                def head_ce(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+                    z = head(h)
+                    return L.ce_per_position(z if self.transform is None else self.transform(z), lab)
+
+                ce = L.masked_mean(L.chunked(head_ce, obj.chunk, checkpoint=True)(hidden[valid], labels[valid]))
+        loss = kd + obj.ce_weight * ce if obj.ce_weight > 0 else kd
+        return StepOutput(
+            loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
+        )
+
+    def _evaluate(
+        self,
+        head: nn.Module,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        targets: SparseTargets,
+        obj: Objective,
+    ) -> EvalSums:
+        flat = hidden[valid]
+        sel_targets = targets.select(valid)
+        lab = labels[valid]
+        top1 = teacher_top1(sel_targets)
+        loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
+
+        def stats(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            part = SparseTargets(
+                sel_targets.mode,
+                None if sel_targets.ids is None else sel_targets.ids[rows],
+                sel_targets.logprobs[rows],
+                None if sel_targets.tail_logmass is None else sel_targets.tail_logmass[rows],
+                sel_targets.num_draws,
+            )
+            ce = L.ce_per_position(logits, lab[rows])
+            kl = obj.loss_fn(logits, part, **loss_kw)
+            agree = (logits.argmax(-1) == top1[rows]).float()
+            return torch.stack([ce, kl.float(), agree], -1)
+
+        out = H.chunked_map(head, flat, stats, obj.chunk, self.transform)
+        sums = out.sum(0) if out.numel() else torch.zeros(3)
+        return EvalSums(float(sums[0]), float(sums[1]), float(sums[2]), int(flat.shape[0]))
