@@ -94,7 +94,8 @@ class BuildResult:
     sequences: int
     positions: int
     bytes_written: int
-    seconds: float
+    seconds: float  # the whole command
+    teacher_seconds: float  # the teacher pass over this builder's parts (forward, selection, writing)
     finalized: bool
 
 
@@ -368,6 +369,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
     bytes_written = 0
     overlap = _Overlap()
     lock = threading.Lock()
+    t_teacher = time.time()
     try:
         for i in todo:
             part = plan.parts[i]
@@ -405,6 +407,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
     finally:
         overlap.close()
         bar.close()
+    teacher_seconds = time.time() - t_teacher
 
     # --- finalize when every part is committed -------------------------------------------------
     committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
@@ -418,7 +421,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             f"finalises the cache (or run `selkd-cache finalize {storage.url}`)"
         )
     seconds = time.time() - t0
-    result = BuildResult(len(todo), skipped, total_seq, positions, bytes_written, seconds, finalized)
+    result = BuildResult(len(todo), skipped, total_seq, positions, bytes_written, seconds, teacher_seconds, finalized)
     per_pos = bytes_written / positions if positions else float("nan")
     log(
         f"done in {seconds:.1f} s: {len(todo)} parts written ({skipped} already there), {positions:,} positions, "

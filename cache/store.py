@@ -13,18 +13,32 @@ PUT (or a multipart upload, which appears only when completed) replaces the whol
 Coordination between workers (``create_exclusive`` and leases) needs an atomic "create if absent"
 and "replace if unchanged". What each backend gives (see :attr:`Storage.lease_safety`):
 
-- local directory: ``link(2)`` of a fully written temporary file, which fails if the key exists
-  (what zarr's own exclusive put does), and lease updates serialised by ``flock`` on
+- local directory ("atomic"): ``link(2)`` of a fully written temporary file, which fails if the
+  key exists (what zarr's own exclusive put does), and lease updates serialised by ``flock`` on
   ``selkd/leases/.lock`` plus a per-process thread lock. Exact between threads and processes of
   one host; on NFS as good as the server's ``link`` and lock manager (NFSv4 maps ``flock`` to
   byte-range locks).
-- S3 with conditional writes (AWS S3 since 2024, moto >= 5.0.2x): ``PUT If-None-Match: *`` to
-  create, ``PUT If-Match: <etag>`` to replace and ``DELETE If-Match: <etag>`` to remove; the
-  server decides, so exact between any number of hosts. Probed once per :class:`Storage`.
-- in-process stores (``Storage.memory()``, ``memory://``): exact, as only this process sees them.
-- any other fsspec filesystem, or an S3 endpoint that ignores conditional headers: best effort,
+- S3 with conditional writes ("atomic"; AWS S3, Ceph RGW, moto 5.2.5): ``PUT If-None-Match: *``
+  to create, ``PUT If-Match: <etag>`` to replace, ``DELETE If-Match: <etag>`` to remove; the server
+  decides, so exact between any number of hosts. Support is probed once per :class:`Storage`
+  (servers that do not know the headers ignore them); without conditional DELETE a released lease
+  is overwritten (If-Match) by an empty tombstone instead of deleted.
+- in-process stores (``Storage.memory()``, ``memory://``; "in-process"): exact, since only this
+  process can see them (a process-wide lock, or ``dict.setdefault``).
+- any other fsspec filesystem, or an S3 endpoint that ignores conditional headers ("best-effort"):
   read-compare-write under a process-local lock; two hosts racing within one round trip can both
-  believe they won (the later write wins on the server). A warning is logged once.
+  believe they won (the later write wins on the server). A warning is logged (S3).
+
+Leases (``acquire_lease`` / ``renew_lease`` / ``release_lease``) are JSON records at
+``selkd/leases/<name>.json``: owner, host, pid, acquired, renewed, expires (epoch seconds) and a
+token unique to each write. Every change is a compare-and-swap against the version just read
+(ETag on S3, content hash under the lock elsewhere), never delete-then-create: with that, a slow
+racer's delete could remove the winner's fresh lease. Where the backend is "atomic", of any
+number of racers for a free or expired lease exactly one wins, and a holder's renew/release
+never touches a lease someone else took over. What a lease cannot promise on any backend: a
+holder that stalls past ``expires`` (pause, partition) may still be working after another took
+over; so guarded work must be idempotent or check ``renew_lease`` before committing, and host
+clocks must agree to well within the TTL.
 """
 
 from __future__ import annotations
@@ -63,15 +77,27 @@ log = logging.getLogger(__name__)
 
 LeaseSafety = Literal["atomic", "in-process", "best-effort"]
 
-# Serialises this process's read-compare-write sequences (lease updates on every backend, exclusive
-# creates on stores without a native one). Re-entrant so that a lease update may call
-# create_exclusive while holding it.
+# Serialises this process's read-compare-write sequences where the backend has no conditional write
+# (lease updates on local disk and in-process stores, exclusive creates on stores without a native
+# one). Re-entrant so that a lease update may call create_exclusive while holding it.
 _PROCESS_LOCK = threading.RLock()
+
+
+def _reset_process_lock() -> None:
+    """A child forked while another thread held the lock would otherwise wait for it forever."""
+    global _PROCESS_LOCK
+    _PROCESS_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_process_lock)
+
 _LEASE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 # S3 error codes meaning "your condition did not hold" (412) or "a concurrent conditional write is
 # in flight, you lost" (409): both mean another writer got there first.
 _S3_LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _S3_PROTOCOLS = {"s3", "s3a"}
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _MAX_LEASE_ATTEMPTS = 8
 
 
@@ -215,7 +241,8 @@ class Storage:
         return storage
 
     def _check_bucket(self, endpoint: str | None) -> None:
-        """One HEAD on the bucket: a missing bucket otherwise shows up as 'no such key' much later."""
+        """One HEAD on the bucket: a missing bucket otherwise shows up as 'no such key' much later
+        (or, in mode "r", as a misleading 'no cache there')."""
         fs = self._fs
         bucket = fs.split_path(self.store.path)[0]  # type: ignore[attr-defined]
         where = f" at {endpoint}" if endpoint else ""
@@ -226,14 +253,18 @@ class Storage:
                 f"{self.url}: bucket {bucket!r} does not exist{where}; create it first or check the URL "
                 "and the endpoint (storage option endpoint_url or AWS_ENDPOINT_URL)"
             ) from err
-        except PermissionError as err:
-            raise StoreError(
-                f"{self.url}: access to bucket {bucket!r}{where} denied; check the credentials "
-                "(storage options key/secret or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
-            ) from err
+        except PermissionError:
+            # HeadBucket needs s3:ListBucket, which a reader limited to one prefix may lack; the bucket
+            # may well exist, so let the first real request decide.
+            log.debug("%s: HeadBucket on %r denied; not checking that the bucket exists", self.url, bucket)
         except Exception as err:
+            hint = ""
+            if "Credentials" in type(err).__name__:
+                hint = (
+                    "; pass storage options key/secret, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+                )
             raise StoreError(
-                f"{self.url}: cannot reach bucket {bucket!r}{where} ({type(err).__name__}: {err})"
+                f"{self.url}: cannot reach bucket {bucket!r}{where} ({type(err).__name__}: {err}){hint}"
             ) from err
 
     @classmethod
@@ -292,13 +323,23 @@ class Storage:
         prefix = prefix.rstrip("/")
         sync(self.store.delete_dir(prefix))
 
+    def _hidden(self, key: str) -> bool:
+        """Local-disk artefacts that are not objects: temporary files of writes in progress
+        (``<name>.<32 hex>.partial``, zarr's and ours) and the lease lock file. Hiding them keeps
+        listings the same as on object stores, where they do not exist (a listing taken during a
+        write would otherwise show ``p-0001.<uuid>.partial`` as if it were a record)."""
+        return isinstance(self.store, LocalStore) and (
+            _PARTIAL.search(key) is not None or key == f"{LEASES_PREFIX}/.lock"
+        )
+
     def list_dir(self, prefix: str) -> list[str]:
         """Immediate children (names) below ``prefix``, sorted."""
+        prefix = self._dir_prefix(prefix)
 
         async def collect() -> list[str]:
-            return [k async for k in self.store.list_dir(prefix.rstrip("/") + "/" if prefix else "")]
+            return [k async for k in self.store.list_dir(prefix)]
 
-        return sorted({k.rstrip("/") for k in sync(collect())})
+        return sorted({k.rstrip("/") for k in sync(collect()) if not self._hidden(prefix + k.rstrip("/"))})
 
     @staticmethod
     def _dir_prefix(prefix: str) -> str:
@@ -315,7 +356,7 @@ class Storage:
         async def collect() -> list[str]:
             return [k async for k in self.store.list_prefix(prefix)]
 
-        return sorted(sync(collect()))
+        return sorted(k for k in sync(collect()) if not self._hidden(k))
 
     def size_bytes(self, prefix: str = "") -> int:
         """Total stored bytes of every object below the directory ``prefix``."""

@@ -9,6 +9,7 @@ Treat them as read-only: copy a directory (``shutil.copytree``) before modifying
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 
 import make_tiny  # noqa: E402  (needs tools/ on sys.path)
+
+_TESTS = str(REPO_ROOT / "tests")
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from s3 import S3Endpoint, moto_s3, set_aws_env  # noqa: E402  (tests/s3.py)
 
 TINY_VOCAB = 384
 OTHER_VOCAB = 320
@@ -67,25 +74,17 @@ def _special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_teacher_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
-) -> Path:
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """Llama teacher: vocab = len(tokenizer) = 384, hidden 64, 2 layers, seed 0, random init; the
     tokenizer is saved next to it."""
-    model = make_tiny.make_llama(
-        len(tiny_tokenizer), hidden=64, layers=2, seed=0, **_special_ids(tiny_tokenizer)
-    )
+    model = make_tiny.make_llama(len(tiny_tokenizer), hidden=64, layers=2, seed=0, **_special_ids(tiny_tokenizer))
     return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_teacher"))
 
 
 @pytest.fixture(scope="session")
-def tiny_student_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
-) -> Path:
+def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """Llama student: same tokenizer and vocab as the teacher, hidden 32, 1 layer, seed 1."""
-    model = make_tiny.make_llama(
-        len(tiny_tokenizer), hidden=32, layers=1, seed=1, **_special_ids(tiny_tokenizer)
-    )
+    model = make_tiny.make_llama(len(tiny_tokenizer), hidden=32, layers=1, seed=1, **_special_ids(tiny_tokenizer))
     return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))
 
 
@@ -100,9 +99,7 @@ def other_tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_s
 
 
 @pytest.fixture(scope="session")
-def big_vocab_teacher_dir(
-    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase
-) -> Path:
+def big_vocab_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """A teacher whose logits have 151,936 classes while its (tiny) tokenizer has 384 tokens, like
     Qwen3's padded output layer. Hidden 16, 1 layer, tied embeddings (~10 MB)."""
     model = make_tiny.make_llama(
@@ -159,3 +156,20 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTraine
     model.save_pretrained(str(out))
     tiny_tokenizer.save_pretrained(str(out))
     return out
+
+
+# --- S3: a real endpoint (moto's server mode) on 127.0.0.1, shared by the whole session ---------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """(endpoint_url, bucket, storage_options); give each test its own prefix: ``s3_endpoint.url(...)``."""
+    with moto_s3() as endpoint:  # skips cleanly if moto/s3fs/boto3 are missing
+        yield endpoint
+
+
+@pytest.fixture
+def aws_env(s3_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:
+    """The same endpoint through the usual AWS environment variables only."""
+    set_aws_env(monkeypatch, s3_endpoint)
+    return s3_endpoint

@@ -121,7 +121,7 @@ def test_sampled_targets_are_unbiased():
 def test_big_vocab_ids_round_trip(tmp_path, big_vocab_teacher_dir, text_corpus_dir):
     """V = 151,936 > 2^17: ids above 131,072 must survive exactly (the reference code aliases them)."""
     out = tmp_path / "big"
-    build_cache(cfg(big_vocab_teacher_dir, text_corpus_dir, out, classes="topk:64", limit_tokens=1500, temperature=8.0))
+    build_cache(cfg(big_vocab_teacher_dir, text_corpus_dir, out, classes="topk:64", limit_tokens=600, temperature=8.0))
     reader = open_cache(str(out))
     assert reader.vocab_size == 151_936
     model = load_causal_lm(str(big_vocab_teacher_dir), torch.device("cpu"), torch.float32)
@@ -134,7 +134,7 @@ def test_big_vocab_ids_round_trip(tmp_path, big_vocab_teacher_dir, text_corpus_d
     # sample mode: the delta coding must also round-trip high ids
     out2 = tmp_path / "big-sample"
     build_cache(
-        cfg(big_vocab_teacher_dir, text_corpus_dir, out2, classes="sample:50", limit_tokens=1500, temperature=8.0)
+        cfg(big_vocab_teacher_dir, text_corpus_dir, out2, classes="sample:50", limit_tokens=600, temperature=8.0)
     )
     s = open_cache(str(out2)).get(0)
     assert int(s.targets.ids.max()) >= 1 << 17

@@ -44,7 +44,10 @@ def tiny_llama(seed: int, tie: bool = True) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
-def make_run(seed: int = 0, tie: bool = True) -> tuple[LlamaForCausalLM, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+Run = tuple[LlamaForCausalLM, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]
+
+
+def make_run(seed: int = 0, tie: bool = True) -> Run:
     model = tiny_llama(seed, tie)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
@@ -96,7 +99,8 @@ def test_round_trip(tmp_path: Path) -> None:
     path = save(tmp_path, 3, model, opt, sched, rank_state={"queue": queue.state_dict()})
     assert path == tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in path.iterdir()) == [
-        COMPLETE, "config.json", "loader.json", "model.safetensors", "optimizer.pt", "rank-00000.pt", "state.json"
+        COMPLETE, "config.json", "loader.json", "model.safetensors", "optimizer.pt", "rank-00000.pt",
+        "state.json",
     ]
     expected = (torch.rand(4), random.random(), np.random.rand(3))
 
@@ -150,7 +154,7 @@ def test_without_optimizer_and_scheduler(tmp_path: Path) -> None:
     state = load_checkpoint(path, model2)
     assert state.step == 0
     assert_same_weights(model, model2)
-    _, opt3, sched3 = make_run(2)
+    _, opt3, _ = make_run(2)
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(path, model2, opt3)
 
@@ -337,7 +341,8 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
         assert [p.name for p in path.glob("rank-*.pt")] and len(list(path.glob("rank-*.pt"))) == 2
         model, opt, sched = make_run(9)
         state = load_checkpoint(path, model, opt, sched)  # one process, plain module
-        assert state.world_size == 2 and state.rank_state["rank"].item() == 0 and state.config == {"mode": mode}
+        assert state.world_size == 2 and state.rank_state["rank"].item() == 0
+        assert state.config == {"mode": mode}
         expected = load_file(str(out / mode / "expected.safetensors"))
         got = model.state_dict()
         for k, v in expected.items():

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from selkd.cache.options import ConfigError
 
+from selkd.cache.options import ConfigError
 from selkd.trainer.config import (
     ONLINE_DEFAULTS,
     RESUME_MUTABLE,
@@ -119,7 +119,7 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
     [
         (["--select", "student-entropy:0"], r"--select: .*fraction must be in \(0, 1\]"),
         (["--select", "student-entropy:1.5"], r"--select: .*fraction must be in \(0, 1\]"),
-        (["--select", "bogus:0.2"], r"--select: .*unknown signal 'bogus'; valid signals: none, student-entropy"),
+        (["--select", "bogus:0.2"], r"--select: .*unknown signal 'bogus'; valid signals: none, student-ent"),
         (["--select", "student-entropy"], r"--select: .*expected SIGNAL:FRACTION"),
         (["--select-policy", "bogus"], r"--select-policy: invalid choice: 'bogus'"),
         (["--loss", "bogus"], r"--loss: invalid choice: 'bogus'"),

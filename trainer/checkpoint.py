@@ -515,8 +515,9 @@ def save_checkpoint(
     return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """Everything of a checkpoint in memory (rank 0 only)."""
+def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
+    """Everything of a checkpoint in memory (rank 0 only). Every problem is found here, before any
+    collective, so that it can be reported to all ranks instead of hanging them."""
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     complete = _read_json(path / COMPLETE)
@@ -526,9 +527,16 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {name} is missing or has the wrong size (damaged checkpoint)")
     state = _read_json(path / STATE_FILE)
     world = int(state.get("world_size", 1))
+    optim = _torch_load(path / OPTIMIZER_FILE)
+    if not isinstance(optim, dict):
+        raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected a dict, got {type(optim).__name__}")
+    if need_optimizer and optim.get("optimizer") is None:
+        raise CheckpointError(f"{path}: holds no optimizer state")
+    if need_scheduler and optim.get("scheduler") is None:
+        raise CheckpointError(f"{path}: holds no scheduler state")
     return {
         "model": _load_weights(path / MODEL_FILE),
-        "optim": _torch_load(path / OPTIMIZER_FILE),
+        "optim": optim,
         "ranks": [
             _torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
             for r in range(world)
@@ -561,7 +569,7 @@ def load_checkpoint(
     error: str | None = None
     if _rank() == 0:
         try:
-            data = _read_checkpoint(path)
+            data = _read_checkpoint(path, optimizer is not None, scheduler is not None)
         except CheckpointError as err:
             if not distributed:
                 raise
@@ -585,8 +593,6 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: the weights do not fit this model: {err}") from err
     optim = data["optim"]
     if optimizer is not None:
-        if _rank() == 0 and optim.get("optimizer") is None:
-            raise CheckpointError(f"{path}: holds no optimizer state")
         tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
         try:
             set_optimizer_state_dict(model, optimizer, optim["optimizer"] or {}, options=opts)
@@ -597,13 +603,12 @@ def load_checkpoint(
                 if isinstance(group.get(k), list):
                     group[k] = tuple(group[k])
     small = _broadcast(
-        {k: data[k] for k in ("loader", "config", "state", "files")} if _rank() == 0 else None
+        {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": optim.get("scheduler")}
+        if _rank() == 0
+        else None
     )
     if scheduler is not None:
-        sched_sd = _broadcast(optim.get("scheduler") if _rank() == 0 else None)
-        if sched_sd is None:
-            raise CheckpointError(f"{path}: holds no scheduler state")
-        scheduler.load_state_dict(sched_sd)
+        scheduler.load_state_dict(small["scheduler"])
     ranks = data["ranks"]
     if distributed:
         objs = None

@@ -34,7 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from selkd.cache.classes import ClassSpec
-from selkd.cache.options import ConfigError, add_arguments, build, check, flag_name, from_args, opt, read_config_file
+from selkd.cache.options import (
+    ConfigError,
+    add_arguments,
+    build,
+    check,
+    flag_name,
+    from_args,
+    opt,
+    read_config_file,
+)
 from selkd.trainer.losses import LOSSES
 from selkd.trainer.selection import DEFAULT_GLOBAL_CAPACITY, POLICIES, SIGNALS, parse_select
 
@@ -131,8 +140,8 @@ class TrainConfig:
     storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable",
                                          metavar="KEY=VALUE")
     # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
-    text_field: str | None = opt(help="online mode: field of .jsonl/.parquet/datasets rows that holds the text "
-                                 "(default: text)")
+    text_field: str | None = opt(help="online mode: field of .jsonl/.parquet/datasets rows that holds the "
+                                 "text (default: text)")
     max_seq_len: int | None = opt(help="online mode: tokens per packed sequence (default: 512)", lo=2)
     limit_tokens: int | None = opt(help="online mode: stop reading the corpus after this many tokens", lo=2)
     eval_fraction: float | None = opt(help="online mode: fraction of sequences held out for evaluation "
@@ -177,8 +186,8 @@ class TrainConfig:
     # ---------------------------------------------------------------- runtime
     dtype: str = opt("auto", help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
                      "(autocast; master weights stay fp32)", choices=DTYPES)
-    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local rank's "
-                      "GPU)")
+    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local "
+                      "rank's GPU)")
     gradient_checkpointing: bool = opt(False, help="recompute decoder activations in backward (less memory)")
     entropy_chunk: int = opt(128, help="positions per no-grad scoring chunk of the LM head", lo=1)
     num_workers: int = opt(1, help="DataLoader worker processes (0: load in the training process)", lo=0)
@@ -213,7 +222,8 @@ class TrainConfig:
         if (self.cache is None) == (self.teacher is None):
             which = "both were given" if self.cache is not None else "neither was given"
             raise ConfigError(
-                f"give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); {which}"
+                "give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); "
+                f"{which}"
             )
         if self.teacher is not None and not self.data:
             raise ConfigError("--teacher (online mode) needs --data SPEC [SPEC ...]")
@@ -223,8 +233,8 @@ class TrainConfig:
             given = [flag_name(k) for k in _ONLINE_ONLY if getattr(self, k) is not None]
             if given:
                 raise ConfigError(
-                    f"{', '.join(given)}: online-mode option(s); with --cache these were fixed when the cache "
-                    "was built (see `selkd-cache info`)"
+                    f"{', '.join(given)}: online-mode option(s); with --cache these were fixed when the "
+                    "cache was built (see `selkd-cache info`)"
                 )
         else:
             for key, default in ONLINE_DEFAULTS.items():
@@ -247,11 +257,13 @@ class TrainConfig:
         if spec.mode == "sample":
             if self.loss != "fkl":
                 raise ConfigError(
-                    f"--loss {self.loss} is not defined on sampled targets (--classes {self.classes}): only fkl "
-                    "is unbiased; use --classes topk:K or full"
+                    f"--loss {self.loss} is not defined on sampled targets (--classes {self.classes}): only "
+                    "fkl is unbiased; use --classes topk:K or full"
                 )
             if self.select_signal == "reverse-kl":
-                raise ConfigError(f"--select reverse-kl needs topk or full targets, got --classes {self.classes}")
+                raise ConfigError(
+                    f"--select reverse-kl needs topk or full targets, got --classes {self.classes}"
+                )
 
     # ---------------------------------------------------------------- derived values
 
@@ -286,8 +298,9 @@ class TrainConfig:
         if self.steps is not None:
             return self.steps
         if steps_per_epoch < 1:
-            raise ConfigError("the training split is smaller than one optimizer step (batch size x grad accum "
-                              "x ranks)")
+            raise ConfigError(
+                "the training split is smaller than one optimizer step (batch size x grad accum x ranks)"
+            )
         return max(1, math.ceil((self.epochs if self.epochs is not None else 1.0) * steps_per_epoch))
 
     def resolved_warmup_steps(self, total_steps: int) -> int:
@@ -353,7 +366,9 @@ def build_parser(prog: str = "selkd-train") -> argparse.ArgumentParser:
         description="Distil a student from cached (or online) teacher targets, applying KD at the positions "
         "the student is least sure of (SE-KD).",
     )
-    parser.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)"
+    )
     add_arguments(parser, TrainConfig)
     return parser
 

@@ -47,7 +47,8 @@ Reading
 -------
 Each DataLoader worker opens the cache itself (``open_cache`` inside the worker; a reader inherited
 through ``fork`` is never used, and remote URLs use the ``spawn`` start method because s3fs is not
-fork-safe). A unit is read as one slice per array (:func:`read_range`) and decoded once; a worker
+fork-safe). A unit is read as one slice per array, the slices fetched concurrently through zarr's
+event loop (:func:`read_range`), and decoded once; a worker
 keeps the units of its current and next window, so it decodes each unit it needs at most once per
 epoch. A unit that holds sequences of several workers' (or ranks') batches is read by each of them;
 smaller units (or larger batches) read less twice.
@@ -405,6 +406,7 @@ class CacheStream(IterableDataset):
         self._step = 0  # batches this rank consumed in this epoch
         self._iteration = 0  # bumped by each new iteration; older iterators stop counting
         self._warned_epoch: int | None = None
+        self._resume_pending = False  # set by load_state_dict until the next iteration or set_epoch
         # opened here so that an incomplete cache fails now; never used in another process
         self._reader: CacheReader | None = open_cache(
             self.url, self.storage_options or None, require_complete=not allow_missing_parts
@@ -545,12 +547,15 @@ class CacheStream(IterableDataset):
         return self._steps_from(self._samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Move to the start of ``epoch``; a no-op when the stream is already in ``epoch`` (so that a
-        resumed run's ``set_epoch(state["epoch"])`` keeps its position). Warns about missing parts."""
+        """Move to the start of ``epoch``, except right after :meth:`load_state_dict` (before any
+        iteration) when ``epoch`` is the loaded one: the resumed position is kept, so that
+        ``for epoch in range(state["epoch"], n): set_epoch(epoch); ...`` continues exactly. Warns
+        about missing parts."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, not {epoch}")
-        if epoch != self._epoch:
+        if not (self._resume_pending and epoch == self._epoch):
             self._epoch, self._samples, self._step = epoch, 0, 0
+        self._resume_pending = False
         self._warn_missing(force=True)
 
     def _warn_missing(self, force: bool = False) -> None:
@@ -578,6 +583,7 @@ class CacheStream(IterableDataset):
     def _begin(self) -> tuple[int, int, int]:
         """Start an iteration in the consuming process: (iteration id, epoch, samples)."""
         self._iteration += 1
+        self._resume_pending = False
         self._warn_missing()
         return self._iteration, self._epoch, self._samples
 
@@ -625,6 +631,7 @@ class CacheStream(IterableDataset):
         same_shape = state.get("world_size") == self.world_size and state.get("batch_size") == self.batch_size
         self._step = int(state["step"]) if same_shape else self._samples // (self.batch_size * self.world_size)
         self._iteration += 1  # iterators started before the load stop counting
+        self._resume_pending = True
         if self._steps_from(self._samples) == 0:
             self._epoch, self._samples, self._step = self._epoch + 1, 0, 0
 

@@ -89,7 +89,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
+        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:

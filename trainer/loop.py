@@ -1,13 +1,40 @@
-"""train(cfg): the whole distillation run, one flat loop from top to bottom."""
+"""train(cfg): the whole distillation run, one flat loop from top to bottom.
+
+The sections of :func:`train` run in order: distributed setup and seeds; the resume check (a
+checkpoint in ``--out`` must come from the same config); the student; the data (cache or online
+teacher); objective, wrapper, optimizer and schedule; restoring a checkpoint; logging setup; the loop
+(step, logging, evaluation, checkpoint); the end (final evaluation, checkpoint, ``OUT/final``).
+
+Resuming and ``metrics.jsonl``
+------------------------------
+A rerun with the same ``--out`` continues from the newest complete checkpoint (weights, optimizer,
+scheduler, data-loader cursor, RNG states, the selection policy's state and this rank's partial
+logging window), so on CPU the resumed run logs the same losses as an uninterrupted one.
+``metrics.jsonl`` is then **truncated to the resumed step**: rows with ``step`` greater than the
+checkpoint's step (written after the checkpoint by the interrupted run, and redone now) are dropped,
+as is a line torn by a kill; a fresh start (no checkpoint) drops every row. So the file always holds
+each step's row once, in order, as if the run had never stopped (``tokens_per_s`` and
+``step_time_s`` of the first row after a resume only cover the time since the restart).
+
+``--steps`` (or ``--epochs``) may be raised on a rerun: the run continues to the new total and the
+learning-rate schedule follows it from the resumed step on (the log says so). Lowering it, or changing
+any option outside :data:`selkd.trainer.config.RESUME_MUTABLE`, is refused naming the keys. A rerun of
+a finished run trains nothing and only re-saves ``OUT/final``.
+
+Distributed runs log global values: the losses are the mean over ranks, counts and tokens the sum.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +48,17 @@ from selkd.cache.corpus import load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint, vocab_size
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
-from selkd.trainer.config import TrainConfig, config_differences, steps_raised
+from selkd.trainer.config import TrainConfig, config_differences
 from selkd.trainer.data import Batch, CacheStream, make_loader
 from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.selection import make_policy_state
 from selkd.trainer.student import EvalSums, Objective, SelectiveStudent, StepOutput
+
+__all__ = ["METRICS_FILE", "TrainError", "lr_lambda", "train", "truncate_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+# Sums a logging window accumulates (per rank; all-reduced when a row is written).
+WINDOW_KEYS = ("loss", "kd", "ce", "selected", "valid", "tokens")
 
 
 class TrainError(Exception):
@@ -33,11 +66,15 @@ class TrainError(Exception):
 
 
 def log(msg: str, main: bool = True) -> None:
+    """One ``selkd-train: ...`` line on stderr (only where ``main``)."""
     if main:
         print(f"selkd-train: {msg}", file=sys.stderr, flush=True)
 
 
-def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
+def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    """The LR multiplier for step index ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    ``cosine`` or ``linear`` decay to ``min_ratio`` at ``total``, or ``constant``."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -51,7 +88,9 @@ def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
 
 
 def memory_mb(device: torch.device) -> float:
-    """Peak memory since the last call: CUDA max allocated, or the process's peak RSS on CPU."""
+    """Peak memory since the last call, in MiB: CUDA max allocated, or on CPU the process's peak RSS
+    (Linux ``VmHWM``, reset after reading through ``/proc/self/clear_refs``; where that is not possible,
+    the peak since the process started)."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
@@ -59,12 +98,39 @@ def memory_mb(device: torch.device) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+                peak = int(line.split()[1]) / 1024
+                with suppress(OSError):
+                    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+                return peak
     except OSError:
         pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` whose ``step`` is at most ``step`` (the resumed step; 0 for a
+    fresh start) and drop the rest, including unparsable lines (a row torn by a kill). The file is
+    rewritten atomically. Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def batches_forever(loader: Any) -> Iterator[Batch]:
@@ -78,7 +144,15 @@ def batches_forever(loader: Any) -> Iterator[Batch]:
             raise TrainError("the training split yields no batch: fewer sequences than --batch-size x ranks")
 
 
+def rewind(source: Any) -> None:
+    """Start an unshuffled evaluation stream from its first batch: a new epoch of an unshuffled stream
+    is the same sequences in the same order (a plain ``set_epoch(0)`` would keep a cursor left in the
+    middle by an evaluation cut short by ``--eval-batches``)."""
+    source.set_epoch(int(source.state_dict()["epoch"]) + 1)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one distillation run as ``cfg`` describes; returns the last logged metrics."""
     t_start = time.time()
     # --- distributed, seeds, output directory ---------------------------------------------------
     dist_info = D.init_distributed(cfg.device)
@@ -92,18 +166,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     autocast_dtype = cfg.autocast_dtype(device.type)
 
-    # --- resume: the checkpoint in --out must come from the same config -------------------------
-    latest = ckpt.latest_checkpoint(out)
+    # --- resume check: a checkpoint in --out must come from the same config ---------------------
+    # Rank 0 decides (only it needs to see OUT) and every rank gets the answer, so all raise together.
+    found: tuple[str | None, list[str]] = (None, [])
+    if main:
+        latest_path = ckpt.latest_checkpoint(out)
+        if latest_path is not None:
+            saved_cfg = json.loads((latest_path / ckpt.CONFIG_FILE).read_text())
+            found = (str(latest_path), config_differences(saved_cfg, cfg))
+    latest_str, diffs = D.broadcast_object(found)
+    latest = Path(latest_str) if latest_str is not None else None
     if cfg.resume and latest is None:
         raise TrainError(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINTS_DIR}")
-    if latest is not None:
-        saved_cfg = json.loads((latest / ckpt.CONFIG_FILE).read_text())
-        diffs = config_differences(saved_cfg, cfg)
-        if diffs:
-            raise TrainError(
-                f"{out} holds a checkpoint of another configuration ({latest.name}); use a new --out or the "
-                "saved options. Differences (saved -> now):\n  " + "\n  ".join(diffs)
-            )
+    if diffs:
+        raise TrainError(
+            f"{out} holds a checkpoint of another configuration ({latest.name if latest else '?'}); use a new "
+            "--out or the saved options (only --steps/--epochs may be raised). Differences (saved -> now):\n  "
+            + "\n  ".join(diffs)
+        )
 
     # --- student and its tokenizer ----------------------------------------------------------------
     student_src = cfg.student or cfg.student_config
@@ -134,20 +214,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mode, temperature = header["classes"]["mode"], float(header["temperature"])
 
         def stream(split: str, train: bool) -> CacheStream:
-            return CacheStream(
-                cfg.cache,  # type: ignore[arg-type]
-                split=split,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                rank=dist_info.rank if train else 0,
-                world_size=dist_info.world_size if train else 1,
-                storage_options=cfg.storage_option or None,
-                sample_ratio=cfg.sample_ratio if train else None,
-                allow_missing_parts=cfg.allow_missing_parts,
-                pad_id=pad_id,
-                shuffle=train,
-                drop_last=train,
-            )
+            try:
+                return CacheStream(
+                    cfg.cache,  # type: ignore[arg-type]
+                    split=split,
+                    batch_size=cfg.batch_size,
+                    seed=cfg.seed,
+                    rank=dist_info.rank if train else 0,
+                    world_size=dist_info.world_size if train else 1,
+                    storage_options=cfg.storage_option or None,
+                    sample_ratio=cfg.sample_ratio if train else None,
+                    allow_missing_parts=cfg.allow_missing_parts,
+                    pad_id=pad_id,
+                    shuffle=train,
+                    drop_last=train,
+                )
+            except ValueError as err:  # e.g. --sample-ratio on a cache without sample scores
+                raise TrainError(str(err)) from err
 
         train_stream = stream("train", True)
         loader: Any = make_loader(train_stream, cfg.num_workers, cfg.prefetch, pin_memory=device.type == "cuda")
@@ -162,7 +245,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teacher_vocab = vocab_size(teacher)
         spec = cfg.class_spec
         assert spec is not None and cfg.temperature is not None and cfg.eval_fraction is not None
-        spec.check_vocab(teacher_vocab)
+        try:
+            spec.check_vocab(teacher_vocab)
+        except ValueError as err:
+            raise TrainError(str(err)) from err
         mode, temperature = spec.mode, cfg.temperature
         corpus = load_corpus(
             cfg.data,
@@ -178,6 +264,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common
         )  # type: ignore[arg-type]
         eval_source = OnlineStream(corpus, live, split="eval", shuffle=False, drop_last=False, **common)  # type: ignore[arg-type]
+        eval_source = eval_source if eval_source.num_sequences else None
         batches_per_epoch = loader.steps_per_epoch()
     if student_vocab < teacher_vocab:
         raise TrainError(
@@ -186,6 +273,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     if mode == "sample" and cfg.loss != "fkl":
         raise TrainError(f"--loss {cfg.loss} is not defined on sampled targets (the cache holds sample:N); use fkl")
+    if mode == "sample" and cfg.select_signal == "reverse-kl":
+        raise TrainError("--select reverse-kl needs topk or full targets; the cache holds sample:N")
+    if mode != "topk" and cfg.topk_renormalize:
+        raise TrainError(f"--topk-renormalize needs topk targets; the cache holds {mode} targets")
 
     # --- the objective, the wrapped student, optimizer and schedule ----------------------------------
     objective = Objective(
@@ -199,9 +290,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ce_on=cfg.ce_on,
         chunk=cfg.entropy_chunk,
     )
-    wrapper = SelectiveStudent(model)
+    try:
+        wrapper = SelectiveStudent(model)
+    except ValueError as err:  # an architecture whose post-head logits transform is not replicated
+        raise TrainError(str(err)) from err
     student: nn.Module = D.wrap_model(wrapper, dist_info, fsdp=cfg.fsdp)
-    eval_student = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    ddp = isinstance(student, nn.parallel.DistributedDataParallel)
+    eval_student = student.module if ddp else student
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -212,27 +307,52 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     total = cfg.total_steps(steps_per_epoch)
     warmup = cfg.resolved_warmup_steps(total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup, cfg.schedule, cfg.min_lr_ratio))
+    schedule = lr_lambda(total, warmup, cfg.schedule, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     policy_state = make_policy_state(objective.policy, cfg.global_queue)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist_info.rank)
+    window: dict[str, float] = dict.fromkeys((*WINDOW_KEYS, "steps"), 0.0)
 
-    # --- resume ---------------------------------------------------------------------------------------
+    # --- resume: weights, optimizer, schedule, data cursor, RNG, policy and logging window ---------------
     step = 0
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer, scheduler)
         step = state.step
-        loader.load_state_dict(state.loader_state)
-        if policy_state is not None and isinstance(state.rank_state, dict) and "policy" in state.rank_state:
-            policy_state.load_state_dict(state.rank_state["policy"])
-        if isinstance(state.rank_state, dict) and "generator" in state.rank_state:
-            generator.set_state(state.rank_state["generator"])
-        if steps_raised(state.config, cfg):
+        saved_total = int(state.extra.get("total_steps", total))
+        if total < saved_total:
+            raise TrainError(
+                f"{latest} belongs to a run of {saved_total} steps; a rerun may raise --steps/--epochs but not "
+                f"lower them (now {total} steps); use a new --out for a shorter run"
+            )
+        try:
+            loader.load_state_dict(state.loader_state)
+        except ValueError as err:
+            raise TrainError(f"{latest}: {err}") from err
+        rank_state = state.rank_state if isinstance(state.rank_state, dict) else {}
+        if policy_state is not None and "policy" in rank_state:
+            policy_state.load_state_dict(rank_state["policy"])
+        if "generator" in rank_state:
+            generator.set_state(rank_state["generator"])
+        if "window" in rank_state:
+            window = {k: float(v) for k, v in rank_state["window"].items()}
+        if total != saved_total:
+            # The restored LambdaLR keeps its step count; its multiplier is now the new schedule's, and the
+            # LR of the next step (set by the old schedule at the end of the last one) is recomputed.
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * schedule(scheduler.last_epoch)
             log(
-                f"training longer: --steps {state.config.get('steps')} -> {cfg.steps}; the learning-rate schedule "
-                f"now follows the new total of {total} steps",
+                f"training longer: {saved_total} -> {total} steps (--steps/--epochs raised); the learning-rate "
+                f"schedule now follows the new total of {total} steps from step {step}",
                 main,
             )
-        log(f"resumed from {latest} at step {step}", main)
+        log(f"resumed from {latest} at step {step} of {total}", main)
+        if step >= total:
+            log(f"the run is already complete ({step} of {total} steps); only re-saving {out / ckpt.FINAL_DIR}", main)
+    start_step = step
+
+    # --- logging: the config, metrics.jsonl (truncated to the resumed step), TensorBoard -------------------
+    metrics_path = out / METRICS_FILE
+    metrics_file = None
     if main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log("config: " + json.dumps(cfg.to_dict(), sort_keys=True), main)
@@ -243,7 +363,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{f', {dist_info.world_size} ranks' if dist_info.distributed else ''}",
             main,
         )
-    metrics_file = (out / "metrics.jsonl").open("a") if main else None
+        dropped = truncate_metrics(metrics_path, step)
+        if dropped:
+            log(f"{metrics_path}: dropped {dropped} row(s) after step {step} (those steps are redone)", main)
+        metrics_file = metrics_path.open("a")
     tb = None
     if cfg.tensorboard and main:
         try:
@@ -263,13 +386,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     tb.add_scalar(("eval/" if row.get("eval") else "train/") + k, v, row["step"])
 
     def run_eval() -> dict[str, float]:
+        """Held-out statistics of the student (every rank computes them: FSDP needs all ranks)."""
         if eval_source is None:
             return {}
         eval_student.eval()
         sums = EvalSums(0.0, 0.0, 0.0, 0)
+        rewind(eval_source)
         with torch.no_grad():
-            if hasattr(eval_source, "set_epoch"):
-                eval_source.set_epoch(0)
             for i, batch in enumerate(eval_source):
                 if cfg.eval_batches is not None and i >= cfg.eval_batches:
                     break
@@ -299,7 +422,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
 
     def save(at: int) -> None:
-        rank_state: dict[str, Any] = {"generator": generator.get_state()}
+        rank_state: dict[str, Any] = {"generator": generator.get_state(), "window": dict(window)}
         if policy_state is not None:
             rank_state["policy"] = policy_state.state_dict()
         ckpt.save_checkpoint(
@@ -325,7 +448,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "selected": 0, "valid": 0, "tokens": 0, "steps": 0}
     t_window = time.time()
     memory_mb(device)
     last: dict[str, Any] = {}
@@ -333,9 +455,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
             batch = next(batches).to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1 or not isinstance(student, nn.parallel.DistributedDataParallel)
-            ctx = student.no_sync() if not sync else _nullcontext()  # type: ignore[operator]
-            with ctx, torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            sync = micro == cfg.grad_accum - 1 or not ddp
+            with (
+                student.no_sync() if not sync else nullcontext(),  # type: ignore[operator]
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            ):
                 res: StepOutput = student(
                     batch.input_ids,
                     batch.attention_mask,
@@ -349,10 +473,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     progress=step / max(1, total),
                     generator=generator,
                 )
-                if not torch.isfinite(res.loss):
+                bad = (~torch.isfinite(res.loss.detach())).float()
+                if (D.all_reduce_sum(bad) if dist_info.distributed else bad).item() > 0:
+                    where = (
+                        f"batch sequence ids {batch.seq_index.tolist()}"
+                        if bad.item()
+                        else "on another rank (see its message)"
+                    )
                     raise TrainError(
-                        f"non-finite loss ({res.loss.item()}) at step {step + 1}; batch sequence ids "
-                        f"{batch.seq_index.tolist()}; lower --lr or check these sequences of the cache"
+                        f"non-finite loss ({res.loss.item()}) at step {step + 1}; {where}; lower --lr or check "
+                        "these sequences of the cache and the student's weights"
                     )
                 (res.loss / cfg.grad_accum).backward()
             window["loss"] += res.loss.item() / cfg.grad_accum
@@ -362,26 +492,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window["valid"] += res.n_valid
             window["tokens"] += batch.num_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        full_norm = getattr(grad_norm, "full_tensor", None)  # FSDP2: a DTensor
+        grad_norm = full_norm() if callable(full_norm) else grad_norm
         optimizer.step()
         scheduler.step()
         step += 1
         window["steps"] += 1
         bar.update(1)
 
-        # --- logging ---
+        # --- logging: global values (losses averaged over ranks, counts summed) ---
         if step % cfg.log_every == 0 or step == total:
+            sums = dict(
+                zip(
+                    WINDOW_KEYS,
+                    D.all_reduce_sum(
+                        torch.tensor([window[k] for k in WINDOW_KEYS], dtype=torch.float64, device=device)
+                    ).tolist(),
+                )
+            )
             dt = max(time.time() - t_window, 1e-9)
-            n = window["steps"]
+            n = max(window["steps"], 1) * dist_info.world_size
             row = {
                 "step": step,
-                "loss": window["loss"] / n,
-                "kd": window["kd"] / n,
-                "ce": window["ce"] / n,
+                "loss": sums["loss"] / n,
+                "kd": sums["kd"] / n,
+                "ce": sums["ce"] / n,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "selected_fraction": window["selected"] / max(1, window["valid"]),
-                "tokens_per_s": window["tokens"] * dist_info.world_size / dt,
-                "step_time_s": dt / n,
+                "selected_fraction": sums["selected"] / max(1, sums["valid"]),
+                "tokens_per_s": sums["tokens"] / dt,
+                "step_time_s": dt / max(window["steps"], 1),
                 "peak_memory_mb": memory_mb(device),
                 "elapsed_s": time.time() - t_start,
             }
@@ -390,8 +530,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", sel=f"{row['selected_fraction']:.2f}"
             )
             last = row
-            window = dict.fromkeys(window, 0) | {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+            window = dict.fromkeys(window, 0.0)
             t_window = time.time()
+
+        # --- evaluation and checkpoint (both also run at the end, below) ---
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             ev = run_eval()
             if ev:
@@ -404,17 +546,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save(step)
     bar.close()
+    batches.close()  # stops the loader's prefetch thread / workers
 
     # --- the end: evaluate, checkpoint, save the final student ---------------------------------------------
-    ev = run_eval()
-    if ev:
-        write_metrics({"step": step, "eval": True, **ev})
-        log(
-            f"final eval: ce {ev['eval_ce']:.4f} ppl {ev['eval_ppl']:.2f} kl {ev['eval_kl']:.4f} "
-            f"top-1 agreement {ev['eval_top1_agree']:.3f}",
-            main,
-        )
-    save(step)
+    ev: dict[str, float] = {}
+    if step > start_step:
+        ev = run_eval()
+        if ev:
+            write_metrics({"step": step, "eval": True, **ev})
+            log(
+                f"final eval: ce {ev['eval_ce']:.4f} ppl {ev['eval_ppl']:.2f} kl {ev['eval_kl']:.4f} "
+                f"top-1 agreement {ev['eval_top1_agree']:.3f}",
+                main,
+            )
+        save(step)
     final_dir = ckpt.save_final(out, model, tokenizer)
     if metrics_file is not None:
         metrics_file.close()
@@ -422,13 +567,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tb.close()
     elapsed = time.time() - t_start
     log(f"done: {step} steps in {elapsed:.1f} s; the student is in {final_dir}", main)
+    # Drop the DDP wrapper (its reducer holds the process group) before destroying the group: destroying
+    # the group first leaves gloo's destructor waiting forever at exit.
+    del student
+    if dist_info.distributed:
+        gc.collect()
+    D.barrier()
     D.cleanup()
     return {"step": step, "total_steps": total, "elapsed_s": elapsed, "final": str(final_dir), **last, **ev}
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -1,0 +1,108 @@
+"""Build throughput against a bare teacher forward pass over the same sequences, same machine.
+
+A Llama-style teacher (random weights: speed does not depend on them) with a padded vocabulary
+larger than its tokenizer (like Qwen's), the stdlib corpus, and the same batches. The bare pass
+only runs ``model(input_ids).logits``; the build runs ``selkd-cache build``'s teacher pass
+(forward, class selection, encoding, writing, committing) and is timed the same way (model load and
+tokenization excluded from both). Prints a markdown table with the machine and the command.
+
+    python tools/bench_build.py [--hidden 512] [--layers 4] [--vocab 32768] [--classes sample:50 topk:64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl  # noqa: E402
+
+from selkd.cache.build import build_cache  # noqa: E402
+from selkd.cache.config import BuildConfig  # noqa: E402
+from selkd.cache.corpus import load_corpus  # noqa: E402
+from selkd.cache.teacher import load_causal_lm, load_tokenizer  # noqa: E402
+
+
+def bare_forward(model: torch.nn.Module, seqs: np.ndarray, batch: int, device: torch.device) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch):
+            x = torch.from_numpy(seqs[s : s + batch].astype(np.int64)).to(device)
+            model(input_ids=x).logits.float().sum().item()  # .item(): wait for the device like the build does
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32768, help="teacher logits dimension (padded vocabulary)")
+    ap.add_argument("--tokens", type=int, default=65536, help="corpus tokens")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--classes", nargs="+", default=["sample:50", "topk:64"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    work = Path(tempfile.mkdtemp(prefix="selkd-bench-build-"))
+    try:
+        texts = stdlib_texts(max_bytes=4_000_000)
+        tok = train_bpe_tokenizer(texts[:400], 4096)
+        model = make_llama(args.vocab, hidden=args.hidden, layers=args.layers, heads=max(4, args.hidden // 64),
+                           seed=0, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+        teacher_dir = save_model(model, tok, work / "teacher")
+        write_jsonl(work / "corpus.jsonl", texts)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+
+        tokenizer = load_tokenizer(str(teacher_dir))
+        corpus = load_corpus([str(work / "corpus.jsonl")], tokenizer, args.seq_len, limit_tokens=args.tokens,
+                             progress=False)
+        full = np.stack([corpus.sequence(i) for i in range(corpus.n_sequences)
+                         if len(corpus.sequence(i)) == args.seq_len])
+        dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "auto" else torch.float32
+        teacher = load_causal_lm(str(teacher_dir), device, dtype)
+        bare_forward(teacher, full[: args.batch_size], args.batch_size, device)  # warm-up
+        rows = []
+        for classes in args.classes:
+            bare = bare_forward(teacher, full, args.batch_size, device)
+            out = work / f"cache-{classes.replace(':', '-')}"
+            res = build_cache(BuildConfig(teacher=str(teacher_dir), data=[str(work / "corpus.jsonl")], out=str(out),
+                                          classes=classes, max_seq_len=args.seq_len, limit_tokens=args.tokens,
+                                          eval_fraction=0.0, batch_size=args.batch_size, device=str(device),
+                                          dtype=args.dtype, progress=False))
+            positions = res.positions
+            # the build also runs the short last sequence; scale the bare time to the same positions
+            bare_scaled = bare * positions / (len(full) * (args.seq_len - 1))
+            rows.append((classes, bare_scaled, res.teacher_seconds, positions, res.bytes_written))
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"### Build throughput vs bare teacher forward ({n_params / 1e6:.1f}M-parameter Llama, hidden "
+          f"{args.hidden}, {args.layers} layers, V = {args.vocab:,}, batch {args.batch_size} x {args.seq_len})\n")
+    print(f"machine: {name} ({device.type}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
+    print(f"command: `python {' '.join(sys.argv)}`\n")
+    print("| classes | bare forward positions/s | build positions/s | build / bare | bytes / position |")
+    print("|---|---|---|---|---|")
+    for classes, bare, built, positions, nbytes in rows:
+        print(f"| {classes} | {positions / bare:,.0f} | {positions / built:,.0f} | {bare / built:.2f}x | "
+              f"{nbytes / positions:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Write docs/cli.md: the option tables come from the config dataclasses, so the guide cannot drift
+from the code (tests/test_docs.py fails when docs/cli.md is stale).
+
+    python tools/gen_cli_docs.py            # rewrite docs/cli.md
+    python tools/gen_cli_docs.py --check    # exit 1 if docs/cli.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from selkd.cache.config import BuildConfig
+from selkd.cache.options import flag_name
+from selkd.trainer.config import TrainConfig
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+
+
+def option_table(config_cls: type) -> str:
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if not meta or not meta["cli"]:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "required" if meta["required"] else ("" if default in (None, [], {}) else f"`{default}`")
+        extra = []
+        if meta["choices"]:
+            extra.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+        if meta["lo"] is not None or meta["hi"] is not None:
+            lo = "" if meta["lo"] is None else f"{'>' if meta['lo_open'] else '>='} {meta['lo']}"
+            hi = "" if meta["hi"] is None else f"<= {meta['hi']}"
+            extra.append(" and ".join(x for x in (lo, hi) if x))
+        text = meta["help"].replace("|", "\\|") + (f" ({'; '.join(extra)})" if extra else "")
+        metavar = f" {meta['metavar']}" if meta["metavar"] else ""
+        rows.append(f"| `{flag_name(f.name)}{metavar}` | {shown} | {text} |")
+    return "\n".join(rows)
+
+
+TEMPLATE = """# Command-line guide
+
+Three commands: `selkd-cache` builds, inspects and verifies caches of teacher outputs;
+`selkd-train` distils a student from a cache (or from a teacher in the loop); `selkd-demo` runs
+the whole pipeline on a corpus every machine has. `python -m selkd.cache` and
+`python -m selkd.trainer` work like the first two, which is what `torchrun -m` needs.
+
+Every option is declared once, in a config dataclass (`cache/config.py`, `trainer/config.py`), with
+its default, help text and range check; the tables below are generated from those dataclasses by
+`tools/gen_cli_docs.py`. Options can also come from `--config FILE` (YAML or TOML, keys are option
+names with `_` or `-`); flags given on the command line override the file. Exit codes: 0 success,
+1 a run-time problem the message explains, 2 bad usage or configuration.
+
+## selkd-cache build
+
+```
+selkd-cache build --teacher MODEL --data SPEC [SPEC ...] --out STORE [--classes MODE] [options]
+```
+
+Tokenizes the corpus with the teacher's tokenizer, packs it into sequences, optionally scores every
+training sequence with a frozen student and keeps the best `--sample-ratio`, runs the teacher, and
+writes the sparse targets into parts of a sharded Zarr store. Rerunning the same command on the
+same `--out` skips committed parts and redoes the rest; a rerun with other settings is refused
+with the settings that differ.
+
+{build}
+
+Examples:
+
+```
+# RS-KD targets, 50 draws per position, from a local model, to a local directory
+selkd-cache build --teacher ./qwen3-8b --data corpus/*.jsonl.gz --out cache/ --classes sample:50
+
+# top-64 with tail mass, only the 20% of sequences the student finds hardest
+selkd-cache build --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --sample-ratio 0.2 \\
+    --data fineweb/ --out s3://bucket/caches/fw-top64 --classes topk:64 \\
+    --storage-option endpoint_url=https://s3.example.com
+```
+
+## selkd-cache info | verify | finalize
+
+```
+selkd-cache info STORE [--json] [--storage-option KEY=VALUE ...]
+selkd-cache verify STORE [--storage-option KEY=VALUE ...]
+selkd-cache finalize STORE [--storage-option KEY=VALUE ...]
+```
+
+`info` reads metadata only and prints what the cache holds and costs (sequences, positions, bytes
+per stored and per corpus position, the saving against full fp16 logits, mean teacher entropy,
+mean unique ids or kept mass, committed and incomplete parts); `--json` prints the same as one
+object. `verify` reads every committed part and checks the checksums and the contents (offsets,
+ids < vocab, counts summing to N, log-probs <= 0, kept + tail mass = 1); it exits 1 naming the part
+and the array at fault. `finalize` writes the root summary once every part is committed (the last
+builder does this by itself).
+
+## selkd-train
+
+```
+selkd-train --cache STORE --student MODEL --out DIR [options]                  # offline: the main mode
+selkd-train --teacher MODEL --data SPEC [SPEC ...] --student MODEL --out DIR   # online teacher, same loop
+```
+
+{train}
+
+Examples:
+
+```
+# SE-KD (the default: student entropy, top 20% of each sequence, forward KL)
+selkd-train --cache cache/ --student ./qwen3-1.7b --out runs/sekd --lr 1e-5 --epochs 1
+
+# full KD from the same cache, for comparison
+selkd-train --cache cache/ --student ./qwen3-1.7b --out runs/full --select none
+
+# SE-KD 3X: positions + sampled classes (a sample:N cache) + the top 20% of samples
+selkd-train --cache cache-with-scores/ --student ./qwen3-1.7b --out runs/3x --sample-ratio 0.2
+```
+
+Rerunning the same command with the same `--out` resumes from the last complete checkpoint
+(`--resume` insists on one). `--steps` may be raised on a rerun to train longer; any other change
+against the checkpoint's config is refused, naming the keys.
+
+## GPU-cluster recipe
+
+1. **Build the cache on teacher nodes** (one builder per GPU; parts are split disjointly by rank;
+   each part is written by exactly one process, so builders never touch the same object):
+
+   ```
+   torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+       -m selkd.cache build --teacher Qwen/Qwen3-8B --data s3://bucket/corpus/ \\
+       --out s3://bucket/caches/qwen3-8b-s50 --classes sample:50 --batch-size 16
+   ```
+
+   Every rank reads the corpus and derives the same plan; rank r writes parts r, r + W, ...; the
+   last rank to finish writes the root summary (or run `selkd-cache finalize`). A killed builder is
+   resumed by rerunning the same command: committed parts are skipped.
+2. **Check it**: `selkd-cache info s3://bucket/caches/qwen3-8b-s50` and `selkd-cache verify ...`.
+3. **Train on student nodes** (DDP; `--fsdp` shards students that do not fit one GPU; rank 0 logs
+   and writes checkpoints to `--out`, which must be on storage rank 0 can write):
+
+   ```
+   torchrun --nnodes 2 --nproc-per-node 8 ... -m selkd.trainer --cache s3://bucket/caches/qwen3-8b-s50 \\
+       --student Qwen/Qwen3-1.7B --out /shared/runs/sekd --batch-size 4 --grad-accum 4 --lr 1e-5
+   ```
+4. **Resume** after a preemption by rerunning the same command.
+
+S3 credentials and the endpoint come from `--storage-option key=... secret=... endpoint_url=...` or
+from the usual AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_ENDPOINT_URL`, ...), as s3fs reads them.
+"""
+
+
+def render() -> str:
+    return TEMPLATE.format(build=option_table(BuildConfig), train=option_table(TrainConfig))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md is out of date")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"{DOC} is out of date: run python tools/gen_cli_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
