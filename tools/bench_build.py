@@ -54,24 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     work = Path(tempfile.mkdtemp(prefix="selkd-bench-build-"))
     try:
         texts = stdlib_texts(max_bytes=4_000_000)
         tok = train_bpe_tokenizer(texts[:400], 4096)
-        model = make_llama(args.vocab, hidden=args.hidden, layers=args.layers, heads=max(4, args.hidden // 64),
-                           seed=0, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+        model = make_llama(
+            args.vocab,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=max(4, args.hidden // 64),
+            seed=0,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.eos_token_id,
+        )
         teacher_dir = save_model(model, tok, work / "teacher")
         write_jsonl(work / "corpus.jsonl", texts)
         n_params = sum(p.numel() for p in model.parameters())
         del model
 
         tokenizer = load_tokenizer(str(teacher_dir))
-        corpus = load_corpus([str(work / "corpus.jsonl")], tokenizer, args.seq_len, limit_tokens=args.tokens,
-                             progress=False)
-        full = np.stack([corpus.sequence(i) for i in range(corpus.n_sequences)
-                         if len(corpus.sequence(i)) == args.seq_len])
+        corpus = load_corpus(
+            [str(work / "corpus.jsonl")], tokenizer, args.seq_len, limit_tokens=args.tokens, progress=False
+        )
+        full = np.stack(
+            [corpus.sequence(i) for i in range(corpus.n_sequences) if len(corpus.sequence(i)) == args.seq_len]
+        )
         dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "auto" else torch.float32
         teacher = load_causal_lm(str(teacher_dir), device, dtype)
         bare_forward(teacher, full[: args.batch_size], args.batch_size, device)  # warm-up
@@ -79,10 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         for classes in args.classes:
             bare = bare_forward(teacher, full, args.batch_size, device)
             out = work / f"cache-{classes.replace(':', '-')}"
-            res = build_cache(BuildConfig(teacher=str(teacher_dir), data=[str(work / "corpus.jsonl")], out=str(out),
-                                          classes=classes, max_seq_len=args.seq_len, limit_tokens=args.tokens,
-                                          eval_fraction=0.0, batch_size=args.batch_size, device=str(device),
-                                          dtype=args.dtype, progress=False))
+            res = build_cache(
+                BuildConfig(
+                    teacher=str(teacher_dir),
+                    data=[str(work / "corpus.jsonl")],
+                    out=str(out),
+                    classes=classes,
+                    max_seq_len=args.seq_len,
+                    limit_tokens=args.tokens,
+                    eval_fraction=0.0,
+                    batch_size=args.batch_size,
+                    device=str(device),
+                    dtype=args.dtype,
+                    progress=False,
+                )
+            )
             positions = res.positions
             # the build also runs the short last sequence; scale the bare time to the same positions
             bare_scaled = bare * positions / (len(full) * (args.seq_len - 1))
@@ -92,15 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"### Build throughput vs bare teacher forward ({n_params / 1e6:.1f}M-parameter Llama, hidden "
-          f"{args.hidden}, {args.layers} layers, V = {args.vocab:,}, batch {args.batch_size} x {args.seq_len})\n")
+    print(
+        f"### Build throughput vs bare teacher forward ({n_params / 1e6:.1f}M-parameter Llama, hidden "
+        f"{args.hidden}, {args.layers} layers, V = {args.vocab:,}, batch {args.batch_size} x {args.seq_len})\n"
+    )
     print(f"machine: {name} ({device.type}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
     print(f"command: `python {' '.join(sys.argv)}`\n")
     print("| classes | bare forward positions/s | build positions/s | build / bare | bytes / position |")
     print("|---|---|---|---|---|")
     for classes, bare, built, positions, nbytes in rows:
-        print(f"| {classes} | {positions / bare:,.0f} | {positions / built:,.0f} | {bare / built:.2f}x | "
-              f"{nbytes / positions:.1f} |")
+        print(
+            f"| {classes} | {positions / bare:,.0f} | {positions / built:,.0f} | {bare / built:.2f}x | "
+            f"{nbytes / positions:.1f} |"
+        )
     return 0
 
 

@@ -114,21 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"### Storage per position (V = {args.vocab:,}, mean teacher entropy {ent:.2f} nats, "
-          f"{'shuffled' if args.shuffle_prior else 'frequency-ordered'} ids)\n")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"### Storage per position (V = {args.vocab:,}, mean teacher entropy {ent:.2f} nats, "
+        f"{'shuffled' if args.shuffle_prior else 'frequency-ordered'} ids)\n"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
     print(f"command: `python {' '.join(sys.argv)}`\n")
-    print("| classes | B / stored position | B / corpus position | vs fp16 logits | vs reference 192 B "
-          "| mean unique ids | max log-prob error | select+encode positions/s |")
+    print(
+        "| classes | B / stored position | B / corpus position | vs fp16 logits | vs reference 192 B "
+        "| mean unique ids | max log-prob error | select+encode positions/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     full = 2 * args.vocab
     for mode, r in rows:
         uniq = f"{r['mean_unique']:.1f}" if "mean_unique" in r else "-"
         err = f"{r['max_abs_err']:.4f}" if r["max_abs_err"] == r["max_abs_err"] else "-"
-        print(f"| {mode} | {r['bytes_per_stored']:.1f} | {r['bytes_per_corpus']:.1f} | "
-              f"{full / r['bytes_per_corpus']:,.0f}x smaller | {REFERENCE_BYTES / r['bytes_per_corpus']:.1f}x smaller | "
-              f"{uniq} | {err} | {r['positions_per_s']:,.0f} |")
+        print(
+            f"| {mode} | {r['bytes_per_stored']:.1f} | {r['bytes_per_corpus']:.1f} | "
+            f"{full / r['bytes_per_corpus']:,.0f}x smaller | {REFERENCE_BYTES / r['bytes_per_corpus']:.1f}x smaller | "
+            f"{uniq} | {err} | {r['positions_per_s']:,.0f} |"
+        )
     return 0
 
 

@@ -1,0 +1,205 @@
+"""Trainer step time and peak memory (SE-KD 20% vs full KD), loader throughput, offline vs online.
+
+One teacher, one student and one cache per vocabulary; every training run is a separate
+`python -m selkd.trainer` process (so peak memory is that run's alone) with the same data, steps
+and batch. Step time is the median over the logged steps after the first two (warm-up); peak
+memory is CUDA max-allocated on GPU, the process's peak RSS on CPU. Prints markdown tables with
+the machine and the command.
+
+    python tools/bench_train.py [--vocabs 32768 151936] [--steps 12] [--batch-size 4] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl  # noqa: E402
+
+from selkd.cache.build import build_cache  # noqa: E402
+from selkd.cache.config import BuildConfig  # noqa: E402
+from selkd.trainer.data import CacheStream  # noqa: E402
+
+
+def run_train(args: list[str]) -> dict[str, float]:
+    out = Path(args[args.index("--out") + 1])
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "selkd.trainer", *args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"selkd-train failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if not r.get("eval")]
+    times = [r["step_time_s"] for r in train_rows[2:]] or [r["step_time_s"] for r in train_rows]
+    return {
+        "step_time_s": statistics.median(times),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in train_rows),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_rows[2:] or train_rows),
+        "wall_s": wall,
+        "final_loss": train_rows[-1]["loss"],
+    }
+
+
+def loader_tokens_per_s(cache: Path, batch_size: int, batches: int) -> float:
+    stream = CacheStream(str(cache), batch_size=batch_size, seed=0)
+    start = time.perf_counter()
+    tokens = 0
+    for i, batch in enumerate(stream):
+        tokens += batch.num_tokens
+        if i + 1 >= batches:
+            break
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[32768, 151936])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--student-hidden", type=int, default=128)
+    ap.add_argument("--student-layers", type=int, default=2)
+    ap.add_argument("--teacher-hidden", type=int, default=384)
+    ap.add_argument("--teacher-layers", type=int, default=4)
+    ap.add_argument("--classes", default="sample:50")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="selkd-bench-train-"))
+    tokens = args.batch_size * args.seq_len * (args.steps + 4)
+    results = []
+    try:
+        texts = stdlib_texts(max_bytes=2_000_000)
+        tok = train_bpe_tokenizer(texts[:300], 4096)
+        write_jsonl(work / "corpus.jsonl", texts)
+        for vocab in args.vocabs:
+            ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}
+            teacher = save_model(
+                make_llama(vocab, hidden=args.teacher_hidden, layers=args.teacher_layers, seed=0, tie=True, **ids),
+                tok,
+                work / f"teacher-{vocab}",
+            )
+            student = save_model(
+                make_llama(vocab, hidden=args.student_hidden, layers=args.student_layers, seed=1, tie=True, **ids),
+                tok,
+                work / f"student-{vocab}",
+            )
+            cache = work / f"cache-{vocab}"
+            t0 = time.perf_counter()
+            build_cache(
+                BuildConfig(
+                    teacher=str(teacher),
+                    data=[str(work / "corpus.jsonl")],
+                    out=str(cache),
+                    classes=args.classes,
+                    max_seq_len=args.seq_len,
+                    limit_tokens=tokens,
+                    eval_fraction=0.0,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    progress=False,
+                )
+            )
+            build_s = time.perf_counter() - t0
+            common = [
+                "--student",
+                str(student),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--log-every",
+                "1",
+                "--eval-every",
+                "0",
+                "--save-every",
+                "0",
+                "--progress",
+                "false",
+                "--num-workers",
+                "0",
+                "--lr",
+                "1e-4",
+                "--device",
+                args.device,
+            ]
+            runs = {}
+            for name, extra in (("full KD", ["--select", "none"]), ("SE-KD 20%", ["--select", "student-entropy:0.2"])):
+                runs[name] = run_train(
+                    ["--cache", str(cache), "--out", str(work / f"run-{vocab}-{name[:4]}"), *extra, *common]
+                )
+            online = run_train(
+                [
+                    "--teacher",
+                    str(teacher),
+                    "--data",
+                    str(work / "corpus.jsonl"),
+                    "--classes",
+                    "full",
+                    "--max-seq-len",
+                    str(args.seq_len),
+                    "--limit-tokens",
+                    str(tokens),
+                    "--eval-fraction",
+                    "0",
+                    "--out",
+                    str(work / f"run-{vocab}-online"),
+                    "--select",
+                    "none",
+                    *common,
+                ]
+            )
+            loader = loader_tokens_per_s(cache, args.batch_size, args.steps)
+            results.append((vocab, runs, online, loader, build_s))
+            shutil.rmtree(cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    dev = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine())
+    print(
+        f"### Trainer: SE-KD 20% vs full KD (student hidden {args.student_hidden}, {args.student_layers} layers, "
+        f"tied embeddings; batch {args.batch_size} x {args.seq_len}; {args.steps} steps; cache {args.classes})\n"
+    )
+    print(f"machine: {name} ({dev}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
+    print(f"command: `python {' '.join(sys.argv)}`\n")
+    print("| vocab | method | step time (s) | SE-KD / full | peak memory (MB) | SE-KD / full | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for vocab, runs, _online, _loader, _build in results:
+        full, se = runs["full KD"], runs["SE-KD 20%"]
+        for label, r in runs.items():
+            rel_t = f"{r['step_time_s'] / full['step_time_s']:.2f}x" if r is se else "1.00x"
+            rel_m = f"{r['peak_memory_mb'] / full['peak_memory_mb']:.2f}x" if r is se else "1.00x"
+            print(
+                f"| {vocab:,} | {label} | {r['step_time_s']:.3f} | {rel_t} | {r['peak_memory_mb']:,.0f} | {rel_m} | "
+                f"{r['tokens_per_s']:,.0f} |"
+            )
+    print("\n### Loader throughput vs training consumption\n")
+    print("| vocab | loader tokens/s (1 process, no workers) | SE-KD training tokens/s | ratio |")
+    print("|---|---|---|---|")
+    for vocab, runs, _online, loader, _build in results:
+        se = runs["SE-KD 20%"]["tokens_per_s"]
+        print(f"| {vocab:,} | {loader:,.0f} | {se:,.0f} | {loader / se:.1f}x |")
+    print("\n### Offline (cache) vs online (teacher in the loop), full KD, same steps\n")
+    print("| vocab | offline wall (s) | online wall (s) | offline / online | cache build (s, once) |")
+    print("|---|---|---|---|---|")
+    for vocab, runs, online, _loader, build_s in results:
+        off = runs["full KD"]["wall_s"]
+        print(f"| {vocab:,} | {off:.1f} | {online['wall_s']:.1f} | {off / online['wall_s']:.2f}x | {build_s:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
