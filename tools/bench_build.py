@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl  # noqa: E402
+from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl
 
-from selkd.cache.build import build_cache  # noqa: E402
-from selkd.cache.config import BuildConfig  # noqa: E402
-from selkd.cache.corpus import load_corpus  # noqa: E402
-from selkd.cache.teacher import load_causal_lm, load_tokenizer  # noqa: E402
+from selkd.cache.build import build_cache
+from selkd.cache.config import BuildConfig
+from selkd.cache.corpus import load_corpus
+from selkd.cache.teacher import load_causal_lm, load_tokenizer
 
 
 def bare_forward(model: torch.nn.Module, seqs: np.ndarray, batch: int, device: torch.device) -> float:

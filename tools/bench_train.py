@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl  # noqa: E402
+from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl
 
-from selkd.cache.build import build_cache  # noqa: E402
-from selkd.cache.config import BuildConfig  # noqa: E402
-from selkd.trainer.data import CacheStream  # noqa: E402
+from selkd.cache.build import build_cache
+from selkd.cache.config import BuildConfig
+from selkd.trainer.data import CacheStream
 
 
 def run_train(args: list[str]) -> dict[str, float]:
