@@ -315,6 +315,7 @@ _DIST_SCRIPT = textwrap.dedent(
         barrier()
     if info.is_main:
         (out / "report.json").write_text(json.dumps(report))
+    barrier()  # nobody tears the group down while a peer still uses it
     cleanup()
     """
 )

@@ -13,15 +13,16 @@ logging window), so on CPU the resumed run logs the same losses as an uninterrup
 ``metrics.jsonl`` is then **truncated to the resumed step**: rows with ``step`` greater than the
 checkpoint's step (written after the checkpoint by the interrupted run, and redone now) are dropped,
 as is a line torn by a kill; a fresh start (no checkpoint) drops every row. So the file always holds
-each step's row once, in order, as if the run had never stopped (``tokens_per_s`` and
-``step_time_s`` of the first row after a resume only cover the time since the restart).
+each step's row once, in order, as if the run had never stopped (only the timing fields of the first
+row after a resume are approximate: its window's time restarts with the process).
 
 ``--steps`` (or ``--epochs``) may be raised on a rerun: the run continues to the new total and the
 learning-rate schedule follows it from the resumed step on (the log says so). Lowering it, or changing
 any option outside :data:`selkd.trainer.config.RESUME_MUTABLE`, is refused naming the keys. A rerun of
 a finished run trains nothing and only re-saves ``OUT/final``.
 
-Distributed runs log global values: the losses are the mean over ranks, counts and tokens the sum.
+Distributed runs log global values: the losses are the mean over ranks, counts and tokens the sum
+(``peak_memory_mb`` is rank 0's).
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one distillation run as ``cfg`` describes; returns the last logged metrics."""
     t_start = time.time()
     # --- distributed, seeds, output directory ---------------------------------------------------
-    dist_info = D.init_distributed(cfg.device)
+    try:
+        dist_info = D.init_distributed(cfg.device)
+    except (RuntimeError, ValueError) as err:  # e.g. --device cuda without CUDA
+        raise TrainError(str(err)) from err
     main = dist_info.is_main
     device = dist_info.device
     random.seed(cfg.seed)
@@ -170,6 +174,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Rank 0 decides (only it needs to see OUT) and every rank gets the answer, so all raise together.
     found: tuple[str | None, list[str]] = (None, [])
     if main:
+        ckpt.clean_incomplete(out)  # half-written checkpoints of a killed run
         latest_path = ckpt.latest_checkpoint(out)
         if latest_path is not None:
             saved_cfg = json.loads((latest_path / ckpt.CONFIG_FILE).read_text())
@@ -185,9 +190,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             + "\n  ".join(diffs)
         )
 
-    # --- student and its tokenizer ----------------------------------------------------------------
+    # --- the student's tokenizer, checked against the cache's before any weights are loaded -----------
     student_src = cfg.student or cfg.student_config
     tokenizer = load_tokenizer(student_src, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    reader = None
+    if cfg.cache is not None:
+        reader = open_cache(cfg.cache, cfg.storage_option or None, require_complete=False)
+        missing = reader.missing_parts
+        if missing and not cfg.allow_missing_parts:
+            raise TrainError(
+                f"{cfg.cache}: incomplete cache: {len(missing)} of {reader.expected_parts} parts are not committed "
+                f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); finish it by rerunning its "
+                "`selkd-cache build` command, or train on the committed parts with --allow-missing-parts"
+            )
+        if reader.header["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise TrainError(
+                f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
+                "with (fingerprints differ); use a student that shares the teacher's tokenizer"
+            )
+
+    # --- the student -------------------------------------------------------------------------------
     if cfg.student is not None:
         model = load_causal_lm(cfg.student, device, torch.float32, cfg.trust_remote_code, frozen=False)
     else:
@@ -199,17 +222,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     student_vocab = vocab_size(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # --- data: the cache (offline) or the teacher in the loop (online) ------------------------------
-    if cfg.cache is not None:
-        reader = open_cache(cfg.cache, cfg.storage_option or None, require_complete=not cfg.allow_missing_parts)
+    teacher_generator: torch.Generator | None = None
+    if reader is not None:
         header = reader.header
-        if header["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-            raise TrainError(
-                f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
-                "with (fingerprints differ); use a student that shares the teacher's tokenizer"
-            )
         teacher_vocab = int(header["vocab_size"])
         mode, temperature = header["classes"]["mode"], float(header["temperature"])
 
@@ -259,6 +276,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             progress=cfg.progress and main,
         )
         live = OnlineTeacher(teacher, spec, temperature, seed=cfg.seed + dist_info.rank)
+        teacher_generator = live.generator  # sample:N draws; checkpointed with the rank's state
         common = dict(eval_fraction=cfg.eval_fraction, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
         loader = OnlineStream(
             corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common
@@ -333,6 +351,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             policy_state.load_state_dict(rank_state["policy"])
         if "generator" in rank_state:
             generator.set_state(rank_state["generator"])
+        if teacher_generator is not None and "teacher_generator" in rank_state:
+            teacher_generator.set_state(rank_state["teacher_generator"])
         if "window" in rank_state:
             window = {k: float(v) for k, v in rank_state["window"].items()}
         if total != saved_total:
@@ -425,6 +445,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rank_state: dict[str, Any] = {"generator": generator.get_state(), "window": dict(window)}
         if policy_state is not None:
             rank_state["policy"] = policy_state.state_dict()
+        if teacher_generator is not None:
+            rank_state["teacher_generator"] = teacher_generator.get_state()
         ckpt.save_checkpoint(
             out,
             at,
@@ -502,14 +524,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # --- logging: global values (losses averaged over ranks, counts summed) ---
         if step % cfg.log_every == 0 or step == total:
-            sums = dict(
-                zip(
-                    WINDOW_KEYS,
-                    D.all_reduce_sum(
-                        torch.tensor([window[k] for k in WINDOW_KEYS], dtype=torch.float64, device=device)
-                    ).tolist(),
-                )
-            )
+            local = torch.tensor([window[k] for k in WINDOW_KEYS], dtype=torch.float64, device=device)
+            sums = dict(zip(WINDOW_KEYS, D.all_reduce_sum(local).tolist()))
             dt = max(time.time() - t_window, 1e-9)
             n = max(window["steps"], 1) * dist_info.world_size
             row = {

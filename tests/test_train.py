@@ -1,0 +1,741 @@
+"""selkd-train end to end on CPU: resume exactness, rerun rules, outputs, online = offline, bad input,
+and a couple of steps of every selection signal, policy and loss.
+
+Everything runs in this process through ``selkd.trainer.cli.main`` (one torch thread, tiny caches of
+~45 sequences of 64 tokens), except the kill -9 test, which kills a real ``python -m selkd.trainer``.
+The multi-process (DDP / FSDP) tests are in ``test_train_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selkd.cache import open_cache
+from selkd.cache.build import build_cache
+from selkd.cache.classes import ClassSpec
+from selkd.cache.config import BuildConfig
+from selkd.cache.corpus import eval_mask, load_corpus
+from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from selkd.trainer import head as H
+from selkd.trainer.cli import main
+from selkd.trainer.config import TrainConfig
+from selkd.trainer.data import Batch, collate
+from selkd.trainer.loop import lr_lambda, truncate_metrics
+from selkd.trainer.online import OnlineTeacher
+from selkd.trainer.student import Objective, SelectiveStudent
+
+SEQ = 64
+LIMIT_TOKENS = 3000  # ~46 sequences: ~41 train (10 steps of 4 per epoch), ~5 eval
+EVAL_FRACTION = 0.1
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest (and the same in every process) on one thread, above all on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _build(out: Path, teacher: Path, corpus: Path, **kw: Any) -> str:
+    settings: dict[str, Any] = dict(
+        teacher=str(teacher),
+        data=[str(corpus)],
+        out=str(out),
+        classes="topk:8",
+        max_seq_len=SEQ,
+        part_tokens=1024,
+        limit_tokens=LIMIT_TOKENS,
+        eval_fraction=EVAL_FRACTION,
+        progress=False,
+        device="cpu",
+        batch_size=8,
+    )
+    settings.update(kw)
+    build_cache(BuildConfig(**settings))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, text_corpus_dir: Path) -> dict[str, str]:
+    """Caches of the tiny teacher: topk:8, full, sample:16, and topk:8 with sample scores (the top half)."""
+    root = tmp_path_factory.mktemp("train_caches")
+    return {
+        "topk": _build(root / "topk", tiny_teacher_dir, text_corpus_dir),
+        "full": _build(root / "full", tiny_teacher_dir, text_corpus_dir, classes="full"),
+        "sample": _build(root / "sample", tiny_teacher_dir, text_corpus_dir, classes="sample:16"),
+        "scored": _build(
+            root / "scored", tiny_teacher_dir, text_corpus_dir, sample_ratio=0.5, sample_signal="teacher-entropy"
+        ),
+    }
+
+
+def args(cache: str | None, student: Path | str, out: Path, *extra: str, **flags: Any) -> list[str]:
+    """selkd-train arguments: a fast default run (2 steps, no periodic eval or checkpoint), overridable by
+    keyword (``save_every=2``) and extended by ``extra`` flags."""
+    base: dict[str, Any] = {
+        "student": str(student),
+        "out": str(out),
+        "batch_size": 4,
+        "steps": 2,
+        "lr": 1e-2,
+        "save_every": 0,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "log_every": 1,
+        "num_workers": 0,
+        "progress": "false",
+        "device": "cpu",
+    }
+    if cache is not None:
+        base["cache"] = cache
+    base.update(flags)
+    argv: list[str] = []
+    for key, value in base.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv + list(extra)
+
+
+def online_flags(teacher: Path, corpus: Path) -> tuple[str, ...]:
+    """Online mode over the same corpus, packing and eval split as the caches."""
+    return ("--teacher", str(teacher), "--data", str(corpus), "--max-seq-len", str(SEQ), "--limit-tokens",
+            str(LIMIT_TOKENS), "--eval-fraction", str(EVAL_FRACTION))  # fmt: skip
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``selkd-train argv`` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(out: Path) -> list[dict[str, Any]]:
+    return [r for r in rows(out) if not r.get("eval")]
+
+
+def eval_rows(out: Path) -> list[dict[str, Any]]:
+    return [r for r in rows(out) if r.get("eval")]
+
+
+def assert_same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for key in keys:
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-6, atol=1e-12, err_msg=key)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+LOSS_KEYS = ("loss", "kd", "ce", "lr", "grad_norm", "selected_fraction")
+EVAL_KEYS = ("eval_ce", "eval_kl", "eval_top1_agree")
+
+
+def count_training_calls(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int, Any], Any]) -> None:
+    """Wrap SelectiveStudent.forward: ``hook(n, output)`` sees the n-th training call (1-based) and its
+    output, and returns the output to use (it may raise instead)."""
+    original = SelectiveStudent.forward
+    calls = {"n": 0}
+
+    def forward(self: SelectiveStudent, *a: Any, evaluate: bool = False, **kw: Any) -> Any:
+        out = original(self, *a, evaluate=evaluate, **kw)
+        if evaluate:
+            return out
+        calls["n"] += 1
+        return hook(calls["n"], out)
+
+    monkeypatch.setattr(SelectiveStudent, "forward", forward)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, caches: dict[str, str], tiny_student_dir: Path) -> Path:
+    """An uninterrupted 6-step run (checkpoints every 2 steps, evaluation every 3); treat as read-only."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(args(caches["topk"], tiny_student_dir, out, steps=6, save_every=2, eval_every=3)) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- resume
+
+
+ONLINE = "online"  # a resume test source: the live teacher drawing sample:16 targets
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "flags", "crash_call", "last_ckpt"),
+    [
+        # crash in step 4: rows 1-3 and the eval row of step 3 exist, the last checkpoint is step 2
+        pytest.param("topk", (), dict(steps=6, save_every=2, eval_every=3), 4, 2, id="default"),
+        # random scores + the GLS queue (generator and queue state restored), a logging window that spans the
+        # checkpoint (rows every 3 steps, checkpoint at 4), gradient accumulation (2 calls per step) and an
+        # epoch boundary (5 steps per epoch): crash in step 8 (call 15); rows 3 and 6 exist, checkpoint 4
+        pytest.param(
+            "topk",
+            ("--select", "random:0.3", "--select-policy", "global", "--grad-accum", "2"),
+            dict(steps=9, save_every=4, eval_every=3, log_every=3),
+            15,
+            4,
+            id="random-global-window-accum",
+        ),
+        # online: the teacher's sampling generator is restored too
+        pytest.param(ONLINE, ("--classes", "sample:16"), dict(steps=5, save_every=2, eval_every=2), 4, 2, id="online"),
+    ],
+)
+def test_interrupted_run_resumes_with_the_same_losses(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_teacher_dir: Path,
+    tiny_student_dir: Path,
+    text_corpus_dir: Path,
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    extra: tuple[str, ...],
+    flags: dict[str, Any],
+    crash_call: int,
+    last_ckpt: int,
+) -> None:
+    cache = None if source == ONLINE else caches[source]
+    if source == ONLINE:
+        extra = (*online_flags(tiny_teacher_dir, text_corpus_dir), *extra)
+    if extra:
+        reference = tmp_path / "reference"
+        assert main(args(cache, tiny_student_dir, reference, *extra, **flags)) == 0
+    else:
+        reference = finished_run  # the same flags
+    out = tmp_path / "interrupted"
+    argv = args(cache, tiny_student_dir, out, *extra, **flags)
+
+    def crash(n: int, res: Any) -> Any:
+        if n == crash_call:
+            raise RuntimeError("injected crash")
+        return res
+
+    with monkeypatch.context() as m:
+        count_training_calls(m, crash)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            main(argv)
+    assert max(r["step"] for r in rows(out)) > last_ckpt  # rows after the last checkpoint exist ...
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step-{last_ckpt:06d}"
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "loss": 0.')  # ... and a row torn by the crash
+
+    rc, err = run(argv, capsys)  # the same command again
+    assert rc == 0, err
+    assert f"resumed from {out / 'checkpoints' / f'step-{last_ckpt:06d}'} at step {last_ckpt}" in err
+    assert re.search(rf"dropped \d+ row\(s\) after step {last_ckpt}", err)
+    assert_same_rows(train_rows(out), train_rows(reference), LOSS_KEYS)
+    assert_same_rows(eval_rows(out), eval_rows(reference), EVAL_KEYS)
+    assert len({r["step"] for r in train_rows(out)}) == len(train_rows(out))  # each step once
+    assert_same_weights(out, reference)
+
+
+def test_kill_9_and_rerun_reproduce_the_losses(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real ``python -m selkd.trainer`` (with a DataLoader worker) is SIGKILLed once its first checkpoint
+    exists; rerunning the same command finishes with the uninterrupted run's losses and weights."""
+    flags = dict(steps=30, save_every=2, num_workers=1)
+    reference = tmp_path / "reference"
+    assert main(args(caches["topk"], tiny_student_dir, reference, **flags)) == 0
+
+    out = tmp_path / "killed"
+    argv = args(caches["topk"], tiny_student_dir, out, **flags)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with (tmp_path / "stderr.txt").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "selkd.trainer", *argv], stderr=log, env=env)
+        first = out / "checkpoints" / "step-000002"
+        deadline = time.monotonic() + 300
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert first.is_dir(), "killed before its first checkpoint (timed out)"
+    assert not (out / "final").exists()
+
+    rc, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "resumed from" in err
+    assert_same_rows(train_rows(out), train_rows(reference), LOSS_KEYS)
+    assert_same_rows(eval_rows(out), eval_rows(reference), EVAL_KEYS)
+    assert_same_weights(out, reference)
+
+
+def test_truncate_metrics_keeps_rows_up_to_the_step(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 2, "eval": true}\n{"step": 3}\n{"step": 4, "lo')
+    assert truncate_metrics(path, 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2, "eval": true}\n'
+    assert truncate_metrics(path, 2) == 0
+    assert truncate_metrics(path, 0) == 3 and path.read_text() == ""
+    assert truncate_metrics(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_rerun_may_raise_steps_and_nothing_else(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    finished_run: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    argv = args(caches["topk"], tiny_student_dir, out, steps=6, save_every=2, eval_every=3)
+    before = (out / "metrics.jsonl").read_text()
+
+    # the same command on a finished run: nothing to do, nothing logged twice
+    rc, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "already complete (6 of 6 steps)" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+    # any other change is refused, naming every differing key
+    rc, err = run(args(caches["topk"], tiny_student_dir, out, steps=6, lr=0.05, seed=3, select="kl:0.5"), capsys)
+    assert rc == 1
+    assert "holds a checkpoint of another configuration" in err
+    for flag in ("--lr: 0.01 -> 0.05", "--seed: 0 -> 3", "--select: 'student-entropy:0.2' -> 'kl:0.5'"):
+        assert flag in err, err
+    assert "--steps" not in err.split("Differences")[1]
+    rc, err = run(args(caches["topk"], tiny_student_dir, out, steps=5), capsys)
+    assert rc == 1 and "may raise --steps/--epochs but not lower them" in err
+
+    # a raised --steps (with other mutable options changed): the run goes on. The old cosine schedule had
+    # decayed to 0 at step 6; step 7 follows the new total, so it moves the weights.
+    rc, err = run(args(caches["topk"], tiny_student_dir, out, steps=7, save_every=1, eval_every=0), capsys)
+    assert rc == 0, err
+    assert "training longer: 6 -> 7 steps" in err and "follows the new total of 7 steps" in err
+    w6, w7 = weights(finished_run), weights(out)
+    assert any(not torch.equal(w6[k], w7[k]) for k in w6)
+    rc, err = run(args(caches["topk"], tiny_student_dir, out, steps=9, eval_every=0), capsys)
+    assert rc == 0, err
+    assert "training longer: 7 -> 9 steps" in err
+    train = train_rows(out)
+    assert [r["step"] for r in train] == list(range(1, 10))
+    assert_same_rows(train[:6], train_rows(finished_run), LOSS_KEYS)
+    # row s logs the LR of step s + 1: each run's rows follow its own total
+    assert train[6]["lr"] == pytest.approx(0.0, abs=1e-12)
+    new = lr_lambda(9, 0, "cosine", 0.0)
+    assert [r["lr"] for r in train[7:]] == pytest.approx([1e-2 * new(s) for s in (8, 9)], rel=1e-9, abs=1e-15)
+    assert [r["step"] for r in eval_rows(out)] == [3, 6, 7, 9]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_final_student_metrics_and_config(finished_run: Path, tiny_student_dir: Path, caches: dict[str, str]) -> None:
+    final = finished_run / "final"
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    tok = AutoTokenizer.from_pretrained(str(final))
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tiny_student_dir)))
+    with torch.no_grad():
+        logits = model(**tok("def f(x):\n    return x", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    start = load_file(str(tiny_student_dir / "model.safetensors"))
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items() if k in start)  # it trained
+
+    all_rows = rows(finished_run)
+    assert all(isinstance(r["step"], int) and r["step"] >= 1 for r in all_rows)
+    assert [r["step"] for r in train_rows(finished_run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in eval_rows(finished_run)] == [3, 6]
+    for r in train_rows(finished_run):
+        assert "eval" not in r
+        assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["step_time_s"] > 0
+        assert np.isfinite(r["loss"]) and 0.0 < r["selected_fraction"] < 0.3
+    for r in eval_rows(finished_run):
+        assert r["eval"] is True and r["eval_positions"] > 0 and np.isfinite(r["eval_ce"])
+        assert r["eval_ppl"] == pytest.approx(np.exp(r["eval_ce"]))
+
+    saved = json.loads((finished_run / "config.json").read_text())
+    expected = TrainConfig.from_cli(
+        args(caches["topk"], tiny_student_dir, finished_run, steps=6, save_every=2, eval_every=3)
+    ).to_dict()
+    assert saved == expected
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir())[-1] == "step-000006"
+
+
+# --------------------------------------------------------------------------- online = offline
+
+
+def test_online_and_offline_targets_give_the_same_loss(
+    caches: dict[str, str], tiny_teacher_dir: Path, tiny_student_dir: Path, text_corpus_dir: Path
+) -> None:
+    """The same sequences, targets from the ``full`` cache or from the live teacher: the same loss for
+    each objective (exactly up to the cache's float16 storage of log-probs)."""
+    reader = open_cache(caches["full"])
+    cached = [reader.get(i) for i in (0, 5, 10, 15)]
+    teacher = load_causal_lm(str(tiny_teacher_dir), torch.device("cpu"), torch.float32)
+    live = OnlineTeacher(teacher, ClassSpec.parse("full"), 1.0)
+    online = live.sequences(
+        [s.input_ids for s in cached], np.array([s.seq_index for s in cached]), [s.doc_start for s in cached]
+    )
+    # the same corpus, packing and eval split as the build
+    corpus = load_corpus(
+        [str(text_corpus_dir)], load_tokenizer(str(tiny_teacher_dir)), SEQ, limit_tokens=LIMIT_TOKENS, progress=False
+    )
+    for s in cached:
+        np.testing.assert_array_equal(s.input_ids, corpus.sequence(s.seq_index))
+    held_out = np.flatnonzero(eval_mask(corpus.n_sequences, EVAL_FRACTION, 0))
+    assert sorted(s.seq_index for s in reader.iter_sequences("eval")) == held_out.tolist()
+
+    rounded = [  # what the cache stores: float16 log-probs
+        type(s)(
+            s.seq_index,
+            s.input_ids,
+            s.doc_start,
+            s.teacher_entropy.astype(np.float16).astype(np.float32),
+            s.teacher_logprob.astype(np.float16).astype(np.float32),
+            type(s.targets)(s.targets.mode, None, s.targets.logprobs.half().float(), None, s.targets.num_draws),
+        )
+        for s in online
+    ]
+    batches = {
+        name: collate(seqs, pad_id=0) for name, seqs in (("cache", cached), ("online", online), ("online16", rounded))
+    }
+    student = SelectiveStudent(load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32, frozen=False))
+    for select, policy, loss in [
+        ("none", "none", "fkl"),
+        ("student-entropy", "sequence", "fkl"),
+        ("student-entropy", "batch", "rkl"),
+        ("kl", "sequence", "jsd"),
+    ]:
+        obj = Objective(signal=select, fraction=0.2, policy=policy, loss=loss)
+        values = {}
+        for name, b in batches.items():
+            res = student(
+                b.input_ids, b.attention_mask, b.labels, b.valid, b.targets, b.teacher_entropy, b.teacher_logprob, obj
+            )
+            values[name] = (float(res.loss.detach()), res.selected)
+        assert values["cache"][0] > 0
+        assert values["online16"][0] == pytest.approx(values["cache"][0], rel=1e-4), (select, loss)
+        assert values["online"][0] == pytest.approx(values["cache"][0], rel=0.05), (select, loss)
+        if select in ("none", "student-entropy"):  # selection does not depend on the targets
+            assert torch.equal(values["online"][1], values["cache"][1])
+
+
+def test_online_mode_trains(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    tiny_student_dir: Path,
+    text_corpus_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "online"
+    extra = online_flags(tiny_teacher_dir, text_corpus_dir)
+    rc, err = run(args(None, tiny_student_dir, out, *extra, steps=3, save_every=2), capsys)
+    assert rc == 0, err
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train_rows(out))
+    assert eval_rows(out) and (out / "final" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- memory: no [B, L, V] logits
+
+
+@pytest.mark.parametrize("ce", [False, True], ids=["kd", "kd+ce-all"])
+def test_training_step_never_builds_full_logits(
+    caches: dict[str, str], tiny_student_dir: Path, monkeypatch: pytest.MonkeyPatch, ce: bool
+) -> None:
+    """With selection on, the LM head only ever sees chunks of positions (no grad) and the selected
+    positions (grad): never the B x L rows, and the model's own forward (which builds them) is not called."""
+    model = load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32, frozen=False)
+    reader = open_cache(caches["topk"])
+    batch = collate([reader.get(i) for i in range(4)], pad_id=0)
+    b, length = batch.input_ids.shape
+    seen: list[tuple[int, bool]] = []
+    H.lm_head(model).register_forward_hook(lambda mod, inp, out: seen.append((out.shape[0], out.requires_grad)))
+
+    def refuse(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("the full model forward builds [B, L, V] logits")
+
+    monkeypatch.setattr(type(model), "forward", refuse)
+    chunk = 32
+    obj = Objective("student-entropy", 0.2, "sequence", "fkl", ce_weight=1.0 if ce else 0.0, chunk=chunk)
+    res = SelectiveStudent(model)(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.labels,
+        batch.valid,
+        batch.targets,
+        batch.teacher_entropy,
+        batch.teacher_logprob,
+        obj,
+    )
+    res.loss.backward()
+    assert res.n_selected == sum(int(np.ceil(0.2 * n)) for n in batch.valid.sum(-1).tolist())
+    assert all(n <= max(chunk, res.n_selected) < b * length for n, _ in seen)
+    assert (res.n_selected, True) in seen  # the head with grad ran exactly on the selected rows
+    assert all(n <= chunk for n, _ in seen if n != res.n_selected)
+    assert H.lm_head(model).weight.grad is not None and torch.isfinite(H.lm_head(model).weight.grad).all()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_cache(tmp_path: Path, tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = run(args(str(tmp_path / "nope"), tiny_student_dir, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert "selkd-train: error:" in err and "nope" in err and "no such cache" in err
+
+
+@pytest.mark.filterwarnings("ignore:.*parts of the cache are missing:UserWarning")
+def test_incomplete_cache_refused_unless_allowed(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["topk"], cache)
+    records = sorted((cache / "selkd" / "commits").glob("*.json"))
+    assert len(records) > 2
+    records[1].unlink()
+    rc, err = run(args(str(cache), tiny_student_dir, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert "incomplete cache: 1 of" in err and records[1].stem in err and "--allow-missing-parts" in err
+    rc, err = run(args(str(cache), tiny_student_dir, tmp_path / "out", "--allow-missing-parts"), capsys)
+    assert rc == 0, err
+    assert len(train_rows(tmp_path / "out")) == 2
+
+
+def test_wrong_format_version(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["topk"], cache)
+    root = json.loads((cache / "zarr.json").read_text())
+    root["attributes"]["selkd"]["format_version"] = 99
+    (cache / "zarr.json").write_text(json.dumps(root))
+    rc, err = run(args(str(cache), tiny_student_dir, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert "cache format version 99" in err and "rebuild" in err
+
+
+def test_tokenizer_mismatch(
+    tmp_path: Path, caches: dict[str, str], other_tokenizer_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, err = run(args(caches["topk"], other_tokenizer_model_dir, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert "tokenizer" in err and "differs" in err
+
+
+def test_student_vocabulary_smaller_than_the_cache(
+    tmp_path: Path,
+    big_vocab_teacher_dir: Path,
+    text_corpus_dir: Path,
+    tiny_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cache = _build(tmp_path / "big", big_vocab_teacher_dir, text_corpus_dir, limit_tokens=600, batch_size=2)
+    rc, err = run(args(cache, tiny_student_dir, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert "vocabulary (384) is smaller than the teacher's (151,936)" in err
+
+
+@pytest.fixture(scope="module")
+def padded_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny student's architecture with a padded vocabulary: 512 logits for the 384 tokens."""
+    import make_tiny
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    model = make_tiny.make_llama(
+        512,
+        hidden=32,
+        layers=1,
+        seed=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return make_tiny.save_model(model, tok, tmp_path_factory.mktemp("padded_student"))
+
+
+@pytest.mark.parametrize(("cache", "loss"), [("full", "fkl"), ("full", "rkl"), ("full", "jsd"), ("topk", "fkl")])
+def test_student_with_a_larger_vocabulary_trains(
+    tmp_path: Path,
+    caches: dict[str, str],
+    padded_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    cache: str,
+    loss: str,
+) -> None:
+    rc, err = run(args(caches[cache], padded_student_dir, tmp_path / "out", loss=loss), capsys)
+    assert rc == 0, err
+    assert "vocab 512" in err
+    assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--select", "student-entropy:0"), "fraction must be in (0, 1], got 0"),
+        (("--select", "student-entropy:1.5"), "fraction must be in (0, 1], got 1.5"),
+        (("--select", "entropy:0.2"), "valid signals: none, student-entropy, teacher-entropy"),
+        (("--select-policy", "top"), "choose from 'sequence', 'batch', 'global', 'stochastic', 'curriculum'"),
+        (("--loss", "kl"), "choose from 'fkl', 'rkl', 'jsd'"),
+    ],
+    ids=["fraction-0", "fraction-1.5", "signal", "policy", "loss"],
+)
+def test_bad_options_exit_2(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    expected: str,
+) -> None:
+    rc, err = run(args(caches["topk"], tiny_student_dir, tmp_path / "out", *extra), capsys)
+    assert rc == 2
+    assert err.startswith("selkd-train: error:") and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("cache", "extra", "expected"),
+    [
+        ("sample", ("--loss", "rkl"), "--loss rkl is not defined on sampled targets"),
+        ("sample", ("--select", "reverse-kl:0.2"), "--select reverse-kl needs topk or full targets"),
+        ("full", ("--topk-renormalize",), "--topk-renormalize needs topk targets"),
+        ("topk", ("--sample-ratio", "0.5"), "needs sample scores"),
+    ],
+    ids=["rkl-on-sample", "reverse-kl-on-sample", "renormalize-on-full", "sample-ratio-without-scores"],
+)
+def test_options_that_do_not_fit_the_cache_exit_1(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    cache: str,
+    extra: tuple[str, ...],
+    expected: str,
+) -> None:
+    rc, err = run(args(caches[cache], tiny_student_dir, tmp_path / "out", *extra), capsys)
+    assert rc == 1
+    assert expected in err, err
+
+
+def test_nan_weights_stop_at_step_1_naming_the_sequences(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    student = tmp_path / "nan_student"
+    shutil.copytree(tiny_student_dir, student)
+    model = AutoModelForCausalLM.from_pretrained(str(student))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(str(student))
+    rc, err = run(args(caches["topk"], student, tmp_path / "out"), capsys)
+    assert rc == 1
+    assert re.search(r"non-finite loss \(nan\) at step 1; batch sequence ids \[\d+, \d+, \d+, \d+\]", err), err
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_nan_loss_at_step_3_names_step_and_sequences(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seen: list[torch.Tensor] = []
+
+    def poison(n: int, res: Any) -> Any:
+        if n == 3:
+            res.loss = res.loss * float("inf")
+        return res
+
+    count_training_calls(monkeypatch, poison)
+    original_to = Batch.to
+
+    def to(self: Batch, *a: Any, **kw: Any) -> Batch:
+        seen.append(self.seq_index)
+        return original_to(self, *a, **kw)
+
+    monkeypatch.setattr(Batch, "to", to)
+    rc, err = run(args(caches["topk"], tiny_student_dir, tmp_path / "out", steps=5), capsys)
+    assert rc == 1
+    assert f"non-finite loss (inf) at step 3; batch sequence ids {seen[2].tolist()}" in err, err
+    assert [r["step"] for r in train_rows(tmp_path / "out")] == [1, 2]
+
+
+# --------------------------------------------------------------------------- every option, a few steps
+
+SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")
+POLICIES = ("batch", "global", "stochastic", "curriculum")
+OPTION_CASES = (
+    [pytest.param("topk", ("--select", f"{s}:0.3"), id=f"signal-{s}") for s in SIGNALS]
+    + [pytest.param("topk", ("--select-policy", p), id=f"policy-{p}") for p in POLICIES]
+    + [pytest.param("topk", ("--select", "none", "--select-policy", "none"), id="full-kd")]
+    + [pytest.param(c, ("--loss", loss), id=f"{loss}-{c}") for c in ("topk", "full") for loss in ("fkl", "rkl", "jsd")]
+    + [
+        pytest.param("sample", (), id="fkl-sample"),
+        pytest.param("sample", ("--select", "kl:0.3"), id="kl-signal-sample"),
+        pytest.param("topk", ("--topk-renormalize",), id="topk-renormalize"),
+        pytest.param("topk", ("--topk-renormalize", "--loss", "jsd"), id="topk-renormalize-jsd"),
+        pytest.param("topk", ("--ce-weight", "0.5", "--ce-on", "all"), id="ce-all"),
+        pytest.param("topk", ("--ce-weight", "0.5", "--ce-on", "selected"), id="ce-selected"),
+        pytest.param("scored", ("--sample-ratio", "0.5"), id="sample-ratio"),
+        pytest.param("topk", ("--grad-accum", "2", "--warmup-steps", "1", "--schedule", "linear"), id="accum"),
+        pytest.param("topk", ("--student-config", "STUDENT"), id="student-config"),
+    ]
+)
+
+
+@pytest.mark.parametrize(("cache", "extra"), OPTION_CASES)
+def test_every_option_trains(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    cache: str,
+    extra: tuple[str, ...],
+) -> None:
+    out = tmp_path / "out"
+    argv = args(caches[cache], tiny_student_dir, out, *extra)
+    if "--student-config" in extra:  # random init from the config instead of --student
+        i = argv.index("--student")
+        del argv[i : i + 2]
+        argv[argv.index("STUDENT")] = str(tiny_student_dir)
+    rc, err = run(argv, capsys)
+    assert rc == 0, err
+    train = train_rows(out)
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]), r
+        assert r["loss"] > 0 or "--ce-weight" in extra, r
+        if "--ce-weight" in extra:
+            assert r["ce"] > 0 and r["loss"] == pytest.approx(r["kd"] + 0.5 * r["ce"], rel=1e-6)
+        fraction = r["selected_fraction"]
+        assert (fraction == 1.0) if "none" in extra else (0.0 < fraction < 1.0), r
+    assert eval_rows(out) and all(np.isfinite(r["eval_kl"]) for r in eval_rows(out))
+    if "--sample-ratio" in extra:  # the top half of the stored training sequences
+        stored = open_cache(caches[cache]).num_sequences("train")
+        assert f"; {int(np.ceil(0.5 * stored)) // 4} steps per epoch" in err
