@@ -4,17 +4,28 @@ The build is a deterministic function of its settings: every builder (rank) deri
 sequence list, eval split, sample selection and part plan, then writes only its own parts
 (part p belongs to rank p % world_size). A part is committed atomically, so a rerun of the same
 command skips committed parts and redoes the rest; the last builder to finish finalises the root.
+
+Builders that would write the same part (two launched with the same rank, or a rerun started while
+the first run still goes) are kept apart by a lease per part in the store (``selkd/leases/``, see
+:class:`PartLeases`): a builder writes a part only while it holds the part's lease, renews it
+between batches and right before the commit record, and skips a part another live builder holds,
+coming back to it at the end (the other builder commits it, or its lease lapses and this builder
+takes the part over). A holder that lost its lease never writes the commit record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,14 +224,230 @@ def _batches(corpus: PackedCorpus, index: np.ndarray, batch_size: int) -> list[n
     return out
 
 
+# --- leases: one builder per part ----------------------------------------------------------------
+
+
+class LeaseLost(Exception):
+    """This builder no longer holds a part's lease (it lapsed and another builder took the part over)."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(f"{part}: lost the lease on this part to another builder")
+        self.part = part
+
+
+def _pid_space() -> str:
+    """A short id of this kernel boot and pid namespace: process ids of two lease holders can be
+    compared only when both are equal (containers on one host can share a hostname, e.g. with host
+    networking, while their pids live in separate namespaces)."""
+    parts = []
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return ""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def lease_owner() -> str:
+    """A lease owner unique to this builder: ``host:pid:pidspace:uuid``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_space()}:{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` certainly does not run here (no such process, or a zombie)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    try:  # exited but not yet reaped by its parent
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def holder_is_dead(owner: str) -> bool:
+    """True if the lease ``owner`` names a process of this host (same pid namespace) that has exited.
+    Owners on other hosts, or in other containers, cannot be judged: their lease must lapse."""
+    fields = owner.split(":")
+    if len(fields) != 4 or not fields[1].isdigit():
+        return False
+    host, pid, space, _ = fields
+    here = _pid_space()
+    if host != socket.gethostname() or not space or space != here:
+        return False
+    return not _pid_alive(int(pid))
+
+
+class PartLeases:
+    """This builder's leases on parts and score parts (``selkd/leases/parts/part-00001.json``, ...).
+
+    ``acquire`` takes a part's lease (or takes over the lease of a holder that died on this host);
+    ``renew`` extends it (``due_only``: only once a fifth of the TTL has passed, so that renewing
+    between batches costs little) and raises :class:`LeaseLost` when another builder took it over;
+    ``release`` gives it up after the commit (or a failure), so that nobody waits for it to lapse.
+    """
+
+    def __init__(self, storage: Storage, ttl_s: float, owner: str | None = None) -> None:
+        self.storage = storage
+        self.ttl_s = float(ttl_s)
+        self.owner = owner or lease_owner()
+        self._renewed: dict[str, float] = {}
+
+    @staticmethod
+    def lease_name(part: str) -> str:
+        group = fmt.SCORES_GROUP if part.startswith("score-") else fmt.PARTS_GROUP
+        return f"{group}/{part}"
+
+    def acquire(self, part: str) -> bool:
+        name = self.lease_name(part)
+        if self.storage.acquire_lease(name, self.owner, self.ttl_s):
+            self._renewed[part] = time.monotonic()
+            return True
+        holder = self.storage.read_lease(name)
+        if holder is not None and holder_is_dead(str(holder.get("owner", ""))):
+            pid = str(holder["owner"]).split(":")[1]
+            log(f"{part}: the builder holding it (pid {pid} on this host) has exited; taking the part over")
+            # A compare-and-swap on the dead owner's record: of several builders doing this, one wins.
+            self.storage.release_lease(name, holder["owner"])
+            if self.storage.acquire_lease(name, self.owner, self.ttl_s):
+                self._renewed[part] = time.monotonic()
+                return True
+        return False
+
+    def renew(self, part: str, due_only: bool = False) -> None:
+        if due_only and time.monotonic() - self._renewed.get(part, 0.0) < self.ttl_s / 5:
+            return
+        if not self.storage.renew_lease(self.lease_name(part), self.owner, self.ttl_s):
+            raise LeaseLost(part)
+        self._renewed[part] = time.monotonic()
+
+    def release(self, part: str) -> None:
+        """Give the lease up; a failure to do so is logged, not raised (the lease then lapses)."""
+        self._renewed.pop(part, None)
+        try:
+            self.storage.release_lease(self.lease_name(part), self.owner)
+        except Exception as err:
+            log(f"{part}: could not release its lease ({type(err).__name__}: {err}); it lapses in {self.ttl_s:.0f} s")
+
+    def holder(self, part: str) -> str:
+        """Who holds ``part`` and for how long, for messages."""
+        record = self.storage.read_lease(self.lease_name(part))
+        if record is None:
+            return "nobody"
+        left = float(record.get("expires", 0)) - self.storage.clock()
+        state = f"expires in {left:.0f} s" if left > 0 else "lapsed"
+        return f"{record.get('owner')}, lease {state}"
+
+
+def _commit_key(part: str) -> str:
+    prefix = fmt.SCORE_COMMITS_PREFIX if part.startswith("score-") else fmt.COMMITS_PREFIX
+    return f"{prefix}/{part}.json"
+
+
+def run_leased(
+    storage: Storage,
+    leases: PartLeases,
+    parts: Sequence[str],
+    work: Callable[[str], None],
+    poll_s: float | None = None,
+) -> int:
+    """Call ``work(part)`` for every part of ``parts`` that is not committed, each under its lease.
+
+    A part another live builder holds is skipped and retried after the others; once only such parts
+    are left, this polls until each is committed by its holder or its lease lapses (then this builder
+    takes it over). ``work`` raising :class:`LeaseLost` puts the part back the same way; any other
+    exception releases the lease and propagates. Returns the number of parts this call wrote.
+    """
+    poll = poll_s if poll_s is not None else min(2.0, leases.ttl_s / 10)
+    pending = list(parts)
+    written = 0
+    announced: set[str] = set()
+    while pending:
+        deferred = []
+        for part in pending:
+            if storage.exists(_commit_key(part)):
+                continue
+            if not leases.acquire(part):
+                deferred.append(part)
+                if part not in announced:
+                    announced.add(part)
+                    log(f"{part}: held by another builder ({leases.holder(part)}); coming back to it later")
+                continue
+            try:
+                if storage.exists(_commit_key(part)):  # committed by the holder we just followed
+                    continue
+                work(part)
+                written += 1
+            except LeaseLost as err:
+                log(f"{err}; not committing it, coming back to it later")
+                deferred.append(part)
+            finally:
+                leases.release(part)
+        if deferred and deferred != pending:  # once per change, not at every poll
+            log(
+                f"waiting for {len(deferred)} part(s) held by other builders ({', '.join(deferred[:5])}"
+                f"{' ...' if len(deferred) > 5 else ''}): they commit them, or their leases lapse and this builder "
+                "takes them over"
+            )
+        pending = deferred
+        if pending:
+            time.sleep(poll)
+    return written
+
+
+class _CommitGuard(Storage):
+    """The store as a :class:`PartWriter` sees it: the part's commit record is written only while this
+    builder still holds the part's lease, renewed right before the write."""
+
+    def __init__(self, base: Storage, commit_key: str, check: Callable[[], None]) -> None:
+        super().__init__(base.store, base.url)
+        self.clock = base.clock
+        self._commit_key, self._check = commit_key, check
+
+    def write_json(self, key: str, obj: Any) -> None:
+        if key == self._commit_key:
+            self._check()
+        super().write_json(key, obj)
+
+
+class LeasedPartWriter(PartWriter):
+    """A :class:`PartWriter` whose commit renews the part's lease before writing the arrays and again
+    right before the commit record; :class:`LeaseLost` aborts the commit."""
+
+    def __init__(self, storage: Storage, leases: PartLeases, name: str, *args: Any) -> None:
+        guarded = _CommitGuard(storage, _commit_key(name), lambda: leases.renew(name))
+        super().__init__(guarded, name, *args)
+        self.leases = leases
+
+    def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.leases.renew(self.name)
+        return super().commit(extra)
+
+
+def builder_device(cfg: BuildConfig) -> torch.device:
+    """--device, where ``auto``/``cuda`` under torchrun means the local rank's GPU (every rank of a
+    node would otherwise load its teacher onto GPU 0)."""
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local is not None and local.isdigit():
+        device = torch.device("cuda", int(local) % max(1, torch.cuda.device_count()))
+    return device
+
+
 def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildResult:
+    """Build (or resume building) this builder's share of the cache ``cfg`` describes."""
     t0 = time.time()
     rank, world = torchrun_rank_world(cfg)
     spec = cfg.class_spec
 
     # --- output, models, corpus ----------------------------------------------------------------
     storage, existing = open_output(cfg)
-    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+    device = builder_device(cfg)
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher, device, dtype, trust_remote_code=cfg.trust_remote_code)
@@ -302,6 +529,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
     train_index = np.flatnonzero(~is_eval)
     eval_index = np.flatnonzero(is_eval)
     seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
+    leases = PartLeases(storage, cfg.lease_ttl)
     if cfg.sample_ratio is not None:
         groups = score_part_sequences(train_index, seqs_per_part)
         done = committed_score_parts(storage)
@@ -318,7 +546,9 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             disable=not cfg.progress,
             dynamic_ncols=True,
         )
-        for i in todo:
+
+        def score(name: str) -> None:
+            i = int(name.removeprefix("score-"))
             idx = groups[i]
             if scorer is None:  # random: seeded per score part, independent of rank
                 scores = np.random.default_rng([cfg.seed, i]).random(len(idx)).astype(np.float32)
@@ -326,10 +556,14 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
                 scores = np.empty(len(idx), dtype=np.float32)
                 pos = {int(s): j for j, s in enumerate(idx)}
                 for b in _batches(corpus, idx, cfg.batch_size):
+                    leases.renew(name, due_only=True)
                     x = torch.from_numpy(np.stack(corpus.sequences(b)).astype(np.int64)).to(device)
                     scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x).float().cpu().numpy()
                     bar.update(len(b))
-            commit_scores(storage, fmt.score_part_name(i), idx, scores, cfg.sample_signal)
+            leases.renew(name)
+            commit_scores(storage, name, idx, scores, cfg.sample_signal)
+
+        run_leased(storage, leases, [fmt.score_part_name(i) for i in todo], score)
         bar.close()
         if scorer is not None and scorer is not teacher:
             del scorer
@@ -350,13 +584,13 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
     elif saved_plan["parts"] != plan_json["parts"]:
         raise BuildError(f"{storage.url}: the stored part plan differs from this build's; use a new --out")
 
-    # --- teacher pass over this builder's parts ------------------------------------------------
+    # --- teacher pass over this builder's parts, each under its lease ----------------------------
     committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
     mine = [i for i in range(len(plan.parts)) if i % world == rank]
     todo = [i for i in mine if plan.parts[i]["name"] not in committed]
-    skipped = len(mine) - len(todo)
-    if skipped:
-        log(f"resuming: {skipped} of {len(mine)} parts of this builder are already committed")
+    if len(mine) > len(todo):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} parts of this builder are already committed")
+    index_of = {plan.parts[i]["name"]: i for i in todo}
     total_seq = sum(len(plan.members[i]) for i in todo)
     bar = tqdm(
         total=total_seq,
@@ -365,17 +599,22 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-    positions = 0
+    positions = 0  # teacher positions run (shown live), including those of abandoned attempts
+    committed_positions = 0
     bytes_written = 0
-    overlap = _Overlap()
     lock = threading.Lock()
     t_teacher = time.time()
-    try:
-        for i in todo:
-            part = plan.parts[i]
-            writer = PartWriter(storage, part["name"], part["split"], spec.mode, spec.k, vocab)
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
+
+    def write_part(name: str) -> None:
+        nonlocal positions, committed_positions, bytes_written
+        i = index_of[name]
+        part = plan.parts[i]
+        writer = LeasedPartWriter(storage, leases, name, part["split"], spec.mode, spec.k, vocab)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
+        overlap = _Overlap()
+        try:
             for b in _batches(corpus, plan.members[i], cfg.batch_size):
+                leases.renew(name, due_only=True)
                 b = np.sort(b)
                 seqs = corpus.sequences(b)
                 x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(device)
@@ -404,8 +643,13 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             overlap.submit(commit)
             overlap.drain()
             bytes_written += record["bytes"]
+            committed_positions += int(record["n_targets"])
+        finally:
+            overlap.close()  # after a failure: anything still queued (the commit above all) is dropped
+
+    try:
+        written = run_leased(storage, leases, list(index_of), write_part)
     finally:
-        overlap.close()
         bar.close()
     teacher_seconds = time.time() - t_teacher
 
@@ -421,10 +665,12 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             f"finalises the cache (or run `selkd-cache finalize {storage.url}`)"
         )
     seconds = time.time() - t0
-    result = BuildResult(len(todo), skipped, total_seq, positions, bytes_written, seconds, teacher_seconds, finalized)
+    skipped = len(mine) - written
+    positions = committed_positions
+    result = BuildResult(written, skipped, total_seq, positions, bytes_written, seconds, teacher_seconds, finalized)
     per_pos = bytes_written / positions if positions else float("nan")
     log(
-        f"done in {seconds:.1f} s: {len(todo)} parts written ({skipped} already there), {positions:,} positions, "
+        f"done in {seconds:.1f} s: {written} parts written ({skipped} already there), {positions:,} positions, "
         f"{bytes_written:,} bytes ({per_pos:.1f} B/position) -> {storage.url}"
     )
     return result

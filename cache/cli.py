@@ -1,12 +1,15 @@
 """`selkd-cache build | info | verify | finalize`: parse, call, map errors to messages and exit codes.
 
 Exit codes: 0 success; 1 the command ran and found a problem (verify) or failed at run time;
-2 bad usage or configuration.
+2 bad usage or configuration. A full disk (ENOSPC, or EDQUOT: over quota) while writing is a
+one-line error naming the store, not a traceback: freeing space and rerunning the same command
+resumes the build (committed parts are kept; a part being written is invisible until committed).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -18,12 +21,35 @@ from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import DataError
 from selkd.cache.info import cache_info, info_dict
 from selkd.cache.options import ConfigError, add_arguments, from_args, read_config_file
-from selkd.cache.reader import CacheError, open_cache
+from selkd.cache.reader import CacheError, CacheReader, open_cache
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.teacher import ModelError
 from selkd.cache.verify import verify_cache
 
 USER_ERRORS = (BuildError, CacheError, DataError, ModelError, StoreError)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full_error(err: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT ``OSError`` behind ``err`` (itself, or its cause or context), if any."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_message(store: str, err: OSError) -> str:
+    """One line: which store, what happened, what to do."""
+    what = "over the disk quota" if err.errno == errno.EDQUOT else "no space left on the device"
+    where = f" while writing {err.filename}" if err.filename else ""
+    return (
+        f"{store}: {what}{where}; free space (or raise the quota) there and rerun the same command: committed "
+        "parts are kept, the part that was being written is not visible and is redone"
+    )
 
 
 def _storage_options(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
@@ -70,32 +96,64 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "build":
         file_values = read_config_file(args.config) if args.config else None
         cfg = from_args(BuildConfig, args, file_values)
-        result = build_cache(cfg, argv=["selkd-cache", *argv])
+        try:
+            result = build_cache(cfg, argv=["selkd-cache", *argv])
+        except Exception as err:
+            full = disk_full_error(err)
+            if full is None:
+                raise
+            raise StoreError(disk_full_message(cfg.out, full)) from err
         return 0 if result is not None else 1
     options = _storage_options(args.storage_option)
     if args.command == "finalize":
-        summary = finalize(Storage.open(args.store, options, mode="r"))
+        try:
+            Storage.open(args.store, options, mode="r")  # must exist: "w" would create it
+            summary = finalize(Storage.open(args.store, options, mode="w"))
+        except Exception as err:
+            full = disk_full_error(err)
+            if full is None:
+                raise
+            raise StoreError(disk_full_message(args.store, full)) from err
         print(json.dumps(summary, indent=2))
         return 0
     reader = open_cache(args.store, options, require_complete=False)
     if args.command == "info":
         info = cache_info(reader)
-        print(json.dumps(info_dict(info), indent=2) if args.json else str(info))
+        missing = _missing_lines(reader)
+        if args.json:
+            print(json.dumps({**info_dict(info), "missing_parts": reader.missing_parts}, indent=2))
+        else:
+            print("\n".join([str(info), *missing]))
         return 0
     bar = tqdm(total=len(reader.parts), unit="part", desc="verify", file=sys.stderr, dynamic_ncols=True)
     problems = verify_cache(reader, progress=lambda _name: bar.update(1))
     bar.close()
-    if reader.missing_parts:
-        print(
-            f"note: {len(reader.missing_parts)} planned parts are not committed: {', '.join(reader.missing_parts[:5])}",
-            file=sys.stderr,
-        )
+    for line in _missing_lines(reader):
+        print(f"note: {line}", file=sys.stderr)
     for problem in problems:
         print(f"selkd-cache verify: {reader.url}: {problem}", file=sys.stderr)
     if problems:
         return 1
     print(f"ok: {len(reader.parts)} parts verified in {reader.url}")
     return 0
+
+
+def _missing_lines(reader: CacheReader, shown: int = 5) -> list[str]:
+    """What ``info`` and ``verify`` say about parts that cannot be read."""
+    lost = set(reader.lost_parts)
+    absent = [p for p in reader.missing_parts if p not in lost]
+    lines = []
+    if absent:
+        more = " ..." if len(absent) > shown else ""
+        names = ", ".join(absent[:shown])
+        lines.append(f"missing         {len(absent)} planned parts are not committed: {names}{more}")
+    if lost:
+        names = sorted(lost)
+        more = " ..." if len(names) > shown else ""
+        lines.append(
+            f"missing         {len(names)} committed parts have no arrays (deleted?): {', '.join(names[:shown])}{more}"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,12 @@ class BuildConfig:
     rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0)
     world_size: int | None = opt(help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1)
     storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --out, repeatable", metavar="KEY=VALUE")
+    lease_ttl: float = opt(
+        600.0,
+        help="seconds a builder's claim (lease) on a part lasts unless renewed; another builder takes the part "
+        "over once it lapses (a dead builder on the same host is detected at once)",
+        lo=5.0,
+    )
     progress: bool = opt(True, help="show progress bars")
 
     def __post_init__(self) -> None:

@@ -3,11 +3,22 @@
 It reads the build header and the commit records, sees only committed parts, decodes a part's
 arrays in one read (verifying their checksums), and gives random access to one sequence by
 slicing (zarr then reads only the inner chunks that hold it).
+
+Nothing in a cache's metadata is executed or followed outside the store: names that become store
+keys (part names in commit records and in the plan, array names, score-part names) must match the
+format's patterns (``part-NNNNN``, ``score-NNNNN``, the format's array names), or the cache is
+refused with a :class:`CacheError` naming the record. Before any chunk is decoded, an array's zarr
+metadata must use only the format's codecs (:data:`SAFE_CODECS`: no pickle or other code-bearing
+codec, whatever zarr or numcodecs version is installed) and its dtype (:func:`check_array`).
+
+A part whose commit record exists but whose arrays are gone altogether (``parts/<name>/`` deleted)
+counts as missing, like an uncommitted one.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,14 +28,38 @@ import numpy as np
 import torch
 
 from selkd.cache import format as fmt
-from selkd.cache.scoring import read_scores
+from selkd.cache.scoring import committed_score_parts, read_scores
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.targets import SparseTargets
 from selkd.cache.writer import array_checksum
 
+PART_NAME = re.compile(r"^part-\d{5}$")
+SCORE_NAME = re.compile(r"^score-\d{5}$")
+SPLITS = ("train", "eval")
+# Codecs a selkd cache may use (zarr v3 core codecs). Anything else (e.g. a pickle codec some numcodecs
+# versions register) is refused before a chunk is decoded.
+SAFE_CODECS = frozenset({"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
+SCORE_DTYPES = {"seq_index": "int64", "score": "float32"}
+
 
 class CacheError(Exception):
     """The cache cannot be used as asked: the message names the store and what to do."""
+
+
+def _bad_metadata(url: str, where: str, problem: str) -> CacheError:
+    return CacheError(
+        f"{url}: {where}: {problem}; the cache metadata is damaged or was not written by selkd, so this cache "
+        "is refused (nothing named in it is opened); rebuild it or restore the record from a good copy"
+    )
+
+
+def check_part_name(url: str, where: str, name: Any, pattern: re.Pattern[str] = PART_NAME) -> str:
+    """``name`` if it is a valid part (or score-part) name, else a :class:`CacheError` naming ``where``:
+    names become store keys, so anything like ``../../etc`` must never reach the store."""
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        expected = "part-NNNNN" if pattern is PART_NAME else "score-NNNNN"
+        raise _bad_metadata(url, where, f"invalid part name {name!r} (expected {expected}, five digits)")
+    return name
 
 
 class CacheCorruptError(CacheError):
@@ -35,7 +70,7 @@ class CacheCorruptError(CacheError):
             f"{store}: part {part}, array {array}: {problem}; rebuild this part "
             f"(delete {fmt.COMMITS_PREFIX}/{part}.json and rerun the build command)"
         )
-        self.part, self.array = part, array
+        self.part, self.array, self.problem = part, array, problem
 
 
 @dataclass(frozen=True)
@@ -60,6 +95,31 @@ class PartRecord:
     n_sequences: int
     n_tokens: int
     record: dict[str, Any]
+
+
+def _codec_names(codecs: Any) -> Iterator[str]:
+    for codec in codecs or ():
+        name = str(codec.to_dict().get("name")) if hasattr(codec, "to_dict") else type(codec).__name__
+        yield name
+        if name == "sharding_indexed":
+            yield from _codec_names(getattr(codec, "codecs", ()))
+            yield from _codec_names(getattr(codec, "index_codecs", ()))
+
+
+def check_array(url: str, part: str, name: str, array: Any, dtype: str | None) -> None:
+    """Refuse (:class:`CacheCorruptError`) an opened zarr array (``Array`` or ``AsyncArray``) whose
+    metadata is not what the format writes: zarr v3, codecs within :data:`SAFE_CODECS`, ``dtype``.
+    Opening reads only the metadata; this runs before any chunk is decoded."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3:
+        raise CacheCorruptError(url, part, name, "not a zarr v3 array; refused")
+    unknown = sorted(set(_codec_names(meta.codecs)) - SAFE_CODECS)
+    if unknown:
+        raise CacheCorruptError(
+            url, part, name, f"uses codec(s) {', '.join(unknown)}, which the selkd format never writes; refused"
+        )
+    if dtype is not None and np.dtype(array.dtype) != np.dtype(dtype):
+        raise CacheCorruptError(url, part, name, f"dtype {array.dtype}, the format stores {dtype}; refused")
 
 
 def read_header(storage: Storage) -> dict[str, Any]:
@@ -94,26 +154,74 @@ class CacheReader:
         self.max_seq_len: int = int(self.header["max_seq_len"])
         self.temperature: float = float(self.header["temperature"])
         self.tokenizer_fingerprint: str = self.header["tokenizer_fingerprint"]
-        self.parts: list[PartRecord] = self._committed_parts()
+        self._check_plan()
+        committed = self._committed_parts()
+        # One listing: a part whose arrays were deleted altogether is missing, not a read error later.
+        present = set(self.storage.list_dir(fmt.PARTS_GROUP))
+        self.lost_parts: list[str] = [p.name for p in committed if p.name not in present]
+        self.parts: list[PartRecord] = [p for p in committed if p.name in present]
+        self._dtypes = {spec.name: spec.dtype for spec in fmt.array_specs(self.mode)}
+        if require_complete and self.plan is None:
+            raise CacheError(
+                f"{self.url}: incomplete cache: the build stopped before it wrote its part plan "
+                f"({fmt.PLAN_KEY}); rerun the same `selkd-cache build` command to finish it"
+            )
         if require_complete and self.missing_parts:
             shown = ", ".join(self.missing_parts[:5]) + (" ..." if len(self.missing_parts) > 5 else "")
+            lost = (
+                f"; {len(self.lost_parts)} of them have a commit record but their arrays are gone"
+                if self.lost_parts
+                else ""
+            )
             raise CacheError(
                 f"{self.url}: incomplete cache: {len(self.missing_parts)} of {self.expected_parts} parts are not "
-                f"committed ({shown}); rerun the same `selkd-cache build` command to finish it"
+                f"committed ({shown}){lost}; rerun the same `selkd-cache build` command to finish it"
+                + (f" (first delete {fmt.COMMITS_PREFIX}/<part>.json of those)" if self.lost_parts else "")
             )
         self._by_split: dict[str, list[PartRecord]] = {}
         for p in self.parts:
             self._by_split.setdefault(p.split, []).append(p)
 
+    def _check_plan(self) -> None:
+        """The plan's part names and splits (they name store keys and the parts a cache must have)."""
+        if self.plan is None:
+            return
+        where = fmt.PLAN_KEY
+        parts = self.plan.get("parts") if isinstance(self.plan, dict) else None
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise _bad_metadata(self.url, where, "no list of parts")
+        for p in parts:
+            check_part_name(self.url, where, p.get("name"))
+            if p.get("split") not in SPLITS:
+                raise _bad_metadata(self.url, where, f"part {p.get('name')}: invalid split {p.get('split')!r}")
+
     def _committed_parts(self) -> list[PartRecord]:
         out = []
+        arrays_allowed = {spec.name for spec in fmt.array_specs(self.mode)} if self.mode in fmt.MODE_ARRAYS else set()
         for name in self.storage.list_dir(fmt.COMMITS_PREFIX):
+            where = f"{fmt.COMMITS_PREFIX}/{name}"
             if not name.endswith(".json"):
                 continue
-            rec = self.storage.read_json(f"{fmt.COMMITS_PREFIX}/{name}")
+            check_part_name(self.url, where, name.removesuffix(".json"))
+            rec = self.storage.read_json(where)
             if not isinstance(rec, dict) or "part" not in rec:
                 raise CacheCorruptError(self.url, name.removesuffix(".json"), "(commit record)", "unreadable record")
-            out.append(PartRecord(rec["part"], rec["split"], int(rec["n_sequences"]), int(rec["n_tokens"]), rec))
+            part = check_part_name(self.url, where, rec["part"])
+            if part != name.removesuffix(".json"):
+                raise _bad_metadata(self.url, where, f"names part {part!r}, not the part of its file name")
+            if rec.get("split") not in SPLITS:
+                raise _bad_metadata(self.url, where, f"invalid split {rec.get('split')!r}")
+            arrays = rec.get("arrays")
+            if not isinstance(arrays, dict) or not all(isinstance(m, dict) for m in arrays.values()):
+                raise _bad_metadata(self.url, where, "no table of arrays")
+            unknown = sorted(str(a) for a in arrays if a not in arrays_allowed)
+            if unknown:
+                raise _bad_metadata(self.url, where, f"unknown array name(s) {', '.join(repr(a) for a in unknown[:3])}")
+            try:
+                n_seq, n_tok = int(rec["n_sequences"]), int(rec["n_tokens"])
+            except (KeyError, TypeError, ValueError):
+                raise _bad_metadata(self.url, where, "no valid n_sequences / n_tokens") from None
+            out.append(PartRecord(part, rec["split"], n_seq, n_tok, rec))
         return sorted(out, key=lambda p: p.name)
 
     # --- what is there -------------------------------------------------------------------------
@@ -123,8 +231,9 @@ class CacheReader:
 
     @cached_property
     def missing_parts(self) -> list[str]:
+        """Planned parts that cannot be read: not committed, or committed but their arrays are gone."""
         if not self.plan:
-            return []
+            return list(self.lost_parts)
         have = {p.name for p in self.parts}
         return [p["name"] for p in self.plan["parts"] if p["name"] not in have]
 
@@ -137,6 +246,14 @@ class CacheReader:
     def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(seq_index int64 [n], score float32 [n]) of every scored training sequence, or None when
         the build did no sample selection."""
+        for name in sorted(committed_score_parts(self.storage)):
+            check_part_name(self.url, f"{fmt.SCORE_COMMITS_PREFIX}/{name}.json", name, SCORE_NAME)
+            for array, dtype in SCORE_DTYPES.items():
+                try:
+                    opened = self.storage.open_array(f"{fmt.SCORES_GROUP}/{name}/{array}")
+                except Exception as err:
+                    raise CacheCorruptError(self.url, name, array, f"cannot be read ({type(err).__name__})") from err
+                check_array(self.url, name, array, opened, dtype)
         idx, val = read_scores(self.storage)
         return (idx, val) if len(idx) else None
 
@@ -146,8 +263,9 @@ class CacheReader:
         rec = part if isinstance(part, PartRecord) else self._record(part)
         arrays: dict[str, np.ndarray] = {}
         for name, meta in rec.record["arrays"].items():
+            array = self.open_array(rec.name, name)
             try:
-                values = self.storage.open_array(f"{fmt.PARTS_GROUP}/{rec.name}/{name}")[:]
+                values = array[:]
             except Exception as err:  # a decode failure is corruption of this array
                 raise CacheCorruptError(
                     self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
@@ -158,6 +276,15 @@ class CacheReader:
                 raise CacheCorruptError(self.url, rec.name, name, "checksum mismatch")
             arrays[name] = values
         return PartData(self, rec, arrays)
+
+    def open_array(self, part: str, name: str) -> Any:
+        """One array of a part, opened (metadata only) and checked by :func:`check_array`."""
+        try:
+            array = self.storage.open_array(f"{fmt.PARTS_GROUP}/{part}/{name}")
+        except Exception as err:
+            raise CacheCorruptError(self.url, part, name, f"cannot be read ({type(err).__name__}: {err})") from err
+        check_array(self.url, part, name, array, self._dtypes.get(name))
+        return array
 
     def _record(self, name: str) -> PartRecord:
         for p in self.parts:
@@ -187,39 +314,48 @@ class CacheReader:
         return out
 
     def get(self, i: int, split: str = "train") -> CachedSequence:
-        """Sequence i of a split (0-based over its committed parts), reading only its chunks."""
+        """Sequence i of a split (0-based over its committed parts), reading only its chunks.
+
+        Checksums cover whole arrays, so this slice is not checked against them (``read_part`` and
+        ``verify`` do that); a chunk that does not decode raises :class:`CacheCorruptError` naming
+        the part and the array."""
         parts = self.split_parts(split)
         cum = self._cum.get(split, [0])
         if not 0 <= i < cum[-1]:
             raise IndexError(f"sequence {i} out of range: the {split} split has {cum[-1]} sequences")
         p = bisect.bisect_right(cum, i) - 1
         rec, j = parts[p], i - cum[p]
-        base = f"{fmt.PARTS_GROUP}/{rec.name}"
 
-        def arr(name: str) -> Any:
-            return self.storage.open_array(f"{base}/{name}")
+        def arr(name: str, lo: int, hi: int) -> np.ndarray:
+            array = self.open_array(rec.name, name)
+            try:
+                return array[lo:hi]
+            except Exception as err:  # a chunk that does not decode: corruption of this array
+                raise CacheCorruptError(
+                    self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
+                ) from err
 
-        a, b = (int(x) for x in arr("seq_offsets")[j : j + 2])
+        a, b = (int(x) for x in arr("seq_offsets", j, j + 2))
         ta, tb = a - j, b - j - 1
         sl: dict[str, np.ndarray] = {
-            "seq_index": arr("seq_index")[j : j + 1],
+            "seq_index": arr("seq_index", j, j + 1),
             "seq_offsets": np.array([0, b - a], dtype=np.int64),
-            "input_ids": arr("input_ids")[a:b],
-            "doc_start": arr("doc_start")[a:b],
-            "teacher_entropy": arr("teacher_entropy")[ta:tb],
-            "teacher_logprob": arr("teacher_logprob")[ta:tb],
+            "input_ids": arr("input_ids", a, b),
+            "doc_start": arr("doc_start", a, b),
+            "teacher_entropy": arr("teacher_entropy", ta, tb),
+            "teacher_logprob": arr("teacher_logprob", ta, tb),
         }
         if self.mode == "sample":
-            ca, cb = (int(x) for x in arr("class_offsets")[j : j + 2])
-            sl["num_classes"] = arr("num_classes")[ta:tb]
+            ca, cb = (int(x) for x in arr("class_offsets", j, j + 2))
+            sl["num_classes"] = arr("num_classes", ta, tb)
             sl["class_offsets"] = np.array([0, cb - ca], dtype=np.int64)
-            sl["class_ids"] = arr("class_ids")[ca:cb]
-            sl["class_counts"] = arr("class_counts")[ca:cb]
+            sl["class_ids"] = arr("class_ids", ca, cb)
+            sl["class_counts"] = arr("class_counts", ca, cb)
         elif self.mode == "topk":
             for name in ("class_ids", "class_logprobs", "tail_logmass"):
-                sl[name] = arr(name)[ta:tb]
+                sl[name] = arr(name, ta, tb)
         else:
-            sl["class_logprobs"] = arr("class_logprobs")[ta:tb]
+            sl["class_logprobs"] = arr("class_logprobs", ta, tb)
         return PartData(self, rec, sl).sequence(0)
 
 

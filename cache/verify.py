@@ -1,4 +1,10 @@
-"""`selkd-cache verify`: check every committed part, vectorised, naming the part and array at fault."""
+"""`selkd-cache verify`: check every committed part, vectorised, naming the part and array at fault.
+
+Part names, split and array names of commit records and the plan are checked when the cache is
+opened (:class:`~selkd.cache.reader.CacheReader` refuses names that are not ``part-NNNNN`` or an
+array of the format, so nothing outside the store is ever opened); score-part records are checked
+here the same way and reported as problems.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from selkd.cache import format as fmt
-from selkd.cache.reader import CacheCorruptError, CacheReader, PartRecord
+from selkd.cache.reader import SCORE_DTYPES, SCORE_NAME, CacheCorruptError, CacheReader, PartRecord, check_array
 from selkd.cache.writer import array_checksum
 
 # float16 storage: log-probs carry up to ~0.008 nat of rounding each, so sums are checked loosely.
@@ -36,7 +42,7 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
     try:
         data = reader.read_part(rec, verify=True)
     except CacheCorruptError as err:
-        yield Problem(err.part, err.array, str(err).split(": ", 3)[-1])
+        yield Problem(err.part, err.array, err.problem)
         return
     a = data.arrays
     vocab, n_seq = reader.vocab_size, len(a["seq_index"])
@@ -129,14 +135,40 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
         )
 
 
+SCORE_ARRAYS = tuple(SCORE_DTYPES)
+
+
 def check_scores(reader: CacheReader) -> Iterator[Problem]:
+    """Every committed score part: a well-formed record whose arrays match their checksums."""
     storage = reader.storage
     for name in storage.list_dir(fmt.SCORE_COMMITS_PREFIX):
-        rec = storage.read_json(f"{fmt.SCORE_COMMITS_PREFIX}/{name}")
-        part = rec["part"]
-        for array, meta in rec["arrays"].items():
+        stem = name.removesuffix(".json")
+        record = "(score commit record)"
+        if not name.endswith(".json") or not SCORE_NAME.fullmatch(stem):
+            yield Problem(repr(stem), record, "invalid score-part name (expected score-NNNNN); not read")
+            continue
+        try:
+            rec = storage.read_json(f"{fmt.SCORE_COMMITS_PREFIX}/{name}")
+        except Exception as err:
+            yield Problem(stem, record, f"unreadable ({type(err).__name__})")
+            continue
+        arrays = rec.get("arrays") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or rec.get("part") != stem or not isinstance(arrays, dict):
+            yield Problem(stem, record, "does not name this score part or has no table of arrays; not read")
+            continue
+        unknown = [a for a in arrays if a not in SCORE_ARRAYS]
+        if unknown or not all(isinstance(m, dict) and "sha256" in m for m in arrays.values()):
+            yield Problem(stem, record, f"unknown arrays {unknown!r} or missing checksums; not read")
+            continue
+        part = stem
+        for array, meta in arrays.items():
             try:
-                values = storage.open_array(f"{fmt.SCORES_GROUP}/{part}/{array}")[:]
+                opened = storage.open_array(f"{fmt.SCORES_GROUP}/{part}/{array}")
+                check_array(reader.url, part, array, opened, SCORE_DTYPES[array])
+                values = opened[:]
+            except CacheCorruptError as err:
+                yield Problem(part, array, err.problem)
+                continue
             except Exception as err:
                 yield Problem(part, array, f"cannot be read ({type(err).__name__})")
                 continue

@@ -203,8 +203,20 @@ KILL_POINTS: dict[str, KillPoint] = {
             "during sample scoring: a score part's arrays written, its commit record not (needs --sample-ratio)",
             _kill_scoring,
         ),
-        KillPoint("mid-part", "cache", 4, "in the teacher pass, at the nth batch added to a part", _kill_mid_part),
-        KillPoint("mid-write", "cache", 13, "while a part's arrays are written: after the nth array", _kill_mid_write),
+        KillPoint(
+            "mid-part",
+            "cache",
+            4,
+            "in the teacher pass, before the nth batch (counted over all parts) is added to its part",
+            _kill_mid_part,
+        ),
+        KillPoint(
+            "mid-write",
+            "cache",
+            13,
+            "while a part's arrays are written: after the nth array (counted over all parts)",
+            _kill_mid_write,
+        ),
         KillPoint(
             "before-commit",
             "cache",
@@ -496,11 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a == "--out" or a.startswith("--out=") for a in rest):
         parser.error("leave --out out of the options after --: faults.py chooses one per run")
     points = args.point or [n for n, p in KILL_POINTS.items() if p.kind == args.command]
-    args.work.mkdir(parents=True, exist_ok=True)
     wrong = [n for n in points if n not in KILL_POINTS or KILL_POINTS[n].kind != args.command]
     if wrong:
         valid = ", ".join(n for n, p in KILL_POINTS.items() if p.kind == args.command)
         parser.error(f"unknown {args.command} kill point(s) {', '.join(wrong)}; choose from: {valid}")
+    args.work.mkdir(parents=True, exist_ok=True)
     campaign = _cache_campaign if args.command == "cache" else _train_campaign
     results = campaign(args.work, points, args.nth, rest)
     width = max(len(p) for p, _, _ in results)
