@@ -625,10 +625,11 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
                 doc = [corpus.doc_start[a:e] for a, e in starts]
 
                 def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
-                    out = teacher_outputs(
-                        logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), spec, cfg.temperature, gen
-                    )
-                    writer.add(b, seqs, doc, out)
+                    # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
+                    # would copy all [B, L - 1, V] logits first
+                    for r in range(len(b)):
+                        out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen)
+                        writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out)
 
                 overlap.submit(encode)
                 with lock:

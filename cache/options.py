@@ -80,8 +80,81 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
     return tp, False, optional
 
 
+def _coerce_one(name: str, value: Any, tp: Any) -> Any:
+    """One value to the field's type. Lenient where files are ambiguous (PyYAML reads ``1e-4`` as a
+    string, TOML has no None), strict where a silent conversion would hide a mistake (``3.5`` steps)."""
+    flag = flag_name(name)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{flag}: expected a list, got {value!r}")
+        return [_coerce_one(name, v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{flag}: expected a mapping of KEY=VALUE, got {value!r}")
+        return dict(value)
+    if value is None:
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{flag}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{flag}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{flag}: expected a string, got {value!r}")
+    return value
+
+
+def coerce(cfg: Any) -> None:
+    """Coerce every field to its declared type in place (ConfigError naming the flag if impossible), so
+    values from Python, a YAML/TOML file or JSON (a saved config) behave like parsed flags."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce_one(f.name, getattr(cfg, f.name), hints[f.name]))
+
+
+# --------------------------------------------------------------------------- resume checks
+
+
 def check(cfg: Any) -> None:
-    """Range- and choice-check every field of a config dataclass; raise ConfigError naming it."""
+    """Coerce every field to its declared type (values from YAML/TOML/JSON behave like parsed flags),
+    then range- and choice-check it; raise ConfigError naming the flag."""
+    coerce(cfg)
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         meta = f.metadata

@@ -222,8 +222,8 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
 def _tokenizer_error(source: str, e: BaseException, trust_remote_code: bool) -> str:
     if "trust_remote_code" in str(e) and not trust_remote_code:
         return (
-            f"the tokenizer in {source} needs custom code from its repository; pass trust_remote_code=True "
-            "only if you trust it"
+            f"the tokenizer in {source} needs custom code from its repository; pass --trust-remote-code "
+            "(trust_remote_code=True in Python) only if you trust it"
         )
     return f"could not load a tokenizer from {source}: {_first_line(e)}"
 
@@ -363,7 +363,7 @@ def load_causal_lm(
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ModelError(
                 f"{source} needs custom model code from its repository (model_type={model_type}); pass "
-                "trust_remote_code=True only if you trust it"
+                "--trust-remote-code (trust_remote_code=True) only if you trust it"
             ) from e
         raise ModelError(f"could not read the config of {source} (model_type={model_type}): {_first_line(e)}") from e
     except OSError as e:

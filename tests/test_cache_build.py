@@ -151,7 +151,7 @@ def test_failure_mid_part_then_rerun_equals_uninterrupted(tmp_path, tiny_teacher
 
     def failing_add(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 7:  # in the middle of the second part
+        if calls["n"] == 20:  # one call per sequence: in the middle of the second part
             raise RuntimeError("injected failure")
         return original(self, *args, **kwargs)
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from selkd.cache.build import BuildError
+from selkd.cache.cli import disk_full_error, disk_full_message
 from selkd.cache.corpus import DataError
 from selkd.cache.options import ConfigError
 from selkd.cache.reader import CacheError
@@ -24,6 +25,10 @@ USER_ERRORS = (TrainError, CacheError, DataError, ModelError, StoreError, Checkp
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = TrainConfig.from_cli(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        print(f"selkd-train: error: {err}", file=sys.stderr)
+        return 2
+    try:
         train(cfg)
         return 0
     except ConfigError as err:
@@ -31,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except USER_ERRORS as err:
         print(f"selkd-train: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        full = disk_full_error(err)
+        if full is None:
+            raise
+        print(f"selkd-train: error: {disk_full_message(str(cfg.out), full)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("selkd-train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

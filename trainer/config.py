@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,45 +125,66 @@ def _below_one(value: float) -> str | None:
 @dataclass
 class TrainConfig:
     # ---------------------------------------------------------------- data and models
-    cache: str | None = opt(help="the cache of teacher targets: a local directory or an fsspec URL (offline "
-                            "mode)", metavar="STORE")
-    teacher: str | None = opt(help="teacher model run during training (online mode, with --data)",
-                              metavar="MODEL")
-    data: list[str] = opt([], help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, "
-                          "globs or a `datasets` save_to_disk directory", metavar="SPEC")
-    student: str | None = opt(help="student to distil into: a local Hugging Face directory or a hub id",
-                              metavar="MODEL")
-    student_config: str | None = opt(help="instead of --student: start from random weights built from this "
-                                     "config (directory or hub id)", metavar="CONFIG")
+    cache: str | None = opt(
+        help="the cache of teacher targets: a local directory or an fsspec URL (offline mode)", metavar="STORE"
+    )
+    teacher: str | None = opt(help="teacher model run during training (online mode, with --data)", metavar="MODEL")
+    data: list[str] = opt(
+        [],
+        help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, "
+        "globs or a `datasets` save_to_disk directory",
+        metavar="SPEC",
+    )
+    student: str | None = opt(
+        help="student to distil into: a local Hugging Face directory or a hub id", metavar="MODEL"
+    )
+    student_config: str | None = opt(
+        help="instead of --student: start from random weights built from this config (directory or hub id)",
+        metavar="CONFIG",
+    )
     out: str = opt(help="output directory: checkpoints/, final/, logs", required=True, metavar="DIR")
-    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable",
-                                         metavar="KEY=VALUE")
+    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable", metavar="KEY=VALUE")
     # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
-    text_field: str | None = opt(help="online mode: field of .jsonl/.parquet/datasets rows that holds the "
-                                 "text (default: text)")
+    text_field: str | None = opt(
+        help="online mode: field of .jsonl/.parquet/datasets rows that holds the text (default: text)"
+    )
     max_seq_len: int | None = opt(help="online mode: tokens per packed sequence (default: 512)", lo=2)
     limit_tokens: int | None = opt(help="online mode: stop reading the corpus after this many tokens", lo=2)
-    eval_fraction: float | None = opt(help="online mode: fraction of sequences held out for evaluation "
-                                      "(default: 0.01)", lo=0.0, hi=0.5)
-    classes: str | None = opt(help="online mode: teacher classes per position: full (default: exact, the "
-                              "logits are in memory anyway), topk:K or sample:N", validate=_valid_classes,
-                              metavar="MODE")
-    temperature: float | None = opt(help="online mode: teacher temperature of the targets (default: 1.0)",
-                                    lo=0.0, lo_open=True)
+    eval_fraction: float | None = opt(
+        help="online mode: fraction of sequences held out for evaluation (default: 0.01)", lo=0.0, hi=0.5
+    )
+    classes: str | None = opt(
+        help="online mode: teacher classes per position: full (default: exact, the "
+        "logits are in memory anyway), topk:K or sample:N",
+        validate=_valid_classes,
+        metavar="MODE",
+    )
+    temperature: float | None = opt(
+        help="online mode: teacher temperature of the targets (default: 1.0)", lo=0.0, lo_open=True
+    )
     # ---------------------------------------------------------------- selection and loss
-    select: str = opt("student-entropy:0.2", help="positions distilled: SIGNAL:FRACTION (signals: "
-                      f"{', '.join(SIGNALS)}) or none (full KD)", validate=_valid_select,
-                      metavar="SIGNAL:FRACTION")
+    select: str = opt(
+        "student-entropy:0.2",
+        help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNALS)}) or none (full KD)",
+        validate=_valid_select,
+        metavar="SIGNAL:FRACTION",
+    )
     select_policy: str = opt("sequence", help="how scores become a selection", choices=tuple(POLICIES))
     global_queue: int = opt(DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1)
     loss: str = opt("fkl", help="divergence at the selected positions", choices=tuple(LOSSES))
-    topk_renormalize: bool = opt(False, help="topk targets: drop the tail bucket and renormalise over the k "
-                                 "classes (biased)")
+    topk_renormalize: bool = opt(
+        False, help="topk targets: drop the tail bucket and renormalise over the k classes (biased)"
+    )
     ce_weight: float = opt(0.0, help="weight of the next-token cross-entropy added to the KD loss", lo=0.0)
-    ce_on: str = opt("all", help="positions the CE term covers: all valid positions or the selected ones",
-                     choices=CE_ON)
-    sample_ratio: float | None = opt(help="train only on this fraction of training sequences, those with the "
-                                     "highest mean student entropy", lo=0.0, lo_open=True, hi=1.0)
+    ce_on: str = opt(
+        "all", help="positions the CE term covers: all valid positions or the selected ones", choices=CE_ON
+    )
+    sample_ratio: float | None = opt(
+        help="train only on this fraction of training sequences, those with the highest mean student entropy",
+        lo=0.0,
+        lo_open=True,
+        hi=1.0,
+    )
     # ---------------------------------------------------------------- optimisation
     batch_size: int = opt(8, help="sequences per step per rank (before --grad-accum)", lo=1)
     grad_accum: int = opt(1, help="micro-batches accumulated per optimizer step", lo=1)
@@ -174,20 +194,25 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, help="AdamW beta2", validate=_below_one)
     adam_eps: float = opt(1e-8, help="AdamW epsilon", lo=0.0, lo_open=True)
     warmup_steps: int = opt(0, help="linear warm-up steps", lo=0)
-    warmup_ratio: float | None = opt(help="instead of --warmup-steps: warm up for this fraction of the steps",
-                                     lo=0.0, hi=1.0)
+    warmup_ratio: float | None = opt(
+        help="instead of --warmup-steps: warm up for this fraction of the steps", lo=0.0, hi=1.0
+    )
     schedule: str = opt("cosine", help="learning-rate decay after warm-up", choices=SCHEDULES)
     min_lr_ratio: float = opt(0.0, help="final learning rate as a fraction of --lr", lo=0.0, hi=1.0)
     max_grad_norm: float = opt(1.0, help="gradient clipping norm; 0 disables clipping", lo=0.0)
     steps: int | None = opt(help="optimizer steps to train (exclusive with --epochs; default: 1 epoch)", lo=1)
-    epochs: float | None = opt(help="passes over the training data, may be fractional (exclusive with "
-                               "--steps)", lo=0.0, lo_open=True)
+    epochs: float | None = opt(
+        help="passes over the training data, may be fractional (exclusive with --steps)", lo=0.0, lo_open=True
+    )
     seed: int = opt(0, help="seed of initialisation, data order and random selection", lo=0)
     # ---------------------------------------------------------------- runtime
-    dtype: str = opt("auto", help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
-                     "(autocast; master weights stay fp32)", choices=DTYPES)
-    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local "
-                      "rank's GPU)")
+    dtype: str = opt(
+        "auto",
+        help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
+        "(autocast; master weights stay fp32)",
+        choices=DTYPES,
+    )
+    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local rank's GPU)")
     gradient_checkpointing: bool = opt(False, help="recompute decoder activations in backward (less memory)")
     entropy_chunk: int = opt(128, help="positions per no-grad scoring chunk of the LM head", lo=1)
     num_workers: int = opt(1, help="DataLoader worker processes (0: load in the training process)", lo=0)
@@ -204,8 +229,7 @@ class TrainConfig:
     tensorboard: bool = opt(False, help="write TensorBoard event files to OUT/tensorboard")
 
     def __post_init__(self) -> None:
-        _coerce_types(self)
-        check(self)
+        check(self)  # also coerces file/JSON values to the declared types
         self._check_sources()
         self._check_targets()
         if self.steps is not None and self.epochs is not None:
@@ -222,8 +246,7 @@ class TrainConfig:
         if (self.cache is None) == (self.teacher is None):
             which = "both were given" if self.cache is not None else "neither was given"
             raise ConfigError(
-                "give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); "
-                f"{which}"
+                f"give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); {which}"
             )
         if self.teacher is not None and not self.data:
             raise ConfigError("--teacher (online mode) needs --data SPEC [SPEC ...]")
@@ -261,9 +284,7 @@ class TrainConfig:
                     "fkl is unbiased; use --classes topk:K or full"
                 )
             if self.select_signal == "reverse-kl":
-                raise ConfigError(
-                    f"--select reverse-kl needs topk or full targets, got --classes {self.classes}"
-                )
+                raise ConfigError(f"--select reverse-kl needs topk or full targets, got --classes {self.classes}")
 
     # ---------------------------------------------------------------- derived values
 
@@ -298,9 +319,7 @@ class TrainConfig:
         if self.steps is not None:
             return self.steps
         if steps_per_epoch < 1:
-            raise ConfigError(
-                "the training split is smaller than one optimizer step (batch size x grad accum x ranks)"
-            )
+            raise ConfigError("the training split is smaller than one optimizer step (batch size x grad accum x ranks)")
         return max(1, math.ceil((self.epochs if self.epochs is not None else 1.0) * steps_per_epoch))
 
     def resolved_warmup_steps(self, total_steps: int) -> int:
@@ -366,14 +385,9 @@ def build_parser(prog: str = "selkd-train") -> argparse.ArgumentParser:
         description="Distil a student from cached (or online) teacher targets, applying KD at the positions "
         "the student is least sure of (SE-KD).",
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)"
-    )
+    parser.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
     add_arguments(parser, TrainConfig)
     return parser
-
-
-# --------------------------------------------------------------------------- type coercion
 
 
 def _check_file_keys(values: Mapping[str, Any], path: str) -> None:
@@ -382,77 +396,6 @@ def _check_file_keys(values: Mapping[str, Any], path: str) -> None:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s): {', '.join(unknown)}")
-
-
-def _coerce_one(name: str, value: Any, tp: Any) -> Any:
-    """One value to the field's type. Lenient where files are ambiguous (PyYAML reads ``1e-4`` as a
-    string, TOML has no None), strict where a silent conversion would hide a mistake (``3.5`` steps)."""
-    flag = flag_name(name)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        tp = args[0]
-        origin = typing.get_origin(tp)
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{flag}: expected a list, got {value!r}")
-        return [_coerce_one(name, v, typing.get_args(tp)[0]) for v in value]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{flag}: expected a mapping of KEY=VALUE, got {value!r}")
-        return dict(value)
-    if value is None:
-        return None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{flag}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{flag}: expected a whole number, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{flag}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{flag}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{flag}: expected a string, got {value!r}")
-    return value
-
-
-def _coerce_types(cfg: TrainConfig) -> None:
-    """Coerce every field to its declared type in place (ConfigError naming the flag if impossible), so
-    values from Python, a YAML/TOML file or JSON (a saved config) behave like parsed flags."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, _coerce_one(f.name, getattr(cfg, f.name), hints[f.name]))
-
-
-# --------------------------------------------------------------------------- resume checks
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:

@@ -81,7 +81,15 @@ from zarr.core.array import AsyncArray
 from zarr.core.sync import sync
 
 from selkd.cache import format as fmt
-from selkd.cache.reader import CachedSequence, CacheReader, PartData, PartRecord, open_cache
+from selkd.cache.reader import (
+    CacheCorruptError,
+    CachedSequence,
+    CacheReader,
+    PartData,
+    PartRecord,
+    check_array,
+    open_cache,
+)
 from selkd.cache.store import is_url
 from selkd.cache.targets import SparseTargets
 
@@ -201,9 +209,22 @@ async def _gather(*aws: Any) -> list[Any]:
     return list(await asyncio.gather(*aws))
 
 
-def _read_slices(arrays: Mapping[str, AsyncArray], items: list[tuple[str, slice]]) -> dict[str, np.ndarray]:
-    """Read several slices concurrently (one trip through zarr's event loop)."""
-    values = sync(_gather(*(arrays[name].getitem(sl) for name, sl in items)))
+def _read_slices(
+    reader: CacheReader, part: PartRecord, arrays: Mapping[str, AsyncArray], items: list[tuple[str, slice]]
+) -> dict[str, np.ndarray]:
+    """Read several slices concurrently (one trip through zarr's event loop). A chunk that does not
+    decode is corruption of that part's array: the error names both."""
+    try:
+        values = sync(_gather(*(arrays[name].getitem(sl) for name, sl in items)))
+    except Exception:
+        for name, sl in items:  # find the array at fault, one at a time
+            try:
+                sync(arrays[name].getitem(sl))
+            except Exception as one:
+                raise CacheCorruptError(
+                    reader.url, part.name, name, f"cannot be read ({type(one).__name__}: {one})"
+                ) from one
+        raise
     return {name: np.asarray(v) for (name, _), v in zip(items, values)}
 
 
@@ -213,6 +234,9 @@ def open_part_arrays(reader: CacheReader, part: PartRecord) -> dict[str, AsyncAr
     base = f"{fmt.PARTS_GROUP}/{part.name}"
     store = reader.storage.store
     opened = sync(_gather(*(zarr_async.open_array(store=store, path=f"{base}/{n}", mode="r") for n in names)))
+    dtypes = {spec.name: spec.dtype for spec in fmt.array_specs(reader.mode)}
+    for name, arr in zip(names, opened):  # refuse foreign codecs or dtypes before any chunk is decoded
+        check_array(reader.url, part.name, name, arr, dtypes.get(name))
     return dict(zip(names, opened))
 
 
@@ -239,7 +263,7 @@ def read_range(
     first = [("seq_offsets", slice(start, stop + 1))]
     if mode == "sample":
         first.append(("class_offsets", slice(start, stop + 1)))
-    head = _read_slices(arrays, first)
+    head = _read_slices(reader, part, arrays, first)
     offsets = head["seq_offsets"].astype(np.int64)
     a, b = int(offsets[0]), int(offsets[-1])
     ta, tb = a - start, b - stop  # target j of sequence i sits at seq_offsets[i] - i + j
@@ -260,7 +284,7 @@ def read_range(
         items += [(n, slice(ta, tb)) for n in ("class_ids", "class_logprobs", "tail_logmass")]
     else:
         items.append(("class_logprobs", slice(ta, tb)))
-    out.update(_read_slices(arrays, items))
+    out.update(_read_slices(reader, part, arrays, items))
     return PartData(reader, part, out)
 
 
