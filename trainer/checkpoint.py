@@ -230,8 +230,13 @@ def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
         "python": (int(version), torch.tensor(mt, dtype=torch.int64), gauss),
-        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
+        "numpy": (
+            str(kind),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -242,9 +242,7 @@ def chunked_divergence(
     [B, L] bool or None (all). Returns [B, L] float32, 0 at invalid positions."""
     b, length, _ = hidden.shape
     if tuple(targets.shape) != (b, length):
-        raise ValueError(
-            f"targets must have leading shape [B, L] = {(b, length)}, got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets must have leading shape [B, L] = {(b, length)}, got {tuple(targets.shape)}")
     if valid is None:
         valid = torch.ones((b, length), dtype=torch.bool, device=hidden.device)
     sel_targets = targets.select(valid)

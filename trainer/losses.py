@@ -138,8 +138,7 @@ def _check(student_logits: torch.Tensor, targets: SparseTargets) -> None:
         )
     if targets.mode == "full" and targets.num_classes > student_logits.shape[1]:
         raise ValueError(
-            f"teacher vocabulary ({targets.num_classes}) is larger than the student's "
-            f"({student_logits.shape[1]})"
+            f"teacher vocabulary ({targets.num_classes}) is larger than the student's ({student_logits.shape[1]})"
         )
 
 
@@ -151,9 +150,7 @@ def _position_valid(targets: SparseTargets) -> torch.Tensor:
     return ok
 
 
-def _topk_buckets(
-    logq: torch.Tensor, targets: SparseTargets, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_buckets(logq: torch.Tensor, targets: SparseTargets, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs on the k (+1 tail) buckets of topk targets: ([N, K'], [N, K'])."""
     assert targets.ids is not None and targets.tail_logmass is not None
     ids = targets.ids
@@ -291,9 +288,7 @@ def get_loss(name: str) -> LossFn:
 # --------------------------------------------------------------------------- CE and reductions
 
 
-def ce_per_position(
-    student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-) -> torch.Tensor:
+def ce_per_position(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Cross-entropy ``-log q(label)`` per position. student_logits: [N, V] (fp32 math);
     labels: [N] int64. Returns [N] float32, 0 where ``labels == ignore_index``."""
     return F.cross_entropy(student_logits.float(), labels, reduction="none", ignore_index=ignore_index)
@@ -318,18 +313,14 @@ def masked_mean(
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def sequence_mean(
-    values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's two-level mean: ``L_i = sum_t m_t l_t / sum_t m_t`` per sequence, then the mean of
     ``L_i`` over the sequences with at least one selected position.
 
     values, mask (bool), weights (optional): [B, L]. Returns a scalar float32; all-masked gives 0.
     """
     if values.dim() != 2 or mask.shape != values.shape:
-        raise ValueError(
-            f"sequence_mean needs values and mask [B, L], got {tuple(values.shape)}, {tuple(mask.shape)}"
-        )
+        raise ValueError(f"sequence_mean needs values and mask [B, L], got {tuple(values.shape)}, {tuple(mask.shape)}")
     values = values.float()
     if weights is not None:
         values = values * weights.float()

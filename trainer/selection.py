@@ -179,9 +179,7 @@ def compute_scores(name: str, inputs: SignalInputs) -> torch.Tensor:
     """Scores [B, L] float32 of signal ``name``; NaN becomes -inf (never preferred)."""
     scores = get_signal(name).fn(inputs).float()
     if scores.shape != inputs.valid.shape:
-        raise ValueError(
-            f"signal {name!r} gave shape {tuple(scores.shape)}, expected {tuple(inputs.valid.shape)}"
-        )
+        raise ValueError(f"signal {name!r} gave shape {tuple(scores.shape)}, expected {tuple(inputs.valid.shape)}")
     return torch.nan_to_num(scores, nan=float("-inf"))
 
 
@@ -193,9 +191,7 @@ def parse_select(text: str) -> tuple[str, float]:
     name, sep, frac = text.partition(":")
     name = name.strip()
     if name not in SIGNALS:
-        raise ValueError(
-            f"--select {text!r}: unknown signal {name!r}; valid signals: none, {', '.join(SIGNALS)}"
-        )
+        raise ValueError(f"--select {text!r}: unknown signal {name!r}; valid signals: none, {', '.join(SIGNALS)}")
     if not sep:
         raise ValueError(f"--select {text!r}: expected SIGNAL:FRACTION (e.g. student-entropy:0.2) or none")
     try:
@@ -277,18 +273,14 @@ def _policy_stochastic(
     shift = torch.where(lowest < 0, lowest, 0.0)
     w = torch.where(valid, (s - shift).clamp_min(_MIN_WEIGHT), 0.0)
     device = generator.device if generator is not None else scores.device
-    u = torch.rand(tuple(scores.shape), generator=generator, device=device, dtype=torch.float64).to(
-        scores.device
-    )
+    u = torch.rand(tuple(scores.shape), generator=generator, device=device, dtype=torch.float64).to(scores.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
     keys = torch.where(valid, w.double().log() + gumbel, float("-inf"))
     n = valid.sum(-1)
     k = selection_budget(n, fraction)
     mask = _take_ranks(_order(keys, valid), torch.zeros_like(k), k)
     # importance weights: 1 / pi, pi ~= min(1, k w / sum w), normalised to mean 1 over the selected
-    pi = (k.unsqueeze(-1).double() * w.double() / w.double().sum(-1, keepdim=True).clamp_min(1e-300)).clamp(
-        max=1.0
-    )
+    pi = (k.unsqueeze(-1).double() * w.double() / w.double().sum(-1, keepdim=True).clamp_min(1e-300)).clamp(max=1.0)
     inv = torch.where(mask, 1.0 / pi.clamp_min(1e-300), 0.0)
     mean_inv = inv.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
     weights = torch.where(mask, inv / mean_inv.clamp_min(1e-300), 0.0).float()
@@ -356,9 +348,7 @@ def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown selection policy {name!r}; valid policies: {', '.join(POLICIES)}"
-        ) from None
+        raise ValueError(f"unknown selection policy {name!r}; valid policies: {', '.join(POLICIES)}") from None
 
 
 def make_policy_state(policy: str, capacity: int = DEFAULT_GLOBAL_CAPACITY) -> GlobalQueue | None:
@@ -419,9 +409,7 @@ def select_positions(
     if valid.dtype != torch.bool:
         raise ValueError(f"valid must be a bool mask, got {valid.dtype}")
     if scores.shape != valid.shape or valid.dim() != 2:
-        raise ValueError(
-            f"scores and valid must both be [B, L], got {tuple(scores.shape)} and {tuple(valid.shape)}"
-        )
+        raise ValueError(f"scores and valid must both be [B, L], got {tuple(scores.shape)} and {tuple(valid.shape)}")
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
