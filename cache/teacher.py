@@ -309,17 +309,17 @@ def _not_causal(source: str, model_type: str | None, why: str) -> ModelError:
     )
 
 
-def _check_causal(config: PretrainedConfig, source: str, trust_remote_code: bool) -> None:
+def _check_causal(hf_config: PretrainedConfig, source: str, trust_remote_code: bool) -> None:
     """AutoModelForCausalLM accepts BERT-like encoders (as ``BertLMHeadModel``) and encoder-decoders'
     decoders; neither is a left-to-right LM whose logits a student should match, so reject them here."""
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False):
+    model_type = getattr(hf_config, "model_type", None)
+    if getattr(hf_config, "is_encoder_decoder", False):
         raise _not_causal(source, model_type, "it is an encoder-decoder model")
-    auto_map = getattr(config, "auto_map", None) or {}
+    auto_map = getattr(hf_config, "auto_map", None) or {}
     remote_causal = trust_remote_code and "AutoModelForCausalLM" in auto_map
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
         raise _not_causal(source, model_type, "transformers has no causal-LM class for it")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False):
         raise _not_causal(source, model_type, "it is a bidirectional (masked-LM) encoder")
 
 
@@ -378,7 +378,7 @@ def load_causal_lm(
         else:
             model = _from_hub(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
     except ValueError as e:
-        raise _not_causal(source, getattr(config, "model_type", None), _first_line(e)) from e
+        raise _not_causal(source, config.model_type, _first_line(e)) from e
     except OSError as e:
         raise ModelError(
             f"could not load the weights in {source}: {_first_line(e)}; the directory needs the "

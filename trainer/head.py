@@ -115,11 +115,11 @@ def logits_transform(model: nn.Module) -> Transform | None:
     ``x / logits_scaling``, Cohere's ``x * logit_scale``. Raises ValueError naming the model_type for
     architectures known to apply something else.
     """
-    config = getattr(model, "config", None)
-    if config is None:
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = {getattr(config, "model_type", None), getattr(text, "model_type", None)} - {None}
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    types = {getattr(hf_config, "model_type", None), getattr(text, "model_type", None)} - {None}
     for t in sorted(types):
         if t in _UNSUPPORTED:
             raise ValueError(
