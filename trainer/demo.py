@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -54,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BUDGETS", "Budget", "DemoResult", "Row", "Shape", "build_parser", "main", "run_demo"]
+__all__ = ["BUDGETS", "Budget", "DemoResult", "Row", "Shape", "build_parser", "main", "plan_kd_steps", "run_demo"]
 
 # ----------------------------------------------------------------------------- settings
 
@@ -96,6 +98,13 @@ class Budget:
     kd_lr: float
     warmup_steps: int
     evals: int  # held-out evaluations per student run (for the curves), the final one included
+    target_seconds: float  # the first run's wall-time goal: the teacher's budget shrinks to meet it
+    # cost of everything after the teacher (caches, students, evaluation, report, start-up), in base-student
+    # pretraining steps: per KD step (all methods together), per KD-corpus batch, fixed. Measured on 2 cores.
+    rest_cost: tuple[float, float, float]
+    # base-student pretraining step time (s) of the machine the budget was sized on (2 shared cores); on a
+    # slower machine the KD steps shrink in proportion, see plan_kd_steps
+    ref_step_s: float
     cache_batch: int = 8
 
     def scaled(self, scale: float) -> Budget:
@@ -110,7 +119,8 @@ class Budget:
         kd_steps = n(self.kd_steps, 2)
         return dataclasses.replace(
             self,
-            kd_tokens=n(self.kd_tokens, self.seq_len * (self.kd_batch * 2 + 8)),
+            # SE-KD 3X needs a batch of sequences after keeping 20%: 6 batches' worth of sequences plus eval
+            kd_tokens=n(self.kd_tokens, self.seq_len * (self.kd_batch * 6 + 16)),
             extra_tokens=n(self.extra_tokens, 0),
             tokenizer_chars=n(self.tokenizer_chars, 100_000),
             eval_sequences=n(self.eval_sequences, 4),
@@ -119,6 +129,7 @@ class Budget:
             kd_steps=kd_steps,
             warmup_steps=min(self.warmup_steps, max(0, kd_steps // 4)),
             evals=min(self.evals, kd_steps),
+            target_seconds=self.target_seconds * scale,
         )
 
 
@@ -128,46 +139,69 @@ BUDGETS: dict[str, Budget] = {
         name="full",
         vocab=4096,
         seq_len=256,
-        kd_tokens=450_000,
+        kd_tokens=300_000,
         extra_tokens=1_800_000,
         tokenizer_chars=4_000_000,
         eval_sequences=48,
-        teacher=Shape(hidden=192, layers=4, heads=4, intermediate=512),
+        teacher=Shape(hidden=96, layers=4, heads=4, intermediate=256),
         student=Shape(hidden=64, layers=2, heads=2, intermediate=192),
-        teacher_seconds=390.0,
-        base_seconds=45.0,
+        teacher_seconds=360.0,
+        base_seconds=50.0,
         pretrain_batch=8,
-        teacher_lr=2e-3,
+        teacher_lr=3e-3,
         base_lr=3e-3,
-        kd_steps=200,
+        kd_steps=120,
         kd_batch=8,
         kd_lr=1e-3,
-        warmup_steps=10,
-        evals=5,
+        warmup_steps=8,
+        evals=4,
+        target_seconds=840.0,
+        rest_cost=(10.0, 1.9, 90.0),
+        ref_step_s=0.24,
     ),
     # <= 4 minutes on a 2-core CPU from an empty cache directory: same stages, smaller everything.
     "quick": Budget(
         name="quick",
         vocab=2048,
         seq_len=256,
-        kd_tokens=110_000,
-        extra_tokens=500_000,
+        kd_tokens=90_000,
+        extra_tokens=700_000,
         tokenizer_chars=1_500_000,
         eval_sequences=24,
-        teacher=Shape(hidden=128, layers=3, heads=4, intermediate=384),
+        teacher=Shape(hidden=96, layers=3, heads=4, intermediate=256),
         student=Shape(hidden=64, layers=2, heads=2, intermediate=192),
-        teacher_seconds=75.0,
-        base_seconds=12.0,
+        teacher_seconds=60.0,
+        base_seconds=15.0,
         pretrain_batch=8,
         teacher_lr=3e-3,
         base_lr=3e-3,
-        kd_steps=50,
+        kd_steps=40,
         kd_batch=8,
         kd_lr=1e-3,
-        warmup_steps=5,
-        evals=3,
+        warmup_steps=4,
+        evals=4,
+        target_seconds=225.0,
+        rest_cost=(18.5, 4.5, 120.0),
+        ref_step_s=0.125,
     ),
 }
+
+
+def plan_kd_steps(budget: Budget, base_record: dict[str, Any]) -> Budget:
+    """The budget with its KD steps fitted to this machine's speed, read off the base student's
+    pretraining (its step time). Why: the teacher and base are time-budgeted, so on a slow or busy machine
+    they get less compute on their own, but fixed KD steps would not, which both breaks the wall-time goal
+    and hands the CE-only student a larger share of compute than the teacher's, until the teacher is no
+    longer clearly better. Scaling the steps by the slowdown keeps both. Every method still trains the same
+    number of steps, and later runs get the same plan (it depends only on the saved base record)."""
+    step_s = base_record["seconds"] / max(1, base_record["steps"])
+    slowdown = step_s / budget.ref_step_s
+    if slowdown <= 1.25:
+        return budget
+    steps = max(min(budget.kd_steps, 8), round(budget.kd_steps / slowdown))
+    evals = min(steps, max(2, round(budget.evals / slowdown)))  # evaluations cost the same per run
+    return dataclasses.replace(budget, kd_steps=steps, warmup_steps=min(budget.warmup_steps, steps // 4), evals=evals)
+
 
 SEED = 0
 CHUNK_CHARS = 4000  # corpus rows: pieces of at most this many characters, cut at line ends
@@ -237,9 +271,52 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def busy_cores(samples: int = 10, interval_s: float = 0.05) -> float | None:
+    """How many other processes are running right now: the mean of ``/proc/loadavg``'s runnable count
+    (minus this process) over half a second. The 1-minute load average would lag by a minute and count
+    what this process itself just did (a second run right after a first would see a busy machine)."""
+    counts = []
+    for i in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return None
+        counts.append(int(running) - 1)
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return sum(counts) / len(counts)
+
+
+def default_threads() -> int:
+    """Torch threads for this machine *now*: the cores other processes leave idle, at least 1. Why not
+    simply all cores: on a busy machine, OpenMP threads wait for each other at every barrier while the
+    scheduler runs someone else, and 2 threads on 2 busy cores were measured 2-5x slower than 1 thread,
+    whereas on an idle machine 2 threads were 1.6-1.8x faster than 1."""
+    cores = usable_cores()
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return cores
+    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+
+
 def reset_peak_memory() -> bool:
     """Reset this process's peak RSS (Linux ``clear_refs``), so the next reading is the peak of one
-    stage, not of the whole demo; False where that is not possible (the reading is then cumulative)."""
+    stage, not of the whole demo; False where that is not possible (the reading is then cumulative).
+    Freed heap memory is handed back to the OS first (``malloc_trim``), so what earlier stages freed
+    does not count towards the next one."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -263,15 +340,15 @@ def _logged(path: Path) -> Iterator[None]:
         yield
 
 
-def _as_cli(prog: str, cfg: Any, defaults: Any) -> str:
-    """The command line that runs ``cfg`` (options that differ from ``defaults``), so users can
-    repeat a stage by hand."""
+def _as_cli(prog: str, cfg: Any, defaults: Any, always: Sequence[str] = ()) -> str:
+    """The command line that runs ``cfg`` (options that differ from ``defaults``, and ``always``), so
+    users can repeat a stage by hand."""
     parts = [prog]
     for f in dataclasses.fields(cfg):
         if not f.metadata or not f.metadata.get("cli", True):
             continue
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
-        if value == default or value in (None, [], {}):
+        if (value == default and f.name not in always) or value in (None, [], {}):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -305,16 +382,22 @@ def stdlib_documents() -> list[tuple[str, str]]:
     return out
 
 
-def user_documents(specs: Sequence[str], text_field: str) -> list[tuple[str, str]]:
-    """Documents of ``--data`` (the formats ``selkd-cache build`` reads), named by position."""
-    from selkd.cache.corpus import CorpusStats, DataError, iter_documents
+def user_documents(specs: Sequence[str], text_field: str, max_chars: int | None = None) -> list[tuple[str, str]]:
+    """Documents of ``--data`` (the formats ``selkd-cache build`` reads), named by position. Reading
+    stops after ``max_chars``: the demo uses a few MB, however large the corpus. Chat rows are refused
+    (their rendering needs a tokenizer with a chat template, and the demo trains its own)."""
+    from selkd.cache.corpus import CorpusStats, iter_documents
 
     stats = CorpusStats(text_field=text_field)
-    try:
-        docs = list(iter_documents(list(specs), text_field, None, stats))  # type: ignore[arg-type]
-    except AttributeError as err:  # a chat row needs a tokenizer's chat template, which we have not yet
-        raise DataError("--data: chat rows are not supported by the demo; give plain text rows") from err
-    return [(f"doc{i}", d) for i, d in enumerate(docs) if d.strip()]
+    out: list[tuple[str, str]] = []
+    total = 0
+    for doc in iter_documents(list(specs), text_field, None, stats):  # type: ignore[arg-type]
+        if doc.strip():
+            out.append((f"doc{len(out)}", doc))
+            total += len(doc)
+            if max_chars is not None and total >= max_chars:
+                break
+    return out
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
@@ -335,24 +418,24 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 
 
 def split_documents(docs: Sequence[tuple[str, str]], kd_chars: int, extra_chars: int) -> tuple[list[str], list[str]]:
-    """Rows of the KD corpus and of the pretraining-only text. Documents are shuffled by a hash of
-    their name (deterministic, and the KD corpus is not one package's alphabetical prefix); rows of one
-    document stay together so sequences keep their context."""
+    """Rows of the KD corpus (about ``kd_chars``) and of the pretraining-only text (about
+    ``extra_chars``). Documents are shuffled by a hash of their name (deterministic, and the KD corpus
+    is not one package's alphabetical prefix) and cut into rows at line ends; a document's rows stay in
+    order, so sequences keep their context, and only the document at the boundary is split."""
     order = sorted(docs, key=lambda d: hashlib.sha1(d[0].encode()).hexdigest())
     kd: list[str] = []
     extra: list[str] = []
     kd_size = extra_size = 0
     for _, text in order:
-        rows = chunk_text(text, CHUNK_CHARS)
-        size = sum(len(r) for r in rows)
-        if kd_size < kd_chars:
-            kd.extend(rows)
-            kd_size += size
-        elif extra_size < extra_chars:
-            extra.extend(rows)
-            extra_size += size
-        else:
-            break
+        for row in chunk_text(text, CHUNK_CHARS):
+            if kd_size < kd_chars:
+                kd.append(row)
+                kd_size += len(row)
+            elif extra_size < extra_chars:
+                extra.append(row)
+                extra_size += len(row)
+            else:
+                return kd, extra
     return kd, extra
 
 
@@ -472,7 +555,7 @@ def pretrain_lm(
             curve.append([step, time.perf_counter() - t0, window / n_window])
             window, n_window = 0.0, 0
         if time.perf_counter() >= next_report:
-            last = curve[-1][2] if curve else float(loss)
+            last = curve[-1][2] if curve else float(loss.detach())
             report(f"      {time.perf_counter() - t0:5.0f} s  step {step:>5}  train CE {last:.3f}")
             next_report += 15.0
     if n_window:
@@ -533,6 +616,7 @@ class Row:
     bytes_per_position: float | None  # per stored position
     bytes_per_corpus_position: float | None  # per position of the KD corpus (the storage actually paid)
     reused: bool = False  # taken from an earlier run with identical inputs
+    cache_build_s: float | None = None  # time the cache this method reads took to build
     params: int | None = None
     curve: list[list[float]] = field(default_factory=list)  # [step, train loss]
     eval_curve: list[list[float]] = field(default_factory=list)  # [step, held-out CE]
@@ -564,6 +648,7 @@ def format_table(rows: Sequence[Row]) -> str:
         "cache bytes",
         "B/pos",
         "B/corpus pos",
+        "cache build",
     ]
 
     def opt(x: float | None, spec: str) -> str:
@@ -582,6 +667,7 @@ def format_table(rows: Sequence[Row]) -> str:
                 "—" if r.cache_bytes is None else _human_bytes(r.cache_bytes),
                 opt(r.bytes_per_position, ".1f"),
                 opt(r.bytes_per_corpus_position, ".1f"),
+                "—" if r.cache_build_s is None else _fmt_s(r.cache_build_s),
             ]
         )
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -685,10 +771,7 @@ def machine_info(threads: int) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     load = None
     with contextlib.suppress(OSError, AttributeError):
         load = round(os.getloadavg()[0], 2)
@@ -704,6 +787,38 @@ def machine_info(threads: int) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
     }
+
+
+def _vs(ce: float, ref: float) -> str:
+    """'0.123 nats better than' / 'worse than' (lower held-out CE is better)."""
+    d = ce - ref
+    return f"{abs(d):.3f} nats {'better' if d < 0 else 'worse'} than"
+
+
+def findings(rows: Sequence[Row]) -> list[str]:
+    """Plain statements read off the table (no claims beyond these numbers and this budget)."""
+    by = {r.key: r for r in rows}
+    teacher, base, ce_only = by["teacher"], by["base"], by["ce-only"]
+    students = [r for r in rows if r.key not in ("teacher", "base")]
+    out = [
+        f"The teacher is {_vs(teacher.eval_ce, base.eval_ce)} the base student and "
+        f"{_vs(teacher.eval_ce, ce_only.eval_ce)} the CE-only student on held-out CE."
+    ]
+    ranked = sorted(students, key=lambda r: r.eval_ce)
+    out.append(
+        "Held-out CE, best first: "
+        + "; ".join(f"{r.label} {r.eval_ce:.3f} ({r.eval_ce - base.eval_ce:+.3f} from the base)" for r in ranked)
+        + "."
+    )
+    full, sekd, three = by["kd-cache"], by["sekd"], by["sekd-3x"]
+    size = (three.cache_bytes or 0) / max(1, full.cache_bytes or 1)
+    build = (three.cache_build_s or 0.0) / max(1e-9, full.cache_build_s or 0.0)
+    out.append(
+        f"From the same cache, SE-KD is {_vs(sekd.eval_ce, full.eval_ce)} full KD and "
+        f"{_vs(sekd.eval_ce, ce_only.eval_ce)} CE only; SE-KD 3X is {_vs(three.eval_ce, full.eval_ce)} full KD, "
+        f"from a cache {size:.0%} the size built in {build:.0%} of the time."
+    )
+    return out
 
 
 def write_report(
@@ -729,12 +844,14 @@ def write_report(
         "Held-out CE and perplexity are measured on the caches' eval split (never trained on by any model, "
         "teacher and base included); top-1 agreement is the share of those positions where the model's argmax "
         "is the teacher's. Wall time is pretraining time for the teacher and the base student and training "
-        "time (load, steps, evaluations, save) for the compared students; the cache build times are below. "
+        "time (load, steps, evaluations, save) for the compared students. "
         "Peak memory is the process's peak resident set during that stage. B/pos: cache bytes per stored "
-        "position; B/corpus pos: per position of the KD corpus."
+        "position; B/corpus pos: per position of the KD corpus; cache build: the teacher pass (and, for the "
+        "20% cache, the base student's scoring pass) that wrote the cache the method reads."
         + (" `*`: reused from an earlier run with identical inputs." if any(r.reused for r in rows) else ""),
         "",
     ]
+    lines += ["## Findings", "", *(f"- {f}" for f in findings(rows)), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     lines += [
@@ -749,9 +866,9 @@ def write_report(
         "- **full KD, teacher online**: forward KL to the teacher's exact distribution at every position, the "
         "teacher running in the loop.",
         f"- **full KD from the cache**: forward KL to RS-KD sampled targets ({CLASSES}) at every position.",
-        f"- **SE-KD**: the same targets, only at the {SELECT.split(':')[1]} fraction of positions per sequence "
+        f"- **SE-KD**: the same targets, only at the {float(SELECT.split(':')[1]):.0%} of positions per sequence "
         "with the highest student entropy (recomputed every step), no CE term.",
-        f"- **SE-KD 3X**: SE-KD on a cache that holds only the top {SAMPLE_RATIO:g} of training sequences by the "
+        f"- **SE-KD 3X**: SE-KD on a cache that holds only the top {SAMPLE_RATIO:.0%} of training sequences by the "
         "frozen base student's mean entropy (positions + classes + samples).",
         "",
         "## Settings",
@@ -870,8 +987,7 @@ def run_demo(
 
     t_start = time.perf_counter()
     budget = BUDGETS["quick" if quick else "full"].scaled(budget_scale)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = threads or cores
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
@@ -893,7 +1009,7 @@ def run_demo(
     # --- 1. corpus ----------------------------------------------------------------------------------
     with stages.stage("corpus", "corpus"):
         if data:
-            docs = user_documents(data, text_field)
+            docs = user_documents(data, text_field, max_chars=3 * int((budget.kd_tokens + budget.extra_tokens) * 3.5))
             corpus_name = "--data " + " ".join(data)
         else:
             docs = stdlib_documents()
@@ -907,6 +1023,13 @@ def run_demo(
         kd_hash = write_rows(kd_path, kd_rows)
         extra_hash = write_rows(extra_path, extra_rows)
         kd_chars, extra_chars = sum(map(len, kd_rows)), sum(map(len, extra_rows))
+        # SE-KD 3X trains on SAMPLE_RATIO of the training sequences: at least one batch of them
+        need = (budget.kd_batch / SAMPLE_RATIO + budget.eval_sequences + 1) * budget.seq_len * cpt
+        if kd_chars < need:
+            raise DataError(
+                f"the corpus is too small for the demo: {kd_chars:,} characters, at least {need:,.0f} are needed "
+                f"for the KD corpus (give more text with --data)"
+            )
         _say(
             f"      {corpus_name}: KD corpus {len(kd_rows):,} rows ({_human_bytes(kd_chars)}), pretraining-only "
             f"text {len(extra_rows):,} rows ({_human_bytes(extra_chars)}) -> {data_dir}"
@@ -934,8 +1057,10 @@ def run_demo(
             _say(f"      trained on {_human_bytes(size)} -> {tok_dir} ({len(tokenizer):,} tokens)")
 
     # The KD corpus exactly as the caches will pack it, and its held-out split (the caches' eval split).
-    n_kd_seq_hint = max(2, budget.kd_tokens // budget.seq_len)
-    eval_fraction = min(0.5, round(budget.eval_sequences / n_kd_seq_hint, 4))
+    # (estimated from characters, so that it is known before anything is tokenized and stays a pure
+    # function of the corpus files: it is part of every later stage's identity)
+    n_kd_seq_estimate = max(2.0, kd_chars / (cpt * budget.seq_len))
+    eval_fraction = min(0.5, round(budget.eval_sequences / n_kd_seq_estimate, 4))
     pool_cache: dict[str, np.ndarray] = {}
 
     def pretraining_pool() -> np.ndarray:
@@ -949,15 +1074,16 @@ def run_demo(
                 extra = load_corpus([str(extra_path)], tokenizer, budget.seq_len, progress=False)
                 parts.append(_pack(extra.tokens, budget.seq_len))
             pool_cache["pool"] = np.concatenate(parts).astype(np.int32)
-            pool_cache["n_kd"] = np.array(kd.n_tokens)
         return pool_cache["pool"]
 
     split_key = {"tokenizer": tok_key, "seq_len": budget.seq_len, "eval_fraction": eval_fraction, "seed": SEED}
     pretrain: dict[str, dict[str, Any]] = {}
 
     def pretrain_stage(
-        what: str, shape: Shape, seconds: float, lr: float, seed: int
+        what: str, shape: Shape, seconds: float, lr: float, seed: int, plan: Callable[[], float] | None = None
     ) -> tuple[Path, dict[str, Any], bool]:
+        """Train (or reuse) one model. ``seconds`` is the nominal budget, part of the model's identity;
+        ``plan`` may lower the budget actually spent when the run is late (a busy machine)."""
         key = {
             "split": split_key,
             "shape": dataclasses.asdict(shape),
@@ -965,19 +1091,20 @@ def run_demo(
             "lr": lr,
             "batch": budget.pretrain_batch,
             "seed": seed,
-            "threads": threads,
         }
         directory = home / f"{what}-{_digest(key, 8)}"
 
         def build() -> tuple[Any, dict[str, Any]]:
             pool = pretraining_pool()
             model = make_llama(shape, tokenizer, max_pos=budget.seq_len, seed=seed)
+            spend = seconds if plan is None else plan()
             _say(
-                f"      {n_params(model) / 1e6:.2f}M params ({shape.describe()}); {seconds:.0f} s of CE on "
+                f"      {n_params(model) / 1e6:.2f}M params ({shape.describe()}); {spend:.0f} s of CE on "
                 f"{pool.size:,} tokens, batch {budget.pretrain_batch} x {budget.seq_len}, lr {lr:g}"
             )
             reset_peak_memory()
-            rec = pretrain_lm(model, pool, seconds, budget.pretrain_batch, lr, seed)
+            rec = pretrain_lm(model, pool, spend, budget.pretrain_batch, lr, seed)
+            rec["budget_seconds"] = spend
             rec["peak_mb"] = peak_memory_mb()
             rec["params"] = n_params(model)
             return model, rec
@@ -991,13 +1118,43 @@ def run_demo(
         pretrain[what] = {**record, "reused": reused}
         return directory, record, reused
 
-    # --- 3. teacher, 4. base student ------------------------------------------------------------------
-    with stages.stage("teacher", f"teacher: Llama {budget.teacher.describe()}, {budget.teacher_seconds:.0f} s budget"):
-        teacher_dir, _, _ = pretrain_stage("teacher", budget.teacher, budget.teacher_seconds, budget.teacher_lr, SEED)
+    def plan_teacher() -> float:
+        """The teacher's budget: nominal, unless the base student's pretraining shows a machine so slow
+        (or busy) that the stages after the teacher, whose cost is fixed in steps, would push the first run
+        past its target; then somewhat less. Never under 3/4: the teacher's margin over the students is what
+        makes the comparison mean anything, and on a busy machine it is already the first thing to shrink."""
+        base = pretrain["base"]
+        step_s = base["seconds"] / max(1, base["steps"])
+        a, b, c = budget.rest_cost
+        kd_batches = budget.kd_tokens / (budget.pretrain_batch * budget.seq_len)
+        rest = step_s * (a * budget.kd_steps + b * kd_batches + c)
+        left = budget.target_seconds - (time.perf_counter() - t_start) - rest
+        spend = min(budget.teacher_seconds, max(0.75 * budget.teacher_seconds, left))
+        if spend < budget.teacher_seconds:
+            _say(
+                f"      this machine is slower than planned ({step_s * 1000:.0f} ms per base-student step): the "
+                f"teacher trains {spend:.0f} s instead of {budget.teacher_seconds:.0f} s to keep the run near "
+                f"{budget.target_seconds / 60:.0f} minutes"
+            )
+        return spend
+
+    # --- 3. base student, 4. teacher ------------------------------------------------------------------
+    # The base student first: its step time tells how fast this machine is, which sizes the teacher's budget.
     with stages.stage(
         "base", f"base student: Llama {budget.student.describe()}, {budget.base_seconds:.0f} s of plain CE"
     ):
         base_dir, _, _ = pretrain_stage("base", budget.student, budget.base_seconds, budget.base_lr, SEED + 1)
+        nominal_steps = budget.kd_steps
+        budget = plan_kd_steps(budget, pretrain["base"])
+        if budget.kd_steps != nominal_steps:
+            _say(
+                f"      this machine is slower than the one the budget was sized on: the students will train "
+                f"{budget.kd_steps} steps instead of {nominal_steps} (all methods alike)"
+            )
+    with stages.stage("teacher", f"teacher: Llama {budget.teacher.describe()}, up to {budget.teacher_seconds:.0f} s"):
+        teacher_dir, _, _ = pretrain_stage(
+            "teacher", budget.teacher, budget.teacher_seconds, budget.teacher_lr, SEED, plan_teacher
+        )
     pool_cache.clear()
 
     # --- 5. caches --------------------------------------------------------------------------------------
@@ -1018,17 +1175,18 @@ def run_demo(
                 progress=False,
                 **({"student": str(base_dir), "sample_ratio": SAMPLE_RATIO} if name == "sel20" else {}),
             )
-            command = _as_cli("selkd-cache build", cfg, BuildConfig(teacher="T", data=["D"], out="O"))
+            command = _as_cli("selkd-cache build", cfg, BuildConfig(teacher="T", data=["D"], out="O"), ["classes"])
             commands.append(command)
             key = {"teacher": str(teacher_dir), "base": str(base_dir), "kd": kd_hash, "cfg": dataclasses.asdict(cfg)}
             stamp_path = path.with_name(path.name + ".selkd-demo.json")
             stamp = _read_json(stamp_path)
-            if stamp is not None and stamp.get("key") == key and _complete(path):
+            if stamp is not None and stamp.get("key") == key and "bytes" in stamp and _complete(path):
                 cache_stats[name] = stamp
                 _say(f"      {name}: reused {path} (built in {stamp['seconds']:.0f} s)")
                 continue
             if path.exists() and (stamp is None or stamp.get("key") != key):
                 shutil.rmtree(path)  # built from other inputs: a build would refuse to resume it
+            _write_json(stamp_path, {"key": key})  # same key next time: an interrupted build resumes
             _say(f"      {name}: {command}")
             t0 = time.perf_counter()
             with _logged(logs / f"cache-{name}.log"):
@@ -1096,7 +1254,10 @@ def run_demo(
                 )
             else:
                 cfg = TrainConfig(out=str(run_out), cache=str(caches[m.cache or "full"]), select=m.select, **common)
-            defaults = TrainConfig(out="O", cache="C", student="S")
+            if m.kind == "online":
+                defaults = TrainConfig(out="O", teacher="T", data=["D"], student="S")
+            else:
+                defaults = TrainConfig(out="O", cache="C", student="S")
             command = _as_cli("selkd-train", cfg, defaults)
             if m.kind == "ce":
                 command = f"# no selkd-train equivalent (it always adds a KD term): the demo's CE loop on {cfg.cache}"
@@ -1109,7 +1270,8 @@ def run_demo(
             }
             stamp_path = run_out / "selkd-demo.json"
             stamp = _read_json(stamp_path)
-            if not rerun and stamp is not None and stamp.get("key") == key:
+            done = (run_out / "final" / "config.json").is_file()
+            if not rerun and stamp is not None and stamp.get("key") == key and done:
                 run_records[m.key] = {**stamp, "reused": True}
                 _say(f"      {m.label}: reused {run_out} (trained in {stamp['wall_s']:.0f} s)")
                 continue
@@ -1184,6 +1346,7 @@ def run_demo(
                     None if stats is None else stats["bytes_per_position"],
                     None if stats is None else stats["bytes_per_corpus_position"],
                     reused=rec["reused"],
+                    cache_build_s=None if stats is None else stats["seconds"],
                     curve=curve,
                     eval_curve=[[0, base_ce], *eval_curve],
                 )
@@ -1193,7 +1356,7 @@ def run_demo(
 
     # --- 8. table and report -------------------------------------------------------------------------------
     by_key = {r.key: r for r in rows}
-    margin = 0.05
+    margin = 0.1  # nats: 'clearly better'
     for other in ("base", "ce-only"):
         if by_key["teacher"].eval_ce > by_key[other].eval_ce - margin:
             warnings.append(
@@ -1207,6 +1370,7 @@ def run_demo(
             k: (dataclasses.asdict(v) if isinstance(v, Shape) else v) for k, v in dataclasses.asdict(budget).items()
         },
         "budget_scale": budget_scale,
+        "kd_steps_nominal": nominal_steps,
         "corpus": corpus_name,
         "kd_corpus_rows": len(kd_rows),
         "extra_rows": len(extra_rows),
@@ -1444,7 +1608,11 @@ def build_parser() -> argparse.ArgumentParser:
         "little) (default: 1)",
     )
     p.add_argument(
-        "--threads", type=int, metavar="N", help="torch CPU threads (default: the CPU cores this process may use)"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: the CPU cores that other processes leave idle when the demo starts; "
+        "at least 1)",
     )
     p.add_argument(
         "--rerun",

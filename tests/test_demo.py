@@ -1,0 +1,155 @@
+"""selkd-demo: the README's main command keeps working end to end (on a tiny budget), and its helpers
+do what the report relies on."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from selkd.trainer import demo
+
+EXPECTED_ROWS = ["teacher", "base", "ce-only", "kd-online", "kd-cache", "sekd", "sekd-3x"]
+
+
+def _finite_numbers(row: dict) -> list[tuple[str, float]]:
+    """Every number of a results.json row (None means 'not applicable', e.g. the teacher's agreement)."""
+    keys = (
+        "eval_ce",
+        "eval_ppl",
+        "top1_agree",
+        "wall_s",
+        "peak_mb",
+        "cache_bytes",
+        "bytes_per_position",
+        "bytes_per_corpus_position",
+    )
+    return [(k, row[k]) for k in keys if row[k] is not None]
+
+
+def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`selkd-demo --quick` on a tiny budget: every stage runs, the table has one row per model, every
+    number is finite, the report and plots exist; a second run reuses every stage."""
+    out, models = tmp_path / "out", tmp_path / "models"
+    argv = ["--quick", "--budget-scale", "0.03", "--out", str(out), "--models", str(models)]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["key"] for r in rows] == EXPECTED_ROWS
+    for r in rows:
+        for name, value in _finite_numbers(r):
+            assert math.isfinite(value), f"{r['key']}: {name} = {value}"
+        assert r["eval_ce"] > 0
+        assert r["label"] in printed  # the printed table has the row
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["teacher"]["top1_agree"] is None
+    for key in EXPECTED_ROWS[1:]:
+        assert 0.0 <= by_key[key]["top1_agree"] <= 1.0
+    # the sample-selected cache holds about a fifth of the sequences, so it is smaller
+    assert by_key["sekd-3x"]["cache_bytes"] < by_key["kd-cache"]["cache_bytes"]
+    assert by_key["kd-online"]["cache_bytes"] is None and by_key["ce-only"]["cache_bytes"] is None
+
+    report = (out / "report.md").read_text()
+    assert "| method" in report and "SE-KD 3X" in report
+    for png in ("eval_ce.png", "train_loss.png", "pretrain_loss.png"):
+        if "matplotlib is not installed" not in report:
+            assert (out / png).stat().st_size > 0
+            assert f"]({png})" in report
+    for key in EXPECTED_ROWS[2:]:
+        assert (out / "runs" / key / "metrics.jsonl").is_file()
+        assert (out / "runs" / key / "final" / "config.json").is_file()
+    assert len(list(models.glob("demo-*/teacher-*/model.safetensors"))) == 1
+
+    again = demo.run_demo(quick=True, budget_scale=0.03, out=out, models=str(models))
+    assert [r.key for r in again.rows] == EXPECTED_ROWS
+    assert all(r.reused for r in again.rows), [r.key for r in again.rows if not r.reused]
+    first = {r["key"]: r["eval_ce"] for r in rows}
+    for r in again.rows:  # the same models on the same held-out sequences
+        assert r.eval_ce == pytest.approx(first[r.key], abs=1e-5)
+
+
+def test_every_option_has_help() -> None:
+    parser = demo.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and action.help.strip(), action.dest
+
+
+def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--budget-scale", "0"]) == 2
+    assert "--budget-scale" in capsys.readouterr().err
+    assert demo.main(["--threads", "0"]) == 2
+
+
+def test_split_documents_is_deterministic_and_disjoint() -> None:
+    docs = [(f"mod{i}.py", f"# module {i}\n" + "x = 1\n" * (50 + i)) for i in range(40)]
+    kd, extra = demo.split_documents(docs, kd_chars=2000, extra_chars=3000)
+    assert (kd, extra) == demo.split_documents(list(reversed(docs)), kd_chars=2000, extra_chars=3000)
+    assert kd and extra
+    assert not set(kd) & set(extra) or len(set(kd)) < len(kd)  # rows may repeat text, never documents
+    assert sum(map(len, kd)) >= 2000
+    assert all(len(r) <= demo.CHUNK_CHARS for r in kd + extra)
+
+
+def test_chunk_text_keeps_every_line() -> None:
+    text = "".join(f"line {i}\n" for i in range(1000))
+    pieces = demo.chunk_text(text, 100)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 100 for p in pieces)
+
+
+def test_budget_scaled_keeps_stages_meaningful() -> None:
+    b = demo.BUDGETS["quick"]
+    assert b.scaled(1.0) is b
+    tiny = b.scaled(0.01)
+    assert tiny.kd_steps >= 2 and tiny.eval_sequences >= 4 and tiny.teacher_seconds >= 1.0
+    assert tiny.kd_tokens >= tiny.seq_len * tiny.kd_batch * 2  # at least one batch per epoch after the eval split
+    assert tiny.evals <= tiny.kd_steps
+    assert (tiny.teacher, tiny.student, tiny.vocab) == (b.teacher, b.student, b.vocab)
+
+
+def test_format_table_aligns_and_marks_missing_values() -> None:
+    rows = [
+        demo.Row("teacher", "teacher", 3.5, math.exp(3.5), None, 300.0, 900.0, None, None, None),
+        demo.Row("sekd", "SE-KD", 4.0, math.exp(4.0), 0.5, 42.0, 700.0, 2048, 47.5, 47.5, reused=True),
+    ]
+    table = demo.format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert "—" in lines[2] and "SE-KD *" in lines[3] and "2.0 KiB" in lines[3]
+
+
+def test_plan_kd_steps_follows_machine_speed() -> None:
+    """On the reference machine the budget is kept; on a 4x slower one the KD steps shrink 4x (so the
+    fixed-step stages keep their share of the wall time and of the compute), the same for every method."""
+    b = demo.BUDGETS["quick"]
+    at = {"seconds": 15.0, "steps": round(15.0 / b.ref_step_s)}
+    assert demo.plan_kd_steps(b, at) is b
+    slow = {"seconds": 15.0, "steps": round(15.0 / (4 * b.ref_step_s))}
+    planned = demo.plan_kd_steps(b, slow)
+    assert planned.kd_steps == round(b.kd_steps / 4)
+    assert 2 <= planned.evals <= planned.kd_steps and planned.warmup_steps <= planned.kd_steps // 4
+    crawling = {"seconds": 15.0, "steps": 1}
+    assert demo.plan_kd_steps(b, crawling).kd_steps == 8  # a floor, so the curves still mean something
+
+
+def test_user_documents_reads_the_cache_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first document\nwith two lines\n")
+    rows = [{"text": "row one"}, {"text": "   "}, {"body": "no text field"}, {"text": "row two"}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = demo.user_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], "text")
+    assert [d for _, d in docs] == ["first document\nwith two lines\n", "row one", "row two"]
+    assert len(demo.user_documents([str(tmp_path / "b.jsonl")], "text", max_chars=3)) == 1
+
+
+def test_too_small_data_fails_early_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "tiny.txt").write_text("print('hello')\n" * 20)
+    argv = ["--quick", "--data", str(tmp_path / "tiny.txt"), "--out", str(tmp_path / "out")]
+    assert demo.main([*argv, "--models", str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err
+    assert "too small" in err and "--data" in err
+    assert not (tmp_path / "models").exists()  # nothing was trained
