@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from selkd.trainer import demo
 
@@ -34,7 +35,9 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, capsys: pytest.CaptureF
     number is finite, the report and plots exist; a second run reuses every stage."""
     out, models = tmp_path / "out", tmp_path / "models"
     argv = ["--quick", "--budget-scale", "0.03", "--out", str(out), "--models", str(models)]
+    threads = torch.get_num_threads()
     assert demo.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the caller's process is left as it was
     printed = capsys.readouterr().out
 
     results = json.loads((out / "results.json").read_text())

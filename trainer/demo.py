@@ -25,6 +25,12 @@ build`` and ``selkd-train`` (one Python start-up instead of six, which matters o
 prints the equivalent command of each. Every stage reuses its earlier result when its inputs are
 identical; ``--rerun`` retrains the compared students.
 
+Budgets: the teacher and the base student train for a number of *seconds*, the compared students for
+a number of *steps* (the same for all). The base student trains first, and its step time tells how fast
+the machine is: on one slower than the 2 shared cores the budgets were sized on, the KD steps shrink in
+proportion (:func:`plan_kd_steps`) and, if the run is still late, the teacher's seconds a little, so the
+first run keeps its wall time and the teacher keeps its lead over the CE-only student.
+
 The CE-only baseline is the one method ``selkd-train`` cannot express (it always adds a KD term), so it
 is a plain CE loop here that reads the full cache's training split through the trainer's own
 :class:`~selkd.trainer.data.CacheStream` (same batches in the same order as the cache-based KD runs),
@@ -295,18 +301,20 @@ def busy_cores(samples: int = 10, interval_s: float = 0.05) -> float | None:
 
 
 def default_threads() -> int:
-    """Torch threads for this machine *now*: the cores other processes leave idle, at least 1. Why not
-    simply all cores: on a busy machine, OpenMP threads wait for each other at every barrier while the
-    scheduler runs someone else, and 2 threads on 2 busy cores were measured 2-5x slower than 1 thread,
-    whereas on an idle machine 2 threads were 1.6-1.8x faster than 1."""
+    """Torch threads: the cores other processes leave idle when the demo starts, minus one, at least 1.
+
+    Why not all cores: on a shared machine, OpenMP threads wait for each other at every barrier while the
+    scheduler runs someone else. Measured on 2 shared cores: 2 threads on an idle machine were 1.6-1.8x
+    faster than 1 for these models, but when a neighbour's job started mid-run a 40-step KD run took
+    149 s instead of 17 s. One core is left free because the demo cannot know who starts next."""
     cores = usable_cores()
     busy = busy_cores()
     if busy is None:
         try:
             busy = os.getloadavg()[0]
         except (AttributeError, OSError):
-            return cores
-    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+            busy = 0.0
+    return max(1, min(cores - 1, math.floor(cores - busy + 0.5)))
 
 
 def reset_peak_memory() -> bool:
@@ -964,6 +972,26 @@ def _ensure_model(
     return record, False
 
 
+@contextlib.contextmanager
+def _quiet_torch(threads: int) -> Iterator[None]:
+    """Torch threads and transformers' logging for the demo, restored afterwards (the demo is also a
+    library function: the tests call it, and it must not leave the caller's process changed)."""
+    import transformers
+
+    log = transformers.utils.logging
+    before = (torch.get_num_threads(), log.get_verbosity(), log.is_progress_bar_enabled())
+    torch.set_num_threads(threads)
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        log.set_verbosity(before[1])
+        if before[2]:
+            log.enable_progress_bar()
+
+
 def run_demo(
     *,
     quick: bool = False,
@@ -976,6 +1004,31 @@ def run_demo(
     rerun: bool = False,
 ) -> DemoResult:
     """Run the demo (see the module docstring); returns the table's rows and where the report is."""
+    threads = threads or default_threads()
+    with _quiet_torch(threads):
+        return _run_demo(
+            quick=quick,
+            data=data,
+            text_field=text_field,
+            out=out,
+            models=models,
+            budget_scale=budget_scale,
+            threads=threads,
+            rerun=rerun,
+        )
+
+
+def _run_demo(
+    *,
+    quick: bool,
+    data: Sequence[str] | None,
+    text_field: str,
+    out: str | Path,
+    models: str | None,
+    budget_scale: float,
+    threads: int,
+    rerun: bool,
+) -> DemoResult:
     from selkd.cache.build import build_cache
     from selkd.cache.config import BuildConfig
     from selkd.cache.corpus import DataError, eval_mask, load_corpus
@@ -987,14 +1040,6 @@ def run_demo(
 
     t_start = time.perf_counter()
     budget = BUDGETS["quick" if quick else "full"].scaled(budget_scale)
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -1361,8 +1406,9 @@ def run_demo(
         if by_key["teacher"].eval_ce > by_key[other].eval_ce - margin:
             warnings.append(
                 f"the teacher ({by_key['teacher'].eval_ce:.3f}) is not clearly better than the {other} student "
-                f"({by_key[other].eval_ce:.3f}) on held-out CE: the comparison says little (a slow or busy machine "
-                "gives the time-budgeted teacher less training; run without --quick for a stronger one)"
+                f"({by_key[other].eval_ce:.3f}) on held-out CE, so the comparison says little: the time-budgeted "
+                "teacher trained too little (a slow or busy machine, --quick or --budget-scale below 1; the full demo "
+                "trains a stronger one)"
             )
     table = format_table(rows)
     settings = {
@@ -1574,8 +1620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller teacher and budgets, the same stages and table (about 4 minutes on 2 CPU cores; the full "
-        "demo takes about 15 the first time)",
+        help="smaller teacher and budgets, the same stages and table: under 4 minutes on 2 CPU cores from an empty "
+        "cache (measured 2.5 on 2 shared cores); the full demo takes under 15 the first time (measured 11-12)",
     )
     p.add_argument(
         "--data",
@@ -1611,8 +1657,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (default: the CPU cores that other processes leave idle when the demo starts; "
-        "at least 1)",
+        help="torch CPU threads (default: the cores other processes leave idle when the demo starts, minus one, "
+        "at least 1: on 2 cores, 1 thread; more threads win little for these tiny models and lose a lot when "
+        "another job starts)",
     )
     p.add_argument(
         "--rerun",
