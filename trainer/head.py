@@ -249,14 +249,7 @@ def chunked_divergence(
     h = hidden.detach()[valid]
 
     def div(logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        part = SparseTargets(
-            sel_targets.mode,
-            None if sel_targets.ids is None else sel_targets.ids[rows],
-            sel_targets.logprobs[rows],
-            None if sel_targets.tail_logmass is None else sel_targets.tail_logmass[rows],
-            sel_targets.num_draws,
-        )
-        return loss_fn(logits, part, **loss_kwargs).float()
+        return loss_fn(logits, sel_targets.select(rows), **loss_kwargs).float()
 
     values = chunked_map(head, h, div, chunk, transform)
     out = torch.zeros((b, length), dtype=torch.float32, device=hidden.device)

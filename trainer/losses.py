@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -335,14 +334,8 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
 
 
 def _rows(x: Any, start: int, end: int) -> Any:
-    if isinstance(x, SparseTargets):
-
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[start:end]
-
-        return replace(x, ids=cut(x.ids), logprobs=cut(x.logprobs), tail_logmass=cut(x.tail_logmass))
-    if isinstance(x, torch.Tensor):
-        return x[start:end]
+    if isinstance(x, (SparseTargets, torch.Tensor)):
+        return x.select(slice(start, end)) if isinstance(x, SparseTargets) else x[start:end]
     return x
 
 

@@ -168,13 +168,7 @@ class SelectiveStudent(nn.Module):
         loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
 
         def stats(logits: torch.Tensor, rows: slice) -> torch.Tensor:
-            part = SparseTargets(
-                sel_targets.mode,
-                None if sel_targets.ids is None else sel_targets.ids[rows],
-                sel_targets.logprobs[rows],
-                None if sel_targets.tail_logmass is None else sel_targets.tail_logmass[rows],
-                sel_targets.num_draws,
-            )
+            part = sel_targets.select(rows)
             ce = L.ce_per_position(logits, lab[rows])
             kl = obj.loss_fn(logits, part, **loss_kw)
             agree = (logits.argmax(-1) == top1[rows]).float()
