@@ -1489,7 +1489,7 @@ def ce_only_train(cfg: Any) -> dict[str, Any]:
     from selkd.trainer import checkpoint as ckpt
     from selkd.trainer.data import CacheStream, make_loader
     from selkd.trainer.loop import batches_forever, lr_lambda, memory_mb
-    from selkd.trainer.student import EvalSums, Objective, SelectiveStudent
+    from selkd.trainer.student import Objective, SelectiveStudent, evaluate
 
     t_start = time.time()
     random.seed(cfg.seed)
@@ -1533,32 +1533,8 @@ def ce_only_train(cfg: Any) -> dict[str, Any]:
     metrics = (out / "metrics.jsonl").open("a")
 
     def run_eval() -> dict[str, float]:
-        model.eval()
-        sums = EvalSums(0.0, 0.0, 0.0, 0)
-        with torch.no_grad():
-            eval_source.set_epoch(0)
-            for b in eval_source:
-                s = evaluator(
-                    b.input_ids,
-                    b.attention_mask,
-                    b.labels,
-                    b.valid,
-                    b.targets,
-                    b.teacher_entropy,
-                    b.teacher_logprob,
-                    objective,
-                    evaluate=True,
-                )
-                sums = EvalSums(sums.ce + s.ce, sums.kl + s.kl, sums.agree + s.agree, sums.n + s.n)
-        model.train()
-        n = max(sums.n, 1)
-        return {
-            "eval_ce": sums.ce / n,
-            "eval_ppl": math.exp(min(sums.ce / n, 50)),
-            "eval_kl": sums.kl / n,
-            "eval_top1_agree": sums.agree / n,
-            "eval_positions": sums.n,
-        }
+        eval_source.set_epoch(0)
+        return evaluate(evaluator, eval_source, objective, device)
 
     batches = batches_forever(loader)
     step, window, n_window, tokens = 0, 0.0, 0, 0

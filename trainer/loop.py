@@ -53,7 +53,7 @@ from selkd.trainer.config import TrainConfig, config_differences
 from selkd.trainer.data import Batch, CacheStream, make_loader
 from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.selection import make_policy_state
-from selkd.trainer.student import EvalSums, Objective, SelectiveStudent, StepOutput
+from selkd.trainer.student import Objective, SelectiveStudent, StepOutput, evaluate
 
 __all__ = ["METRICS_FILE", "TrainError", "lr_lambda", "train", "truncate_metrics"]
 
@@ -409,37 +409,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         """Held-out statistics of the student (every rank computes them: FSDP needs all ranks)."""
         if eval_source is None:
             return {}
-        eval_student.eval()
-        sums = EvalSums(0.0, 0.0, 0.0, 0)
         rewind(eval_source)
-        with torch.no_grad():
-            for i, batch in enumerate(eval_source):
-                if cfg.eval_batches is not None and i >= cfg.eval_batches:
-                    break
-                b = batch.to(device)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    s = eval_student(
-                        b.input_ids,
-                        b.attention_mask,
-                        b.labels,
-                        b.valid,
-                        b.targets,
-                        b.teacher_entropy,
-                        b.teacher_logprob,
-                        objective,
-                        evaluate=True,
-                    )
-                sums = EvalSums(sums.ce + s.ce, sums.kl + s.kl, sums.agree + s.agree, sums.n + s.n)
-        eval_student.train()
-        n = max(sums.n, 1)
-        ce = sums.ce / n
-        return {
-            "eval_ce": ce,
-            "eval_ppl": math.exp(min(ce, 50)),
-            "eval_kl": sums.kl / n,
-            "eval_top1_agree": sums.agree / n,
-            "eval_positions": sums.n,
-        }
+        return evaluate(eval_student, eval_source, objective, device, autocast_dtype, cfg.eval_batches)
 
     def save(at: int) -> None:
         rank_state: dict[str, Any] = {"generator": generator.get_state(), "window": dict(window)}

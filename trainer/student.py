@@ -8,6 +8,8 @@ must run inside, not after, the wrapped call.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,3 +179,47 @@ class SelectiveStudent(nn.Module):
         out = H.chunked_map(head, flat, stats, obj.chunk, self.transform)
         sums = out.sum(0) if out.numel() else torch.zeros(3)
         return EvalSums(float(sums[0]), float(sums[1]), float(sums[2]), int(flat.shape[0]))
+
+
+def evaluate(
+    student: nn.Module,
+    batches: Iterable[Any],
+    objective: Objective,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Held-out statistics over ``batches`` (trainer ``Batch`` objects): the student's CE and perplexity
+    on the true next tokens, its divergence to the teacher's target and top-1 agreement with the
+    teacher, averaged over every valid position. ``student`` is a :class:`SelectiveStudent` (or its
+    FSDP-wrapped self); its train/eval mode is restored."""
+    was_training = student.training
+    student.eval()
+    sums = EvalSums(0.0, 0.0, 0.0, 0)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            b = batch.to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                s = student(
+                    b.input_ids,
+                    b.attention_mask,
+                    b.labels,
+                    b.valid,
+                    b.targets,
+                    b.teacher_entropy,
+                    b.teacher_logprob,
+                    objective,
+                    evaluate=True,
+                )
+            sums = EvalSums(sums.ce + s.ce, sums.kl + s.kl, sums.agree + s.agree, sums.n + s.n)
+    student.train(was_training)
+    n = max(sums.n, 1)
+    return {
+        "eval_ce": sums.ce / n,
+        "eval_ppl": math.exp(min(sums.ce / n, 50)),
+        "eval_kl": sums.kl / n,
+        "eval_top1_agree": sums.agree / n,
+        "eval_positions": sums.n,
+    }
