@@ -145,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     sample_counts(probs, 50, g)
     sample_rate = 512 / (time.perf_counter() - start)
-    print(f"\nclass selection `sample:50` (softmax, exact entropy, next-token log-prob, 50 draws, unique ids and "
-          f"counts): {select_rate:,.0f} positions/s; the sampling step alone (draws, unique, counts): "
-          f"{sample_rate:,.0f} positions/s; the reference code: about 4 positions/s on a 2-core CPU")
+    print(
+        f"\nclass selection `sample:50` (softmax, exact entropy, next-token log-prob, 50 draws, unique ids and "
+        f"counts): {select_rate:,.0f} positions/s; the sampling step alone (draws, unique, counts): "
+        f"{sample_rate:,.0f} positions/s; the reference code: about 4 positions/s on a 2-core CPU"
+    )
     return 0
 
 

@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from selkd.trainer.demo import STDLIB_EXCLUDED_DIRS, chunk_text
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 IM_START = "<|im_start|>"
@@ -59,7 +61,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
+# the library's demo owns the corpus rules; this script reuses them
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -69,7 +71,7 @@ def _stdlib_paths(root: Path) -> list[Path]:
     """Every ``.py`` under ``root`` outside the excluded directories, sorted by relative path."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
@@ -109,23 +111,6 @@ def stdlib_files(max_files: int | None = None, max_bytes: int | None = None) -> 
 def stdlib_texts(max_files: int | None = None, max_bytes: int | None = None) -> list[str]:
     """The sources of :func:`stdlib_files`: a deterministic, offline, license-clean text corpus."""
     return [text for _, text in stdlib_files(max_files=max_files, max_bytes=max_bytes)]
-
-
-def chunk_text(text: str, max_chars: int) -> list[str]:
-    """Split at line boundaries into pieces of at most ``max_chars`` (a longer line is its own piece),
-    so corpus rows have moderate, varied lengths instead of one 100 KB module per row."""
-    pieces: list[str] = []
-    cur: list[str] = []
-    size = 0
-    for line in text.splitlines(keepends=True):
-        if cur and size + len(line) > max_chars:
-            pieces.append("".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += len(line)
-    if cur:
-        pieces.append("".join(cur))
-    return [p for p in pieces if p.strip()]
 
 
 def write_jsonl(path: Path, texts: Iterable[str]) -> int:
@@ -224,9 +209,7 @@ def make_llama(
     return model.eval()
 
 
-def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path | str
-) -> Path:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path | str) -> Path:
     """``save_pretrained`` the model (safetensors) and the tokenizer into one directory.
 
     The model's bos/eos/pad ids are set from the tokenizer first, so that generation and the saved
@@ -322,14 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hidden", type=int, default=64, help="teacher hidden size (default: %(default)s)")
     p.add_argument("--layers", type=int, default=2, help="teacher layers (default: %(default)s)")
-    p.add_argument(
-        "--heads", type=int, default=4, help="attention heads (teacher and student) (default: %(default)s)"
-    )
+    p.add_argument("--heads", type=int, default=4, help="attention heads (teacher and student) (default: %(default)s)")
     p.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default hidden/2)")
     p.add_argument("--student-layers", type=int, default=None, help="student layers (default layers/2)")
-    p.add_argument(
-        "--max-pos", type=int, default=1024, help="max positions of both models (default: %(default)s)"
-    )
+    p.add_argument("--max-pos", type=int, default=1024, help="max positions of both models (default: %(default)s)")
     p.add_argument(
         "--seed",
         type=int,
@@ -342,22 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=300_000,
         help="size of corpus.jsonl (stdlib source) (default: %(default)s)",
     )
-    p.add_argument(
-        "--chunk-chars", type=int, default=4000, help="max characters per corpus row (default: %(default)s)"
-    )
+    p.add_argument("--chunk-chars", type=int, default=4000, help="max characters per corpus row (default: %(default)s)")
     p.add_argument(
         "--train-steps",
         type=int,
         default=0,
         help="train the teacher this many CE steps (default: %(default)s)",
     )
-    p.add_argument(
-        "--batch", type=int, default=8, help="training batch size (sequences) (default: %(default)s)"
-    )
+    p.add_argument("--batch", type=int, default=8, help="training batch size (sequences) (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default: %(default)s)")
-    p.add_argument(
-        "--lr", type=float, default=3e-3, help="training learning rate (AdamW) (default: %(default)s)"
-    )
+    p.add_argument("--lr", type=float, default=3e-3, help="training learning rate (AdamW) (default: %(default)s)")
     return p
 
 
@@ -385,8 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, h in (("--hidden", args.hidden), ("--student-hidden", s_hidden)):
         if h % args.heads or (h // args.heads) % 2:
             print(
-                f"make_tiny.py: error: {label} {h} must be a multiple of --heads {args.heads} with an even "
-                "head size",
+                f"make_tiny.py: error: {label} {h} must be a multiple of --heads {args.heads} with an even head size",
                 file=sys.stderr,
             )
             return 2
@@ -414,19 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in texts:
         ids.extend(tok(t, add_special_tokens=False)["input_ids"])
         ids.append(tok.eos_token_id)
-    print(
-        f"      {len(tok)} tokens; corpus = {len(ids):,} tokens "
-        f"({sum(map(len, texts)) / len(ids):.2f} chars/token)"
-    )
+    print(f"      {len(tok)} tokens; corpus = {len(ids):,} tokens ({sum(map(len, texts)) / len(ids):.2f} chars/token)")
 
     token_ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    print(
-        f"[3/4] building the teacher (hidden {args.hidden}, {_plural(args.layers, 'layer')}) ...", flush=True
-    )
+    print(f"[3/4] building the teacher (hidden {args.hidden}, {_plural(args.layers, 'layer')}) ...", flush=True)
     teacher = make_llama(
         len(tok),
         hidden=args.hidden,
@@ -438,18 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.train_steps > 0:
         if len(ids) < args.seq_len:
-            print(
-                "make_tiny.py: error: corpus too small for --seq-len; raise --corpus-bytes", file=sys.stderr
-            )
+            print("make_tiny.py: error: corpus too small for --seq-len; raise --corpus-bytes", file=sys.stderr)
             return 2
         print(
             f"      training {args.train_steps} steps (batch {args.batch} x {args.seq_len}, lr {args.lr}); "
             f"a uniform model would score {math.log(len(tok)):.3f}",
             flush=True,
         )
-        train_lm(
-            teacher, ids, args.train_steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed
-        )
+        train_lm(teacher, ids, args.train_steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     teacher_dir = save_model(teacher, tok, out / "teacher")
 
     print(f"[4/4] building the student (hidden {s_hidden}, {_plural(s_layers, 'layer')}) ...", flush=True)
@@ -471,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  student/      {_n_params(student):>9,} params, random init  ({s_size})")
     print(f'  corpus.jsonl  {n_rows:>9,} rows of {{"text": ...}}  ({_fmt_bytes(corpus_path.stat().st_size)})')
     print(
-        f"  tokenizer     byte-level BPE, {len(tok)} tokens, eos=bos={EOS_TOKEN} pad={PAD_TOKEN}, "
-        "ChatML chat template"
+        f"  tokenizer     byte-level BPE, {len(tok)} tokens, eos=bos={EOS_TOKEN} pad={PAD_TOKEN}, ChatML chat template"
     )
     return 0
 

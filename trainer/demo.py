@@ -214,7 +214,7 @@ CHUNK_CHARS = 4000  # corpus rows: pieces of at most this many characters, cut a
 CLASSES = "sample:50"  # RS-KD targets, as in the paper
 SELECT = "student-entropy:0.2"  # SE-KD: top 20% of positions by student entropy
 SAMPLE_RATIO = 0.2  # SE-KD 3X: top 20% of sequences by the base student's mean entropy
-_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 
 
@@ -377,7 +377,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     out = []
     for p in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
