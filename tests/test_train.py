@@ -37,7 +37,7 @@ from selkd.trainer.cli import main
 from selkd.trainer.config import TrainConfig
 from selkd.trainer.data import Batch, collate
 from selkd.trainer.loop import lr_lambda, truncate_metrics
-from selkd.trainer.online import OnlineTeacher
+from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.student import Objective, SelectiveStudent
 
 SEQ = 64
@@ -445,6 +445,29 @@ def test_online_and_offline_targets_give_the_same_loss(
             assert torch.equal(values["online"][1], values["cache"][1])
 
 
+def test_online_split_is_the_caches_whatever_the_training_seed(
+    caches: dict[str, str], tiny_teacher_dir: Path, text_corpus_dir: Path
+) -> None:
+    """Online mode holds out the sequences a cache built with the same --seed (0) holds out, for any
+    training --seed: a second training seed must not train on the first one's held-out sequences."""
+    reader = open_cache(caches["full"])
+    held_out = sorted(s.seq_index for s in reader.iter_sequences("eval"))
+    corpus = load_corpus(
+        [str(text_corpus_dir)], load_tokenizer(str(tiny_teacher_dir)), SEQ, limit_tokens=LIMIT_TOKENS, progress=False
+    )
+    live = OnlineTeacher(
+        load_causal_lm(str(tiny_teacher_dir), torch.device("cpu"), torch.float32), ClassSpec.parse("full"), 1.0
+    )
+    for seed in (0, 3):
+        common = dict(eval_fraction=EVAL_FRACTION, batch_size=2, seed=seed)
+        evals = OnlineStream(corpus, live, split="eval", **common)
+        train = OnlineStream(corpus, live, split="train", **common)
+        assert evals.index.tolist() == held_out, seed
+        assert not set(train.index.tolist()) & set(held_out)
+    moved = OnlineStream(corpus, live, split="eval", eval_fraction=EVAL_FRACTION, batch_size=2, seed=0, split_seed=3)
+    assert moved.index.tolist() != held_out  # --split-seed is what moves it
+
+
 def test_online_mode_trains(
     tmp_path: Path,
     tiny_teacher_dir: Path,
@@ -499,6 +522,36 @@ def test_training_step_never_builds_full_logits(
     assert (res.n_selected, True) in seen  # the head with grad ran exactly on the selected rows
     assert all(n <= chunk for n, _ in seen if n != res.n_selected)
     assert H.lm_head(model).weight.grad is not None and torch.isfinite(H.lm_head(model).weight.grad).all()
+
+
+def test_kd_weight_zero_is_plain_next_token_ce(caches: dict[str, str], tiny_student_dir: Path) -> None:
+    """--kd-weight 0 --ce-weight 1: the loss and every gradient are those of plain CE on the model's
+    own full logits over the valid positions (the CE-only baseline), and no position is distilled."""
+    reader = open_cache(caches["topk"])
+    batch = collate([reader.get(i) for i in range(4)], pad_id=0)
+    model = load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32, frozen=False)
+    obj = Objective("none", 1.0, "none", "fkl", kd_weight=0.0, ce_weight=1.0, chunk=16)
+    res = SelectiveStudent(model)(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.labels,
+        batch.valid,
+        batch.targets,
+        batch.teacher_entropy,
+        batch.teacher_logprob,
+        obj,
+    )
+    res.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = torch.nn.functional.cross_entropy(logits[batch.valid].float(), batch.labels[batch.valid])
+    want.backward()
+    assert res.n_selected == 0 and float(res.kd) == 0.0
+    assert float(res.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -702,6 +755,7 @@ OPTION_CASES = (
         pytest.param("topk", ("--topk-renormalize", "--loss", "jsd"), id="topk-renormalize-jsd"),
         pytest.param("topk", ("--ce-weight", "0.5", "--ce-on", "all"), id="ce-all"),
         pytest.param("topk", ("--ce-weight", "0.5", "--ce-on", "selected"), id="ce-selected"),
+        pytest.param("topk", ("--kd-weight", "0", "--ce-weight", "1", "--select", "none"), id="ce-only"),
         pytest.param("scored", ("--sample-ratio", "0.5"), id="sample-ratio"),
         pytest.param("topk", ("--grad-accum", "2", "--warmup-steps", "1", "--schedule", "linear"), id="accum"),
         pytest.param("topk", ("--student-config", "STUDENT"), id="student-config"),
@@ -731,6 +785,9 @@ def test_every_option_trains(
     for r in train:
         assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]), r
         assert r["loss"] > 0 or "--ce-weight" in extra, r
+        if "--kd-weight" in extra:  # CE only: nothing distilled, the loss is the CE
+            assert r["kd"] == 0 and r["selected_fraction"] == 0 and r["loss"] == pytest.approx(r["ce"], rel=1e-6)
+            continue
         if "--ce-weight" in extra:
             assert r["ce"] > 0 and r["loss"] == pytest.approx(r["kd"] + 0.5 * r["ce"], rel=1e-6)
         fraction = r["selected_fraction"]

@@ -139,6 +139,13 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
         (["--teacher", "t"], r"--cache .* or --teacher .*both were given"),
         (["--student-config", "c"], r"--student MODEL .* or --student-config .*both were given"),
         (["--progress", "maybe"], r"--progress: expected true or false"),
+        (["--kd-weight", "-1"], r"--kd-weight must be >= 0"),
+        (["--kd-weight", "0", "--select", "none"], r"--kd-weight 0 with --ce-weight 0 leaves nothing to train"),
+        (["--kd-weight", "0", "--ce-weight", "1"], r"--kd-weight 0 distils no position.*give --select none"),
+        (
+            ["--kd-weight", "0", "--ce-weight", "1", "--select", "none", "--ce-on", "selected"],
+            r"--kd-weight 0 with --ce-on selected trains on no position",
+        ),
         (["--bogus-flag"], r"unrecognized arguments: --bogus-flag"),
     ],
 )

@@ -70,6 +70,7 @@ ONLINE_DEFAULTS: dict[str, Any] = {
     "max_seq_len": 512,
     "text_field": "text",
     "eval_fraction": 0.01,
+    "split_seed": 0,
 }
 _ONLINE_ONLY = (*ONLINE_DEFAULTS, "limit_tokens")
 
@@ -153,6 +154,11 @@ class TrainConfig:
     eval_fraction: float | None = opt(
         help="online mode: fraction of sequences held out for evaluation (default: 0.01)", lo=0.0, hi=0.5
     )
+    split_seed: int | None = opt(
+        help="online mode: seed of the held-out split (default: 0, as selkd-cache build's --seed); apart from "
+        "--seed so that another training seed never moves sequences between the splits",
+        lo=0,
+    )
     classes: str | None = opt(
         help="online mode: teacher classes per position: full (default: exact, the "
         "logits are in memory anyway), topk:K or sample:N",
@@ -174,6 +180,12 @@ class TrainConfig:
     loss: str = opt("fkl", help="divergence at the selected positions", choices=tuple(LOSSES))
     topk_renormalize: bool = opt(
         False, help="topk targets: drop the tail bucket and renormalise over the k classes (biased)"
+    )
+    kd_weight: float = opt(
+        1.0,
+        help="weight of the KD loss; 0 trains on the CE term alone, the plain-training baseline (needs "
+        "--ce-weight > 0, --ce-on all and --select none)",
+        lo=0.0,
     )
     ce_weight: float = opt(0.0, help="weight of the next-token cross-entropy added to the KD loss", lo=0.0)
     ce_on: str = opt(
@@ -236,6 +248,8 @@ class TrainConfig:
             raise ConfigError("give --steps or --epochs, not both (neither: 1 epoch)")
         if self.warmup_ratio is not None and self.warmup_steps > 0:
             raise ConfigError("give --warmup-steps or --warmup-ratio, not both")
+        if self.kd_weight == 0:
+            self._check_ce_only()
         if self.select_policy == "none" and self.select != "none":
             raise ConfigError(
                 f"--select-policy none keeps every position, which contradicts --select {self.select}; "
@@ -268,6 +282,19 @@ class TrainConfig:
             raise ConfigError(
                 f"give either --student MODEL (pretrained) or --student-config CONFIG (random init); {which}"
             )
+
+    def _check_ce_only(self) -> None:
+        """--kd-weight 0: plain CE on every position; options that only shape the KD term would be ignored
+        silently, so they are refused instead."""
+        if self.ce_weight == 0:
+            raise ConfigError("--kd-weight 0 with --ce-weight 0 leaves nothing to train: give --ce-weight 1")
+        if self.select != "none":
+            raise ConfigError(
+                f"--kd-weight 0 distils no position, so --select {self.select} would choose for nothing: "
+                "give --select none"
+            )
+        if self.ce_on != "all":
+            raise ConfigError("--kd-weight 0 with --ce-on selected trains on no position: use --ce-on all")
 
     def _check_targets(self) -> None:
         """What can be checked here about the targets; in cache mode the trainer checks the same

@@ -31,10 +31,8 @@ the machine is: on one slower than the 2 shared cores the budgets were sized on,
 proportion (:func:`plan_kd_steps`) and, if the run is still late, the teacher's seconds a little, so the
 first run keeps its wall time and the teacher keeps its lead over the CE-only student.
 
-The CE-only baseline is the one method ``selkd-train`` cannot express (it always adds a KD term), so it
-is a plain CE loop here that reads the full cache's training split through the trainer's own
-:class:`~selkd.trainer.data.CacheStream` (same batches in the same order as the cache-based KD runs),
-with the trainer's optimizer, schedule and held-out evaluation.
+The CE-only baseline is ``selkd-train --kd-weight 0 --ce-weight 1 --select none`` on the full cache: the
+same batches in the same order as the cache-based KD runs, with the teacher's targets read and unused.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import sys
 import sysconfig
@@ -220,17 +217,23 @@ EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 
 @dataclass(frozen=True)
 class Method:
-    """One compared student: how it is trained (``kind``) and from which cache."""
+    """One compared student: how ``selkd-train`` trains it (``kind``: teacher ``online`` or from a ``cache``)."""
 
     key: str
     label: str
-    kind: str  # "ce" (demo loop), "online" or "cache" (selkd-train)
+    kind: str  # "online" or "cache"
     select: str = "none"
     cache: str | None = None  # "full" or "sel20"
+    kd_weight: float = 1.0  # 0 with ce_weight 1: plain CE, the teacher unused
+    ce_weight: float = 0.0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_weight > 0
 
 
 METHODS: tuple[Method, ...] = (
-    Method("ce-only", "CE only (no teacher)", "ce", cache="full"),
+    Method("ce-only", "CE only (no teacher)", "cache", cache="full", kd_weight=0.0, ce_weight=1.0),
     Method("kd-online", "full KD, teacher online", "online"),
     Method("kd-cache", "full KD from the cache", "cache", cache="full"),
     Method("sekd", "SE-KD (student entropy, 20%)", "cache", SELECT, cache="full"),
@@ -1298,14 +1301,19 @@ def _run_demo(
                     **common,
                 )
             else:
-                cfg = TrainConfig(out=str(run_out), cache=str(caches[m.cache or "full"]), select=m.select, **common)
+                cfg = TrainConfig(
+                    out=str(run_out),
+                    cache=str(caches[m.cache or "full"]),
+                    select=m.select,
+                    kd_weight=m.kd_weight,
+                    ce_weight=m.ce_weight,
+                    **common,
+                )
             if m.kind == "online":
                 defaults = TrainConfig(out="O", teacher="T", data=["D"], student="S")
             else:
                 defaults = TrainConfig(out="O", cache="C", student="S")
             command = _as_cli("selkd-train", cfg, defaults)
-            if m.kind == "ce":
-                command = f"# no selkd-train equivalent (it always adds a KD term): the demo's CE loop on {cfg.cache}"
             commands.append(command)
             key = {
                 "cfg": cfg.to_dict(),
@@ -1327,10 +1335,7 @@ def _run_demo(
             t0 = time.perf_counter()
             with _logged(logs / f"train-{m.key}.log"):
                 _say(command)
-                if m.kind == "ce":
-                    result = ce_only_train(cfg)
-                else:
-                    result = train(cfg)
+                result = train(cfg)
             wall = time.perf_counter() - t0
             peak = peak_memory_mb()
             stamp = {"key": key, "wall_s": wall, "peak_mb": peak, "final": result.get("final"), "steps": result["step"]}
@@ -1375,7 +1380,7 @@ def _run_demo(
             run_out = runs_dir / m.key
             model = load_causal_lm(str(run_out / "final"), "cpu", torch.float32)
             ce, agree, _ = score_sequences(model, eval_seqs, t_top)
-            stats = cache_stats.get(m.cache) if m.kind == "cache" else None
+            stats = cache_stats.get(m.cache) if m.kind == "cache" and m.uses_teacher else None
             curve, eval_curve = read_metrics(run_out / "metrics.jsonl")
             base_ce = rows[1].eval_ce
             rows.append(
@@ -1427,6 +1432,9 @@ def _run_demo(
         "sample_ratio": SAMPLE_RATIO,
         "seed": SEED,
         "models": str(home),
+        "teacher_dir": str(teacher_dir),
+        "base_dir": str(base_dir),
+        "kd_data": str(kd_path),
         "caches": {k: {kk: vv for kk, vv in v.items() if kk != "key"} for k, v in cache_stats.items()},
         "pretraining": {k: {kk: vv for kk, vv in v.items() if kk not in ("curve", "key")} for k, v in pretrain.items()},
     }
@@ -1475,112 +1483,6 @@ def _complete(path: Path) -> bool:
         return open_cache(str(path)).summary is not None
     except (CacheError, OSError, ValueError):
         return False
-
-
-# ----------------------------------------------------------------------------- CE-only baseline
-
-
-def ce_only_train(cfg: Any) -> dict[str, Any]:
-    """Plain next-token CE from ``cfg.student`` on ``cfg.cache``'s training split, with everything else
-    as ``selkd-train`` does it: the same :class:`CacheStream` batches in the same order (same seed and
-    batch size), the same AdamW settings and warm-up + cosine schedule, the same held-out evaluation
-    (so ``eval_ce`` is comparable), a ``metrics.jsonl`` with the same keys, and ``OUT/final``."""
-    from selkd.cache.teacher import load_causal_lm, load_tokenizer
-    from selkd.trainer import checkpoint as ckpt
-    from selkd.trainer.data import CacheStream, make_loader
-    from selkd.trainer.loop import batches_forever, lr_lambda, memory_mb
-    from selkd.trainer.student import Objective, SelectiveStudent, evaluate
-
-    t_start = time.time()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cpu")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.student)
-    model = load_causal_lm(cfg.student, device, torch.float32, frozen=False)
-    model.train()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    def stream(split: str, train: bool) -> CacheStream:
-        return CacheStream(
-            cfg.cache,
-            split=split,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            pad_id=pad_id,
-            shuffle=train,
-            drop_last=train,
-        )
-
-    loader = make_loader(stream("train", True), cfg.num_workers, cfg.prefetch)
-    eval_source = stream("eval", False)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
-    total = cfg.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, cfg.resolved_warmup_steps(total), cfg.schedule, cfg.min_lr_ratio)
-    )
-    objective = Objective(signal="none", fraction=1.0, policy="none", loss="fkl", chunk=cfg.entropy_chunk)
-    evaluator = SelectiveStudent(model)
-    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "ce_only": True}, indent=2))
-    metrics = (out / "metrics.jsonl").open("a")
-
-    def run_eval() -> dict[str, float]:
-        eval_source.set_epoch(0)
-        return evaluate(evaluator, eval_source, objective, device)
-
-    batches = batches_forever(loader)
-    step, window, n_window, tokens = 0, 0.0, 0, 0
-    t_window = time.time()
-    last: dict[str, Any] = {}
-    ev: dict[str, float] = {}
-    try:
-        while step < total:
-            b = next(batches)
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[b.valid].float(), b.labels[b.valid])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window += float(loss.detach())
-            n_window += 1
-            tokens += b.num_tokens
-            if step % cfg.log_every == 0 or step == total:
-                dt = max(time.time() - t_window, 1e-9)
-                last = {
-                    "step": step,
-                    "loss": window / n_window,
-                    "kd": 0.0,
-                    "ce": window / n_window,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "selected_fraction": 0.0,
-                    "tokens_per_s": tokens / dt,
-                    "step_time_s": dt / n_window,
-                    "peak_memory_mb": memory_mb(device),
-                    "elapsed_s": time.time() - t_start,
-                }
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-                window, n_window, tokens, t_window = 0.0, 0, 0, time.time()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                metrics.write(json.dumps({"step": step, "eval": True, **run_eval()}) + "\n")
-        ev = run_eval()
-        metrics.write(json.dumps({"step": step, "eval": True, **ev}) + "\n")
-    finally:
-        metrics.close()
-    final = ckpt.save_final(out, model, tokenizer)
-    return {"step": step, "total_steps": total, "elapsed_s": time.time() - t_start, "final": str(final), **last, **ev}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -277,7 +277,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         live = OnlineTeacher(teacher, spec, temperature, seed=cfg.seed + dist_info.rank)
         teacher_generator = live.generator  # sample:N draws; checkpointed with the rank's state
-        common = dict(eval_fraction=cfg.eval_fraction, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
+        common = dict(
+            eval_fraction=cfg.eval_fraction,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            split_seed=cfg.split_seed,
+            pad_id=pad_id,
+        )
         loader = OnlineStream(
             corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common
         )  # type: ignore[arg-type]
@@ -304,6 +310,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss=cfg.loss,
         temperature=temperature,
         topk_renormalize=cfg.topk_renormalize,
+        kd_weight=cfg.kd_weight,
         ce_weight=cfg.ce_weight,
         ce_on=cfg.ce_on,
         chunk=cfg.entropy_chunk,

@@ -78,6 +78,7 @@ class OnlineStream:
         eval_fraction: float,
         batch_size: int,
         seed: int,
+        split_seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         pad_id: int = 0,
@@ -85,7 +86,8 @@ class OnlineStream:
         drop_last: bool = True,
     ) -> None:
         self.corpus, self.teacher = corpus, teacher
-        is_eval = eval_mask(corpus.n_sequences, eval_fraction, seed)
+        # the split has its own seed: a new training seed must not move sequences between the splits
+        is_eval = eval_mask(corpus.n_sequences, eval_fraction, split_seed)
         self.index = np.flatnonzero(is_eval if split == "eval" else ~is_eval)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id

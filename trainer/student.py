@@ -32,6 +32,7 @@ class Objective:
     loss: str  # a name in losses.LOSSES
     temperature: float = 1.0
     topk_renormalize: bool = False
+    kd_weight: float = 1.0  # 0: no position is distilled (the CE-only baseline)
     ce_weight: float = 0.0
     ce_on: str = "all"  # "all" valid positions or the "selected" ones
     chunk: int = 128
@@ -99,7 +100,10 @@ class SelectiveStudent(nn.Module):
         loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
 
         # --- which positions: scores from no-grad, chunked statistics ---------------------------
-        if obj.signal == "none":
+        if obj.kd_weight == 0:
+            mask = torch.zeros_like(valid)  # nothing distilled: no head, no targets, no scores
+            weights = mask.float()
+        elif obj.signal == "none":
             mask, weights = valid, valid.float()
         else:
             sig = S.get_signal(obj.signal)
@@ -149,7 +153,7 @@ class SelectiveStudent(nn.Module):
                     return L.ce_per_position(z if self.transform is None else self.transform(z), lab)
 
                 ce = L.masked_mean(L.chunked(head_ce, obj.chunk, checkpoint=True)(hidden[valid], labels[valid]))
-        loss = kd + obj.ce_weight * ce if obj.ce_weight > 0 else kd
+        loss = obj.kd_weight * kd + obj.ce_weight * ce if obj.ce_weight > 0 else obj.kd_weight * kd
         return StepOutput(
             loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
         )
