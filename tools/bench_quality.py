@@ -1,0 +1,547 @@
+"""Benchmark 5: distillation quality on the demo corpus, over seeds.
+
+Every run continues the demo's base student for the demo's number of steps, batch and learning rate
+on the demo's KD corpus; only the method and the seed (data order, random selection, sampled
+classes) change, so differences are the method's. Every final student is scored on the same held-out
+sequences: CE (and perplexity), next-token accuracy, top-1 agreement with the teacher, KL(teacher ||
+student) and the expected calibration error (ECE, 15 bins) of its top-1 confidence.
+
+Groups (``--groups``):
+  signals  KD on 20% of positions chosen by each of the trainer's 8 signals, plus random, full KD and
+           CE only; on a ``topk:64`` cache with its tail bucket, where every signal is defined
+  budgets  student entropy at 1, 5, 10, 20, 50 and 100% of positions (100% is full KD), same cache
+  classes  full KD and SE-KD 20% with each class mode: topk:64 with the tail, topk:64 renormalised
+           (biased), sample:50 (the demo's cache) and full (the teacher online: the exact distribution)
+
+Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache)::
+
+    selkd-demo --out DEMO
+    python tools/bench_quality.py --demo DEMO --out OUT [--seeds 0 1] [--jobs 2] [--plots docs/img]
+
+Prints markdown tables with the machine and the command, writes them to OUT/quality.md and every
+number to OUT/quality.json. Resumable: a run whose OUT/runs/KEY/quality.json matches its settings is
+reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TOPK = "topk:64"
+SE = "student-entropy"
+SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")
+BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
+GROUPS = ("signals", "budgets", "classes")
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared way of continuing the base student (seed apart)."""
+
+    key: str
+    label: str
+    kind: str  # "cache" or "online"
+    source: str  # "topk64", "sample50" or "online"
+    select: str = "none"
+    renormalize: bool = False
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    groups: tuple[str, ...] = ()
+
+
+def _sel(fraction: float, signal: str = SE) -> str:
+    return "none" if fraction >= 1.0 else f"{signal}:{fraction:g}"
+
+
+def methods() -> list[Method]:
+    out = [
+        Method("ce-only", "CE only (no teacher)", "cache", "topk64", kd_weight=0.0, ce_weight=1.0, groups=GROUPS),
+        Method("kd-full", "full KD (all positions)", "cache", "topk64", groups=GROUPS),
+        Method(
+            "se-ce",
+            "student entropy 20% + CE on all positions (weight 1)",
+            "cache",
+            "topk64",
+            _sel(0.2),
+            ce_weight=1.0,
+            groups=("signals",),
+        ),
+    ]
+    for signal in SIGNALS:
+        groups = ("signals", "budgets", "classes") if signal == SE else ("signals",)
+        out.append(Method(f"sel-{signal}-0.2", f"{signal} 20%", "cache", "topk64", _sel(0.2, signal), groups=groups))
+    for fraction in BUDGETS:
+        if fraction != 0.2:
+            out.append(
+                Method(
+                    f"sel-{SE}-{fraction:g}",
+                    f"{SE} {fraction:.0%}",
+                    "cache",
+                    "topk64",
+                    _sel(fraction),
+                    groups=("budgets",),
+                )
+            )
+    for fraction in (1.0, 0.2):
+        tag = f"{fraction:g}"
+        out += [
+            Method(
+                f"renorm-{tag}",
+                "topk:64 renormalised",
+                "cache",
+                "topk64",
+                _sel(fraction),
+                renormalize=True,
+                groups=("classes",),
+            ),
+            Method(f"sample50-{tag}", "sample:50", "cache", "sample50", _sel(fraction), groups=("classes",)),
+            Method(
+                f"online-full-{tag}", "full (teacher online)", "online", "online", _sel(fraction), groups=("classes",)
+            ),
+        ]
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def log_softmax_rows(model: torch.nn.Module, seqs: list[np.ndarray]) -> list[torch.Tensor]:
+    """Per sequence, the model's log-probs [L-1, V] of every next token (fp32)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            x = torch.from_numpy(s.astype(np.int64))[None]
+            out.append(torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1))
+    return out
+
+
+def score(logq: list[torch.Tensor], seqs: list[np.ndarray], logp: list[torch.Tensor]) -> dict[str, float]:
+    """Held-out metrics of a student's log-probs ``logq`` against the next tokens and the teacher's ``logp``."""
+    nll, correct, agree, kl, conf = [], [], [], [], []
+    for q, s, p in zip(logq, seqs, logp, strict=True):
+        y = torch.from_numpy(s[1:].astype(np.int64))
+        nll.append(-q.gather(-1, y[:, None])[:, 0])
+        top_conf, top = q.max(-1)
+        correct.append((top == y).float())
+        agree.append((top == p.argmax(-1)).float())
+        kl.append((p.exp() * (p - q)).sum(-1))
+        conf.append(top_conf.exp())
+    nll_t, correct_t, conf_t = torch.cat(nll), torch.cat(correct), torch.cat(conf)
+    bins = torch.clamp((conf_t * ECE_BINS).long(), max=ECE_BINS - 1)
+    ece = 0.0
+    for b in range(ECE_BINS):
+        m = bins == b
+        if m.any():
+            ece += float(m.float().mean()) * abs(float(correct_t[m].mean()) - float(conf_t[m].mean()))
+    ce = float(nll_t.mean())
+    return {
+        "ce": ce,
+        "ppl": math.exp(min(ce, 50.0)),
+        "acc": float(correct_t.mean()),
+        "agree": float(torch.cat(agree).mean()),
+        "kl": float(torch.cat(kl).mean()),
+        "ece": ece,
+    }
+
+
+# ----------------------------------------------------------------------------- one run (worker process)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(threads: int) -> None:
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _eval_context(ctx: dict[str, Any]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """The held-out sequences and the teacher's log-probs on them, once per worker process."""
+    if "eval" not in _WORKER:
+        from selkd.cache.reader import open_cache
+        from selkd.cache.teacher import load_causal_lm
+
+        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["topk64"]).eval_sequences()]
+        teacher = load_causal_lm(ctx["teacher"], "cpu", torch.float32)
+        _WORKER["eval"] = (seqs, log_softmax_rows(teacher, seqs))
+    return _WORKER["eval"]
+
+
+def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> Any:
+    from selkd.trainer.config import TrainConfig
+
+    common: dict[str, Any] = dict(
+        out=str(out),
+        student=ctx["base"],
+        steps=ctx["steps"],
+        batch_size=ctx["batch"],
+        lr=ctx["lr"],
+        warmup_steps=ctx["warmup_steps"],
+        seed=seed,
+        select=method.select,
+        topk_renormalize=method.renormalize,
+        kd_weight=method.kd_weight,
+        ce_weight=method.ce_weight,
+        device="cpu",
+        num_workers=0,
+        eval_every=0,
+        log_every=max(1, ctx["steps"] // 25),
+        save_every=0,
+        progress=False,
+    )
+    if method.kind == "online":
+        return TrainConfig(
+            teacher=ctx["teacher"],
+            data=[ctx["kd_data"]],
+            max_seq_len=ctx["seq_len"],
+            eval_fraction=ctx["eval_fraction"],
+            split_seed=ctx["split_seed"],
+            classes="full",
+            **common,
+        )
+    return TrainConfig(cache=ctx["caches"][method.source], **common)
+
+
+def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train one (method, seed), score its final student; returns the record (also written to disk)."""
+    from selkd.cache.teacher import load_causal_lm
+    from selkd.trainer.loop import train
+
+    out = Path(ctx["out"]) / "runs" / f"{method.key}-s{seed}"
+    cfg = train_config(method, seed, out, ctx)
+    identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"]}
+    stamp = out / "quality.json"
+    if stamp.is_file():
+        record = json.loads(stamp.read_text())
+        if record.get("identity") == identity:
+            return {**record, "reused": True}
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    seqs, logp = _eval_context(ctx)
+    metrics = score(log_softmax_rows(load_causal_lm(str(out / "final"), "cpu", torch.float32), seqs), seqs, logp)
+    record = {
+        "identity": identity,
+        "method": method.key,
+        "seed": seed,
+        "steps": result["step"],
+        "wall_s": wall,
+        **metrics,
+    }
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(stamp)
+    shutil.rmtree(out / "final")  # 2.5 MB a run; the record is what the tables need
+    return {**record, "reused": False}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def demo_context(demo: Path, out: Path) -> dict[str, Any]:
+    """What the runs share, read from the demo's results.json."""
+    path = demo / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"bench_quality: {path} not found; run `selkd-demo --out {demo}` first")
+    results = json.loads(path.read_text())
+    s, b = results["settings"], results["settings"]["budget"]
+    missing = [k for k in ("teacher_dir", "base_dir", "kd_data") if k not in s]
+    if missing:
+        raise SystemExit(f"bench_quality: {path} lacks {', '.join(missing)}: rerun `selkd-demo --out {demo}` (seconds)")
+    sample50 = demo / "caches" / "full"
+    return {
+        "demo": str(demo),
+        "out": str(out),
+        "teacher": s["teacher_dir"],
+        "base": s["base_dir"],
+        "kd_data": s["kd_data"],
+        "seq_len": b["seq_len"],
+        "steps": b["kd_steps"],
+        "batch": b["kd_batch"],
+        "lr": b["kd_lr"],
+        "warmup_steps": b["warmup_steps"],
+        "cache_batch": b["cache_batch"],
+        "eval_fraction": s["eval_fraction"],
+        "split_seed": s["seed"],
+        "caches": {"sample50": str(sample50), "topk64": str(out / "caches" / "topk64")},
+        "demo_rows": {r["key"]: r for r in results["rows"]},
+        "identity": hashlib.sha256(
+            json.dumps([s["teacher_dir"], s["base_dir"], s["caches"]], sort_keys=True).encode()
+        ).hexdigest()[:16],
+    }
+
+
+def ensure_topk_cache(ctx: dict[str, Any]) -> float | None:
+    """Build the topk:64 cache with the demo's sample:50 build settings (same sequences and split);
+    returns the build seconds, or None when an earlier build is complete."""
+    from selkd.cache.build import build_cache
+    from selkd.cache.config import BuildConfig
+    from selkd.cache.reader import CacheError, open_cache
+
+    path = Path(ctx["caches"]["topk64"])
+    try:
+        if open_cache(str(path)).summary is not None:
+            return None
+    except (CacheError, OSError, ValueError):
+        pass  # absent or unfinished: the build resumes it
+    cfg = BuildConfig(
+        teacher=ctx["teacher"],
+        data=[ctx["kd_data"]],
+        out=str(path),
+        classes=TOPK,
+        max_seq_len=ctx["seq_len"],
+        eval_fraction=ctx["eval_fraction"],
+        seed=ctx["split_seed"],
+        device="cpu",
+        batch_size=ctx["cache_batch"],
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    build_cache(cfg)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: the mean of each metric over seeds, and the per-seed CE values."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    out = {}
+    for key, rs in by.items():
+        rs.sort(key=lambda r: r["seed"])
+        out[key] = {m: statistics.fmean(r[m] for r in rs) for m in ("ce", "ppl", "acc", "agree", "kl", "ece")}
+        out[key]["ce_seeds"] = [r["ce"] for r in rs]
+        out[key]["seeds"] = [r["seed"] for r in rs]
+    return out
+
+
+def _row(label: str, s: dict[str, Any], ref: float | None) -> str:
+    seeds = " / ".join(f"{c:.3f}" for c in s["ce_seeds"])
+    delta = "—" if ref is None else f"{s['ce'] - ref:+.3f}"
+    return (
+        f"| {label} | {s['ce']:.3f} | {seeds} | {delta} | {s['ppl']:.1f} | {s['acc']:.3f} | {s['agree']:.3f} | "
+        f"{s['kl']:.3f} | {s['ece']:.3f} |"
+    )
+
+
+HEADER = (
+    "| method | held-out CE (mean) | CE per seed | vs full KD | PPL | next-token acc | top-1 agree "
+    "| KL(teacher‖student) | ECE |\n"
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]], groups: list[str]) -> str:
+    by_key = {m.key: m for m in methods()}
+    full = summary.get("kd-full", {}).get("ce")
+    ref_rows = [
+        f"| {name} | {r['ce']:.3f} | (fixed) | — | {r['ppl']:.1f} | {r['acc']:.3f} | "
+        f"{'—' if r['agree'] is None else format(r['agree'], '.3f')} | {r['kl']:.3f} | {r['ece']:.3f} |"
+        for name, r in refs.items()
+    ]
+    parts = []
+
+    def table(title: str, keys: list[tuple[str, str]]) -> None:
+        lines = [f"#### {title}\n", HEADER, *ref_rows]
+        lines += [_row(label, summary[k], full) for k, label in keys if k in summary]
+        parts.append("\n".join(lines) + "\n")
+
+    if "signals" in groups:
+        keys = [("ce-only", "CE only (no teacher)"), ("kd-full", "none: full KD (100%)")]
+        keys += [(f"sel-{s}-0.2", f"{s} 20%") for s in SIGNALS]
+        keys += [("se-ce", by_key["se-ce"].label)]
+        table("Signals at 20% of positions (topk:64 with tail)", keys)
+    if "budgets" in groups:
+        keys = [("ce-only", "CE only (0%, no teacher)")]
+        keys += [(f"sel-{SE}-{f:g}", f"student entropy {f:.0%}") for f in BUDGETS]
+        keys += [("kd-full", "student entropy 100% (= full KD)")]
+        table("Budget sweep: student entropy, per-sequence top k% (topk:64 with tail)", keys)
+    if "classes" in groups:
+        keys = []
+        for fraction, pos in ((1.0, "full KD"), (0.2, "SE-KD 20%")):
+            tag = f"{fraction:g}"
+            tail = "kd-full" if fraction == 1.0 else f"sel-{SE}-0.2"
+            keys += [
+                (tail, f"{pos}, topk:64 with tail"),
+                (f"renorm-{tag}", f"{pos}, topk:64 renormalised"),
+                (f"sample50-{tag}", f"{pos}, sample:50"),
+                (f"online-full-{tag}", f"{pos}, full (teacher online)"),
+            ]
+        table("Class modes", keys)
+    return "\n".join(parts)
+
+
+def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]], where: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    where.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    def ref_lines(ax: Any) -> None:
+        for key, label, style in (("kd-full", "full KD", "--"), ("ce-only", "CE only", ":")):
+            if key in summary:
+                ax.axhline(summary[key]["ce"], color="grey", linestyle=style, label=label)
+        ax.axhline(refs["base student"]["ce"], color="black", linestyle="-.", label="base student")
+
+    budget_keys = [(f, f"sel-{SE}-{f:g}" if f < 1 else "kd-full") for f in (*BUDGETS, 1.0)]
+    budget_keys = [(f, k) for f, k in budget_keys if k in summary]
+    if budget_keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [f * 100 for f, _ in budget_keys]
+        ax.plot(xs, [summary[k]["ce"] for _, k in budget_keys], "o-", label="student entropy (mean)")
+        for f, k in budget_keys:
+            ax.scatter([f * 100] * len(summary[k]["ce_seeds"]), summary[k]["ce_seeds"], color="C0", alpha=0.4, s=12)
+        ref_lines(ax)
+        ax.set_xscale("log")
+        ax.set_xlabel("positions distilled per sequence (%)")
+        ax.set_ylabel("held-out CE (nats)")
+        ax.set_title("Budget sweep (demo corpus)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(where / "quality-budgets.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+
+    signal_keys = [k for k in (f"sel-{s}-0.2" for s in SIGNALS) if k in summary]
+    if signal_keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ys = range(len(signal_keys))
+        ax.barh(list(ys), [summary[k]["ce"] for k in signal_keys], color="C1", alpha=0.7)
+        for y, k in zip(ys, signal_keys, strict=True):
+            ax.scatter(summary[k]["ce_seeds"], [y] * len(summary[k]["ce_seeds"]), color="black", s=10)
+        ax.set_yticks(list(ys), [k.removeprefix("sel-").removesuffix("-0.2") for k in signal_keys])
+        for key, label, style in (("kd-full", "full KD", "--"), ("ce-only", "CE only", ":")):
+            if key in summary:
+                ax.axvline(summary[key]["ce"], color="grey", linestyle=style, label=label)
+        lo = min(min(summary[k]["ce_seeds"]) for k in signal_keys)
+        hi = max(max(summary[k]["ce_seeds"]) for k in signal_keys)
+        ax.set_xlim(lo - 0.1, hi + 0.05)
+        ax.set_xlabel("held-out CE (nats), 20% of positions")
+        ax.set_title("Position-selection signals (demo corpus)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(where / "quality-signals.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+
+    modes = [("topk:64 + tail", "kd-full", f"sel-{SE}-0.2"), ("topk:64 renorm", "renorm-1", "renorm-0.2")]
+    modes += [("sample:50", "sample50-1", "sample50-0.2"), ("full (online)", "online-full-1", "online-full-0.2")]
+    modes = [m for m in modes if m[1] in summary and m[2] in summary]
+    if modes:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+        x = np.arange(len(modes))
+        for ax, metric, title in ((axes[0], "ce", "held-out CE (nats)"), (axes[1], "ece", "calibration error (ECE)")):
+            ax.bar(x - 0.2, [summary[m[1]][metric] for m in modes], 0.4, label="all positions")
+            ax.bar(x + 0.2, [summary[m[2]][metric] for m in modes], 0.4, label="SE-KD 20%")
+            ax.set_xticks(x, [m[0] for m in modes], fontsize=8)
+            ax.set_title(title)
+            if metric == "ce":
+                vals = [summary[k][metric] for m in modes for k in m[1:]]
+                ax.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Class modes (demo corpus)")
+        fig.tight_layout()
+        made.append(where / "quality-classes.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", required=True, type=Path, help="output directory of a finished `selkd-demo` run")
+    p.add_argument("--out", required=True, type=Path, help="where the topk:64 cache, runs and tables go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="which ablations (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default: 2)")
+    p.add_argument("--plots", type=Path, help="directory for the PNG plots (default: OUT)")
+    args = p.parse_args()
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    t_start = time.perf_counter()
+    ctx = demo_context(args.demo.resolve(), args.out.resolve())
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, args.jobs))
+    _worker_init(max(1, args.jobs))
+    build_s = ensure_topk_cache(ctx)
+    if build_s is not None:
+        print(f"built {ctx['caches']['topk64']} in {build_s:.0f} s", flush=True)
+
+    todo = [(m, s) for m in methods() if set(m.groups) & set(args.groups) for s in args.seeds]
+    records = []
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(1,)
+    ) as pool:
+        futures = {pool.submit(run_one, m, s, ctx): (m, s) for m, s in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            m, s = futures[fut]
+            r = fut.result()
+            records.append(r)
+            how = "reused" if r["reused"] else f"{r['wall_s']:.0f} s"
+            print(f"[{i}/{len(todo)}] {m.key} seed {s}: CE {r['ce']:.3f}, ECE {r['ece']:.3f} ({how})", flush=True)
+
+    # the fixed references: the teacher and the base student, scored the same way
+    from selkd.cache.teacher import load_causal_lm
+    from selkd.trainer.demo.machine import machine_info
+
+    seqs, logp = _eval_context(ctx)
+    refs = {}
+    for name, path in (("teacher", ctx["teacher"]), ("base student", ctx["base"])):
+        m = score(log_softmax_rows(load_causal_lm(path, "cpu", torch.float32), seqs), seqs, logp)
+        refs[name] = {**m, "agree": None if name == "teacher" else m["agree"]}
+    summary = summarize(records)
+    made = plots(summary, refs, args.plots or args.out)
+
+    machine = machine_info(1)
+    n_pos = sum(len(s) - 1 for s in seqs)
+    head = [
+        "### Quality on the demo corpus\n",
+        f"machine: {machine['cpu']} ({machine['cores']} cores), 1 torch thread per run, {args.jobs} runs at once; "
+        f"python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}",
+        f"command: `python {' '.join(sys.argv)}` (demo: `selkd-demo --out {args.demo}`)",
+        f"every run: the demo's base student + {ctx['steps']} steps of {ctx['batch']} x {ctx['seq_len']} tokens, "
+        f"lr {ctx['lr']:g} (AdamW, {ctx['warmup_steps']} warm-up steps, cosine), "
+        f"seeds {' '.join(map(str, args.seeds))}; "
+        f"scored on {len(seqs)} held-out sequences ({n_pos:,} positions); wall {time.perf_counter() - t_start:.0f} s\n",
+    ]
+    text = "\n".join(head) + "\n" + tables(summary, refs, args.groups)
+    text += "".join(f"\n![{p.stem}]({p})\n" for p in made)
+    print("\n" + text)
+    (args.out / "quality.md").write_text(text)
+    (args.out / "quality.json").write_text(
+        json.dumps({"refs": refs, "summary": summary, "records": records, "ctx": ctx}, indent=1, default=str)
+    )
+
+
+if __name__ == "__main__":
+    main()
