@@ -434,9 +434,7 @@ def test_online_and_offline_targets_give_the_same_loss(
         obj = Objective(signal=select, fraction=0.2, policy=policy, loss=loss)
         values = {}
         for name, b in batches.items():
-            res = student(
-                b.input_ids, b.attention_mask, b.labels, b.valid, b.targets, b.teacher_entropy, b.teacher_logprob, obj
-            )
+            res = student(*b.student_inputs(), obj)
             values[name] = (float(res.loss.detach()), res.selected)
         assert values["cache"][0] > 0
         assert values["online16"][0] == pytest.approx(values["cache"][0], rel=1e-4), (select, loss)
@@ -506,16 +504,7 @@ def test_training_step_never_builds_full_logits(
     monkeypatch.setattr(type(model), "forward", refuse)
     chunk = 32
     obj = Objective("student-entropy", 0.2, "sequence", "fkl", ce_weight=1.0 if ce else 0.0, chunk=chunk)
-    res = SelectiveStudent(model)(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.labels,
-        batch.valid,
-        batch.targets,
-        batch.teacher_entropy,
-        batch.teacher_logprob,
-        obj,
-    )
+    res = SelectiveStudent(model)(*batch.student_inputs(), obj)
     res.loss.backward()
     assert res.n_selected == sum(int(np.ceil(0.2 * n)) for n in batch.valid.sum(-1).tolist())
     assert all(n <= max(chunk, res.n_selected) < b * length for n, _ in seen)
@@ -531,16 +520,7 @@ def test_kd_weight_zero_is_plain_next_token_ce(caches: dict[str, str], tiny_stud
     batch = collate([reader.get(i) for i in range(4)], pad_id=0)
     model = load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32, frozen=False)
     obj = Objective("none", 1.0, "none", "fkl", kd_weight=0.0, ce_weight=1.0, chunk=16)
-    res = SelectiveStudent(model)(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.labels,
-        batch.valid,
-        batch.targets,
-        batch.teacher_entropy,
-        batch.teacher_logprob,
-        obj,
-    )
+    res = SelectiveStudent(model)(*batch.student_inputs(), obj)
     res.loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

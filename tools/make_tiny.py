@@ -39,6 +39,8 @@ from transformers import (
 )
 
 from selkd.trainer.demo import STDLIB_EXCLUDED_DIRS, chunk_text
+from selkd.trainer.demo.models import n_params
+from selkd.trainer.demo.util import human_bytes
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -61,7 +63,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# the library's demo owns the corpus rules; this script reuses them
+# the library's demo owns the corpus rules and the small formatting helpers; this script reuses them
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -275,20 +277,8 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _n_params(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    print(f"[1/4] reading standard-library sources (~{_fmt_bytes(args.corpus_bytes)}) ...", flush=True)
+    print(f"[1/4] reading standard-library sources (~{human_bytes(args.corpus_bytes)}) ...", flush=True)
     files = stdlib_files(max_bytes=args.corpus_bytes)
     texts = [t for _, t in files]
     rows = [piece for t in texts for piece in chunk_text(t, args.chunk_chars)]
@@ -429,10 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     trained = f", trained {args.train_steps} steps" if args.train_steps else ", random init"
     print(f"\ndone in {time.perf_counter() - t0:.1f}s; wrote {out}/")
-    t_size, s_size = _fmt_bytes(_dir_size(teacher_dir)), _fmt_bytes(_dir_size(student_dir))
-    print(f"  teacher/      {_n_params(teacher):>9,} params{trained}  ({t_size})")
-    print(f"  student/      {_n_params(student):>9,} params, random init  ({s_size})")
-    print(f'  corpus.jsonl  {n_rows:>9,} rows of {{"text": ...}}  ({_fmt_bytes(corpus_path.stat().st_size)})')
+    t_size, s_size = human_bytes(_dir_size(teacher_dir)), human_bytes(_dir_size(student_dir))
+    print(f"  teacher/      {n_params(teacher):>9,} params{trained}  ({t_size})")
+    print(f"  student/      {n_params(student):>9,} params, random init  ({s_size})")
+    print(f'  corpus.jsonl  {n_rows:>9,} rows of {{"text": ...}}  ({human_bytes(corpus_path.stat().st_size)})')
     print(
         f"  tokenizer     byte-level BPE, {len(tok)} tokens, eos=bos={EOS_TOKEN} pad={PAD_TOKEN}, ChatML chat template"
     )

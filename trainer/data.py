@@ -154,6 +154,19 @@ class Batch:
         """Every tensor in pinned memory (called by ``DataLoader(pin_memory=True)``)."""
         return self._map(lambda t: t.pin_memory())
 
+    def student_inputs(self) -> tuple[Any, ...]:
+        """The leading arguments of :class:`~selkd.trainer.student.SelectiveStudent`'s forward, in order:
+        input_ids, attention_mask, labels, valid, targets, teacher_entropy, teacher_logprob."""
+        return (
+            self.input_ids,
+            self.attention_mask,
+            self.labels,
+            self.valid,
+            self.targets,
+            self.teacher_entropy,
+            self.teacher_logprob,
+        )
+
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens in the batch."""

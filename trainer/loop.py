@@ -461,13 +461,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
             ):
                 res: StepOutput = student(
-                    batch.input_ids,
-                    batch.attention_mask,
-                    batch.labels,
-                    batch.valid,
-                    batch.targets,
-                    batch.teacher_entropy,
-                    batch.teacher_logprob,
+                    *batch.student_inputs(),
                     objective,
                     policy_state,
                     progress=step / max(1, total),

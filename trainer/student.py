@@ -206,17 +206,7 @@ def evaluate(
                 break
             b = batch.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                s = student(
-                    b.input_ids,
-                    b.attention_mask,
-                    b.labels,
-                    b.valid,
-                    b.targets,
-                    b.teacher_entropy,
-                    b.teacher_logprob,
-                    objective,
-                    evaluate=True,
-                )
+                s = student(*b.student_inputs(), objective, evaluate=True)
             sums = EvalSums(sums.ce + s.ce, sums.kl + s.kl, sums.agree + s.agree, sums.n + s.n)
     student.train(was_training)
     n = max(sums.n, 1)
