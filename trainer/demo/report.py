@@ -128,6 +128,17 @@ def make_plots(rows: Sequence[Row], pretrain: dict[str, dict[str, Any]], out: Pa
     ref = {r.key: r.eval_ce for r in rows if r.key in ("teacher", "base")}
     paths = []
 
+    def save(fig: Any, ax: Any, name: str, xlabel: str, ylabel: str, title: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in students:
         if r.eval_curve:
@@ -136,45 +147,28 @@ def make_plots(rows: Sequence[Row], pretrain: dict[str, dict[str, Any]], out: Pa
     for key, style in (("teacher", ":"), ("base", "--")):
         if key in ref:
             ax.axhline(ref[key], color="grey", ls=style, lw=1, label=f"{key} ({ref[key]:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out CE (nats)")
-    ax.set_title("Held-out cross-entropy of the students")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "eval_ce.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "eval_ce.png", "step", "held-out CE (nats)", "Held-out cross-entropy of the students")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in students:
         if r.curve:
             xs, ys = zip(*r.curve)
             ax.plot(xs, ys, label=r.label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training objective")
-    ax.set_title("Training loss (KD divergence; CE for the CE-only student)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "train_loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(
+        fig,
+        ax,
+        "train_loss.png",
+        "step",
+        "training objective",
+        "Training loss (KD divergence; CE for the CE-only student)",
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for key, info in pretrain.items():
         curve = info.get("curve") or []
         if curve:
             ax.plot([c[1] for c in curve], [c[2] for c in curve], label=f"{key} ({info['params'] / 1e6:.2f}M params)")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("training CE (nats)")
-    ax.set_title("Pretraining (time-budgeted, plain CE)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "pretrain_loss.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, ax, "pretrain_loss.png", "seconds", "training CE (nats)", "Pretraining (time-budgeted, plain CE)")
     return paths, None
 
 

@@ -114,7 +114,7 @@ def run_demo(
     threads: int | None = None,
     rerun: bool = False,
 ) -> DemoResult:
-    """Run the demo (see the module docstring); returns the table's rows and where the report is."""
+    """Run the demo (see the package docstring); returns the table's rows and where the report is."""
     threads = threads or default_threads()
     with _quiet_torch(threads):
         return _run_demo(
