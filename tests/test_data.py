@@ -17,15 +17,9 @@ import torch
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
 from selkd.cache.reader import CachedSequence, CacheError, CacheReader, open_cache
-from selkd.trainer.data import (
-    IGNORE_INDEX,
-    Batch,
-    CacheStream,
-    _mp_context,
-    collate,
-    make_loader,
-    read_range,
-)
+from selkd.trainer.batch import IGNORE_INDEX, Batch, collate
+from selkd.trainer.data import CacheStream, mp_context, read_range
+from selkd.trainer.loader import make_loader
 
 BATCH = 4
 UNIT = 16  # two units per part (a part holds 2048 // 64 = 32 sequences)
@@ -394,8 +388,8 @@ def test_pickled_stream_reopens_and_start_methods(cache_dir: Path) -> None:
     clone = pickle.loads(pickle.dumps(stream))
     assert clone._reader is None  # a spawned worker opens the cache itself
     assert _ids(list(clone)) == _ids(list(stream))
-    assert _mp_context("s3://bucket/cache") == "spawn"
-    assert _mp_context(str(cache_dir)) in ("fork", None)
+    assert mp_context("s3://bucket/cache") == "spawn"
+    assert mp_context(str(cache_dir)) in ("fork", None)
     loader = make_loader(_stream(cache_dir), num_workers=0, prefetch=2)
     first = next(iter(loader))
     assert isinstance(first, Batch) and loader.state_dict()["step"] == 1

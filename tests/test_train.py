@@ -33,9 +33,9 @@ from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from selkd.trainer import head as H
+from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
 from selkd.trainer.config import TrainConfig
-from selkd.trainer.data import Batch, collate
 from selkd.trainer.loop import lr_lambda, truncate_metrics
 from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.student import Objective, SelectiveStudent

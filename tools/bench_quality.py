@@ -7,11 +7,15 @@ sequences: CE (and perplexity), next-token accuracy, top-1 agreement with the te
 student) and the expected calibration error (ECE, 15 bins) of its top-1 confidence.
 
 Groups (``--groups``):
-  signals  KD on 20% of positions chosen by each of the trainer's 8 signals, plus random, full KD and
-           CE only; on a ``topk:64`` cache with its tail bucket, where every signal is defined
+  signals  KD on 20% of positions chosen by each of the trainer's 8 signals (random among them), full
+           KD (no selection), SE-KD plus CE, and CE only; on a ``full`` cache (the teacher's whole
+           distribution in float16), so that the targets are exact and every signal is defined
   budgets  student entropy at 1, 5, 10, 20, 50 and 100% of positions (100% is full KD), same cache
-  classes  full KD and SE-KD 20% with each class mode: topk:64 with the tail, topk:64 renormalised
-           (biased), sample:50 (the demo's cache) and full (the teacher online: the exact distribution)
+  classes  full KD and SE-KD 20% with each class mode: full, topk:64 with the tail bucket, topk:64
+           renormalised (biased) and sample:50 (the demo's cache)
+
+The CE-only runs read the ``topk:64`` cache for their batches (any of the caches gives the same
+sequences in the same order; the targets are unused).
 
 Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache)::
 
@@ -42,12 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-TOPK = "topk:64"
+BUILDS = {"topk64": "topk:64", "full": "full"}  # caches this benchmark builds (sample50: the demo's)
 SE = "student-entropy"
 SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
 GROUPS = ("signals", "budgets", "classes")
 ECE_BINS = 15
+SCORING = 2  # version of score(): records scored by another version are redone
+METRICS = ("ce", "ppl", "acc", "agree", "kl", "ece", "overconfidence", "entropy")
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,7 @@ class Method:
 
     key: str
     label: str
-    kind: str  # "cache" or "online"
-    source: str  # "topk64", "sample50" or "online"
+    source: str  # a cache: "full", "topk64" or "sample50"
     select: str = "none"
     renormalize: bool = False
     kd_weight: float = 1.0
@@ -71,49 +76,33 @@ def _sel(fraction: float, signal: str = SE) -> str:
 
 def methods() -> list[Method]:
     out = [
-        Method("ce-only", "CE only (no teacher)", "cache", "topk64", kd_weight=0.0, ce_weight=1.0, groups=GROUPS),
-        Method("kd-full", "full KD (all positions)", "cache", "topk64", groups=GROUPS),
+        Method("ce-only", "CE only (no teacher)", "topk64", kd_weight=0.0, ce_weight=1.0, groups=GROUPS),
+        Method("kd-full", "full KD (all positions)", "full", groups=GROUPS),
         Method(
             "se-ce",
             "student entropy 20% + CE on all positions (weight 1)",
-            "cache",
-            "topk64",
+            "full",
             _sel(0.2),
             ce_weight=1.0,
             groups=("signals",),
         ),
     ]
     for signal in SIGNALS:
-        groups = ("signals", "budgets", "classes") if signal == SE else ("signals",)
-        out.append(Method(f"sel-{signal}-0.2", f"{signal} 20%", "cache", "topk64", _sel(0.2, signal), groups=groups))
+        groups = GROUPS if signal == SE else ("signals",)
+        out.append(Method(f"sel-{signal}-0.2", f"{signal} 20%", "full", _sel(0.2, signal), groups=groups))
     for fraction in BUDGETS:
         if fraction != 0.2:
             out.append(
-                Method(
-                    f"sel-{SE}-{fraction:g}",
-                    f"{SE} {fraction:.0%}",
-                    "cache",
-                    "topk64",
-                    _sel(fraction),
-                    groups=("budgets",),
-                )
+                Method(f"sel-{SE}-{fraction:g}", f"{SE} {fraction:.0%}", "full", _sel(fraction), groups=("budgets",))
             )
     for fraction in (1.0, 0.2):
         tag = f"{fraction:g}"
         out += [
+            Method(f"topk64-{tag}", "topk:64 with tail", "topk64", _sel(fraction), groups=("classes",)),
             Method(
-                f"renorm-{tag}",
-                "topk:64 renormalised",
-                "cache",
-                "topk64",
-                _sel(fraction),
-                renormalize=True,
-                groups=("classes",),
+                f"renorm-{tag}", "topk:64 renormalised", "topk64", _sel(fraction), renormalize=True, groups=("classes",)
             ),
-            Method(f"sample50-{tag}", "sample:50", "cache", "sample50", _sel(fraction), groups=("classes",)),
-            Method(
-                f"online-full-{tag}", "full (teacher online)", "online", "online", _sel(fraction), groups=("classes",)
-            ),
+            Method(f"sample50-{tag}", "sample:50", "sample50", _sel(fraction), groups=("classes",)),
         ]
     return out
 
@@ -134,7 +123,7 @@ def log_softmax_rows(model: torch.nn.Module, seqs: list[np.ndarray]) -> list[tor
 
 def score(logq: list[torch.Tensor], seqs: list[np.ndarray], logp: list[torch.Tensor]) -> dict[str, float]:
     """Held-out metrics of a student's log-probs ``logq`` against the next tokens and the teacher's ``logp``."""
-    nll, correct, agree, kl, conf = [], [], [], [], []
+    nll, correct, agree, kl, conf, ent = [], [], [], [], [], []
     for q, s, p in zip(logq, seqs, logp, strict=True):
         y = torch.from_numpy(s[1:].astype(np.int64))
         nll.append(-q.gather(-1, y[:, None])[:, 0])
@@ -143,6 +132,7 @@ def score(logq: list[torch.Tensor], seqs: list[np.ndarray], logp: list[torch.Ten
         agree.append((top == p.argmax(-1)).float())
         kl.append((p.exp() * (p - q)).sum(-1))
         conf.append(top_conf.exp())
+        ent.append(-(q.exp() * q).sum(-1))
     nll_t, correct_t, conf_t = torch.cat(nll), torch.cat(correct), torch.cat(conf)
     bins = torch.clamp((conf_t * ECE_BINS).long(), max=ECE_BINS - 1)
     ece = 0.0
@@ -158,6 +148,8 @@ def score(logq: list[torch.Tensor], seqs: list[np.ndarray], logp: list[torch.Ten
         "agree": float(torch.cat(agree).mean()),
         "kl": float(torch.cat(kl).mean()),
         "ece": ece,
+        "overconfidence": float(conf_t.mean()) - float(correct_t.mean()),  # < 0: underconfident
+        "entropy": float(torch.cat(ent).mean()),
     }
 
 
@@ -208,16 +200,6 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
         save_every=0,
         progress=False,
     )
-    if method.kind == "online":
-        return TrainConfig(
-            teacher=ctx["teacher"],
-            data=[ctx["kd_data"]],
-            max_seq_len=ctx["seq_len"],
-            eval_fraction=ctx["eval_fraction"],
-            split_seed=ctx["split_seed"],
-            classes="full",
-            **common,
-        )
     return TrainConfig(cache=ctx["caches"][method.source], **common)
 
 
@@ -228,7 +210,7 @@ def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(ctx["out"]) / "runs" / f"{method.key}-s{seed}"
     cfg = train_config(method, seed, out, ctx)
-    identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"]}
+    identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"], "scoring": SCORING}
     stamp = out / "quality.json"
     if stamp.is_file():
         record = json.loads(stamp.read_text())
@@ -284,7 +266,7 @@ def demo_context(demo: Path, out: Path) -> dict[str, Any]:
         "cache_batch": b["cache_batch"],
         "eval_fraction": s["eval_fraction"],
         "split_seed": s["seed"],
-        "caches": {"sample50": str(sample50), "topk64": str(out / "caches" / "topk64")},
+        "caches": {"sample50": str(sample50), **{name: str(out / "caches" / name) for name in BUILDS}},
         "demo_rows": {r["key"]: r for r in results["rows"]},
         "identity": hashlib.sha256(
             json.dumps([s["teacher_dir"], s["base_dir"], s["caches"]], sort_keys=True).encode()
@@ -292,14 +274,14 @@ def demo_context(demo: Path, out: Path) -> dict[str, Any]:
     }
 
 
-def ensure_topk_cache(ctx: dict[str, Any]) -> float | None:
-    """Build the topk:64 cache with the demo's sample:50 build settings (same sequences and split);
-    returns the build seconds, or None when an earlier build is complete."""
+def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
+    """Build cache ``name`` of :data:`BUILDS` with the demo's sample:50 build settings (same sequences
+    and split); returns the build seconds, or None when an earlier build is complete."""
     from selkd.cache.build import build_cache
     from selkd.cache.config import BuildConfig
     from selkd.cache.reader import CacheError, open_cache
 
-    path = Path(ctx["caches"]["topk64"])
+    path = Path(ctx["caches"][name])
     try:
         if open_cache(str(path)).summary is not None:
             return None
@@ -309,7 +291,7 @@ def ensure_topk_cache(ctx: dict[str, Any]) -> float | None:
         teacher=ctx["teacher"],
         data=[ctx["kd_data"]],
         out=str(path),
-        classes=TOPK,
+        classes=BUILDS[name],
         max_seq_len=ctx["seq_len"],
         eval_fraction=ctx["eval_fraction"],
         seed=ctx["split_seed"],
@@ -333,7 +315,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for key, rs in by.items():
         rs.sort(key=lambda r: r["seed"])
-        out[key] = {m: statistics.fmean(r[m] for r in rs) for m in ("ce", "ppl", "acc", "agree", "kl", "ece")}
+        out[key] = {m: statistics.fmean(r[m] for r in rs) for m in METRICS}
         out[key]["ce_seeds"] = [r["ce"] for r in rs]
         out[key]["seeds"] = [r["seed"] for r in rs]
     return out
@@ -344,14 +326,14 @@ def _row(label: str, s: dict[str, Any], ref: float | None) -> str:
     delta = "—" if ref is None else f"{s['ce'] - ref:+.3f}"
     return (
         f"| {label} | {s['ce']:.3f} | {seeds} | {delta} | {s['ppl']:.1f} | {s['acc']:.3f} | {s['agree']:.3f} | "
-        f"{s['kl']:.3f} | {s['ece']:.3f} |"
+        f"{s['kl']:.3f} | {s['ece']:.3f} | {s['overconfidence']:+.3f} | {s['entropy']:.2f} |"
     )
 
 
 HEADER = (
     "| method | held-out CE (mean) | CE per seed | vs full KD | PPL | next-token acc | top-1 agree "
-    "| KL(teacher‖student) | ECE |\n"
-    "|---|---:|---|---:|---:|---:|---:|---:|---:|"
+    "| KL(teacher‖student) | ECE | confidence − acc | entropy |\n"
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -360,7 +342,8 @@ def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]]
     full = summary.get("kd-full", {}).get("ce")
     ref_rows = [
         f"| {name} | {r['ce']:.3f} | (fixed) | — | {r['ppl']:.1f} | {r['acc']:.3f} | "
-        f"{'—' if r['agree'] is None else format(r['agree'], '.3f')} | {r['kl']:.3f} | {r['ece']:.3f} |"
+        f"{'—' if r['agree'] is None else format(r['agree'], '.3f')} | {r['kl']:.3f} | {r['ece']:.3f} | "
+        f"{r['overconfidence']:+.3f} | {r['entropy']:.2f} |"
         for name, r in refs.items()
     ]
     parts = []
@@ -374,22 +357,22 @@ def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]]
         keys = [("ce-only", "CE only (no teacher)"), ("kd-full", "none: full KD (100%)")]
         keys += [(f"sel-{s}-0.2", f"{s} 20%") for s in SIGNALS]
         keys += [("se-ce", by_key["se-ce"].label)]
-        table("Signals at 20% of positions (topk:64 with tail)", keys)
+        table("Signals at 20% of positions (full targets)", keys)
     if "budgets" in groups:
         keys = [("ce-only", "CE only (0%, no teacher)")]
         keys += [(f"sel-{SE}-{f:g}", f"student entropy {f:.0%}") for f in BUDGETS]
         keys += [("kd-full", "student entropy 100% (= full KD)")]
-        table("Budget sweep: student entropy, per-sequence top k% (topk:64 with tail)", keys)
+        table("Budget sweep: student entropy, per-sequence top k% (full targets)", keys)
     if "classes" in groups:
         keys = []
         for fraction, pos in ((1.0, "full KD"), (0.2, "SE-KD 20%")):
             tag = f"{fraction:g}"
-            tail = "kd-full" if fraction == 1.0 else f"sel-{SE}-0.2"
+            full = "kd-full" if fraction == 1.0 else f"sel-{SE}-0.2"
             keys += [
-                (tail, f"{pos}, topk:64 with tail"),
+                (full, f"{pos}, full"),
+                (f"topk64-{tag}", f"{pos}, topk:64 with tail"),
                 (f"renorm-{tag}", f"{pos}, topk:64 renormalised"),
                 (f"sample50-{tag}", f"{pos}, sample:50"),
-                (f"online-full-{tag}", f"{pos}, full (teacher online)"),
             ]
         table("Class modes", keys)
     return "\n".join(parts)
@@ -404,16 +387,25 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
     where.mkdir(parents=True, exist_ok=True)
     made = []
 
-    def ref_lines(ax: Any) -> None:
+    def ref_lines(ax: Any, vertical: bool = False) -> None:
+        line = ax.axvline if vertical else ax.axhline
         for key, label, style in (("kd-full", "full KD", "--"), ("ce-only", "CE only", ":")):
             if key in summary:
-                ax.axhline(summary[key]["ce"], color="grey", linestyle=style, label=label)
-        ax.axhline(refs["base student"]["ce"], color="black", linestyle="-.", label="base student")
+                line(summary[key]["ce"], color="grey", linestyle=style, label=label)
+        line(refs["base student"]["ce"], color="black", linestyle="-.", label="base student")
+
+    def save(fig: Any, ax: Any, name: str, title: str) -> None:
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(where / name)
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
 
     budget_keys = [(f, f"sel-{SE}-{f:g}" if f < 1 else "kd-full") for f in (*BUDGETS, 1.0)]
     budget_keys = [(f, k) for f, k in budget_keys if k in summary]
     if budget_keys:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         xs = [f * 100 for f, _ in budget_keys]
         ax.plot(xs, [summary[k]["ce"] for _, k in budget_keys], "o-", label="student entropy (mean)")
         for f, k in budget_keys:
@@ -422,12 +414,15 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
         ax.set_xscale("log")
         ax.set_xlabel("positions distilled per sequence (%)")
         ax.set_ylabel("held-out CE (nats)")
-        ax.set_title("Budget sweep (demo corpus)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(where / "quality-budgets.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
+        # the student's mean predictive entropy on the held-out positions: selection bias shows here
+        ax2.plot(xs, [summary[k]["entropy"] for _, k in budget_keys], "o-", color="C2", label="student")
+        for name, style in (("teacher", "--"), ("base student", "-.")):
+            ax2.axhline(refs[name]["entropy"], color="black", linestyle=style, label=name)
+        ax2.set_xscale("log")
+        ax2.set_xlabel("positions distilled per sequence (%)")
+        ax2.set_ylabel("mean entropy on held-out positions (nats)")
+        ax2.legend(fontsize=8)
+        save(fig, ax, "quality-budgets.png", "Budget sweep (demo corpus)")
 
     signal_keys = [k for k in (f"sel-{s}-0.2" for s in SIGNALS) if k in summary]
     if signal_keys:
@@ -437,22 +432,15 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
         for y, k in zip(ys, signal_keys, strict=True):
             ax.scatter(summary[k]["ce_seeds"], [y] * len(summary[k]["ce_seeds"]), color="black", s=10)
         ax.set_yticks(list(ys), [k.removeprefix("sel-").removesuffix("-0.2") for k in signal_keys])
-        for key, label, style in (("kd-full", "full KD", "--"), ("ce-only", "CE only", ":")):
-            if key in summary:
-                ax.axvline(summary[key]["ce"], color="grey", linestyle=style, label=label)
-        lo = min(min(summary[k]["ce_seeds"]) for k in signal_keys)
+        ref_lines(ax, vertical=True)
+        lo = min(min(summary[k]["ce_seeds"]) for k in signal_keys + ["kd-full"] if k in summary)
         hi = max(max(summary[k]["ce_seeds"]) for k in signal_keys)
         ax.set_xlim(lo - 0.1, hi + 0.05)
         ax.set_xlabel("held-out CE (nats), 20% of positions")
-        ax.set_title("Position-selection signals (demo corpus)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(where / "quality-signals.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "quality-signals.png", "Position-selection signals (demo corpus)")
 
-    modes = [("topk:64 + tail", "kd-full", f"sel-{SE}-0.2"), ("topk:64 renorm", "renorm-1", "renorm-0.2")]
-    modes += [("sample:50", "sample50-1", "sample50-0.2"), ("full (online)", "online-full-1", "online-full-0.2")]
+    modes = [("full", "kd-full", f"sel-{SE}-0.2"), ("topk:64 + tail", "topk64-1", "topk64-0.2")]
+    modes += [("topk:64 renorm", "renorm-1", "renorm-0.2"), ("sample:50", "sample50-1", "sample50-0.2")]
     modes = [m for m in modes if m[1] in summary and m[2] in summary]
     if modes:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -493,9 +481,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.jobs))
     _worker_init(max(1, args.jobs))
-    build_s = ensure_topk_cache(ctx)
-    if build_s is not None:
-        print(f"built {ctx['caches']['topk64']} in {build_s:.0f} s", flush=True)
+    for name in BUILDS:
+        build_s = ensure_cache(ctx, name)
+        if build_s is not None:
+            print(f"built {ctx['caches'][name]} in {build_s:.0f} s", flush=True)
 
     todo = [(m, s) for m in methods() if set(m.groups) & set(args.groups) for s in args.seeds]
     records = []

@@ -115,6 +115,9 @@ selkd-train --cache cache/ --student ./qwen3-1.7b --out runs/full --select none
 
 # SE-KD 3X: positions + sampled classes (a sample:N cache) + the top 20% of samples
 selkd-train --cache cache-with-scores/ --student ./qwen3-1.7b --out runs/3x --sample-ratio 0.2
+
+# the no-teacher baseline on the same batches: next-token CE only
+selkd-train --cache cache/ --student ./qwen3-1.7b --out runs/ce --kd-weight 0 --ce-weight 1 --select none
 ```
 
 Rerunning the same command with the same `--out` resumes from the last complete checkpoint

@@ -1,8 +1,9 @@
 """Streaming a cache into training batches: order, rank/worker split, reading, prefetching, resuming.
 
-:class:`CacheStream` is an ``IterableDataset`` that yields :class:`Batch` objects (collated inside the
-DataLoader workers) of one split of a cache; :func:`make_loader` wraps it in a DataLoader that counts
-what the training loop has taken, so its ``state_dict()`` resumes exactly.
+:class:`CacheStream` is an ``IterableDataset`` that yields :class:`~selkd.trainer.batch.Batch` objects
+(collated inside the DataLoader workers) of one split of a cache; :func:`selkd.trainer.loader.make_loader`
+wraps it in a DataLoader that counts what the training loop has taken, so its ``state_dict()`` resumes
+exactly.
 
 How the order is made (identical on every rank and worker, a function of ``seed`` and ``epoch`` only)
 ------------------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ Resuming
 --------
 The stream keeps a cursor: ``epoch``, ``samples`` (sequences of ``G`` consumed by all ranks together
 in this epoch: ``batch_size * world_size`` per step, independent of the world size) and ``step``
-(batches this rank consumed in this epoch). :class:`StatefulLoader` advances it when the training
+(batches this rank consumed in this epoch). :class:`~selkd.trainer.loader.StatefulLoader` advances it when the training
 loop *takes* a batch (not when a worker prefetches one); when the last batch of an epoch is taken the
 cursor moves to the start of the next epoch. ``state_dict()`` is JSON-serialisable; a fresh
 stream and loader given ``load_state_dict(state)`` start their next iteration at global offset
@@ -65,17 +66,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import queue
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from zarr.api import asynchronous as zarr_async
 from zarr.core.array import AsyncArray
 from zarr.core.sync import sync
@@ -83,7 +81,6 @@ from zarr.core.sync import sync
 from selkd.cache import format as fmt
 from selkd.cache.reader import (
     CacheCorruptError,
-    CachedSequence,
     CacheReader,
     PartData,
     PartRecord,
@@ -91,128 +88,11 @@ from selkd.cache.reader import (
     open_cache,
 )
 from selkd.cache.store import is_url
-from selkd.cache.targets import SparseTargets
+from selkd.trainer.batch import Batch, collate
 
-IGNORE_INDEX = -100
 STATE_VERSION = 1
 
-__all__ = [
-    "IGNORE_INDEX",
-    "Batch",
-    "CacheStream",
-    "StatefulLoader",
-    "collate",
-    "make_loader",
-    "open_part_arrays",
-    "read_range",
-]
-
-
-# --- batches -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """B sequences padded to the longest one (L tokens).
-
-    ``labels[b, t]`` is ``input_ids[b, t + 1]`` where the teacher has a target (positions
-    ``0 .. len_b - 2``) and -100 at the last real position and at padding; ``valid`` is
-    ``labels != -100``. ``targets`` has leading shape ``[B, L]`` (invalid positions: ids 0,
-    logprob -inf); ``teacher_entropy`` and ``teacher_logprob`` are 0 where invalid.
-    """
-
-    input_ids: torch.Tensor  # [B, L] int64, padded with pad_id
-    attention_mask: torch.Tensor  # [B, L] int64 (1 = real token)
-    labels: torch.Tensor  # [B, L] int64
-    valid: torch.Tensor  # [B, L] bool
-    targets: SparseTargets  # leading [B, L]
-    teacher_entropy: torch.Tensor  # [B, L] float32
-    teacher_logprob: torch.Tensor  # [B, L] float32
-    seq_index: torch.Tensor  # [B] int64 global (corpus) sequence indices
-
-    def _map(self, fn: Any) -> Batch:
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else fn(t)
-
-        tg = self.targets
-        return Batch(
-            input_ids=fn(self.input_ids),
-            attention_mask=fn(self.attention_mask),
-            labels=fn(self.labels),
-            valid=fn(self.valid),
-            targets=replace(tg, ids=mv(tg.ids), logprobs=fn(tg.logprobs), tail_logmass=mv(tg.tail_logmass)),
-            teacher_entropy=fn(self.teacher_entropy),
-            teacher_logprob=fn(self.teacher_logprob),
-            seq_index=fn(self.seq_index),
-        )
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """Every tensor moved to ``device``."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Batch:
-        """Every tensor in pinned memory (called by ``DataLoader(pin_memory=True)``)."""
-        return self._map(lambda t: t.pin_memory())
-
-    def student_inputs(self) -> tuple[Any, ...]:
-        """The leading arguments of :class:`~selkd.trainer.student.SelectiveStudent`'s forward, in order:
-        input_ids, attention_mask, labels, valid, targets, teacher_entropy, teacher_logprob."""
-        return (
-            self.input_ids,
-            self.attention_mask,
-            self.labels,
-            self.valid,
-            self.targets,
-            self.teacher_entropy,
-            self.teacher_logprob,
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the batch."""
-        return int(self.attention_mask.sum())
-
-    @property
-    def num_targets(self) -> int:
-        """Positions with a teacher target."""
-        return int(self.valid.sum())
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-def collate(seqs: list[CachedSequence], pad_id: int) -> Batch:
-    """Pad and stack cached sequences into a :class:`Batch` (numpy mask-scatter; the targets are
-    stacked with :meth:`SparseTargets.stack_padded`)."""
-    if not seqs:
-        raise ValueError("collate needs at least one sequence")
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    if lengths.min() < 1:
-        raise ValueError("collate: empty sequence")
-    b, length = len(seqs), int(lengths.max())
-    pos = np.arange(length)
-    tok_mask = pos[None, :] < lengths[:, None]
-    tgt_mask = pos[None, :] < (lengths - 1)[:, None]
-
-    input_ids = np.full((b, length), pad_id, dtype=np.int64)
-    input_ids[tok_mask] = np.concatenate([s.input_ids for s in seqs])
-    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
-    labels[tgt_mask] = np.concatenate([s.input_ids[1:] for s in seqs])
-    entropy = np.zeros((b, length), dtype=np.float32)
-    entropy[tgt_mask] = np.concatenate([s.teacher_entropy for s in seqs])
-    logprob = np.zeros((b, length), dtype=np.float32)
-    logprob[tgt_mask] = np.concatenate([s.teacher_logprob for s in seqs])
-
-    return Batch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(tok_mask.astype(np.int64)),
-        labels=torch.from_numpy(labels),
-        valid=torch.from_numpy(tgt_mask),
-        targets=SparseTargets.stack_padded([s.targets for s in seqs], length),
-        teacher_entropy=torch.from_numpy(entropy),
-        teacher_logprob=torch.from_numpy(logprob),
-        seq_index=torch.tensor([s.seq_index for s in seqs], dtype=torch.int64),
-    )
+__all__ = ["CacheStream", "open_part_arrays", "read_range"]
 
 
 # --- reading a range of sequences ------------------------------------------------------------------
@@ -325,7 +205,7 @@ class _Layout:
         return int(self.unit_bounds.shape[0] - 1)
 
 
-def _mp_context(url: str) -> str | None:
+def mp_context(url: str) -> str | None:
     """DataLoader start method: ``spawn`` for URLs (s3fs is not fork-safe), ``fork`` for local paths."""
     if is_url(url):
         return "spawn"
@@ -709,136 +589,3 @@ class CacheStream(IterableDataset):
             f"CacheStream({self.url!r}, split={self.split!r}, batch_size={self.batch_size}, rank={self.rank}/"
             f"{self.world_size}, epoch={self._epoch}, samples={self._samples}, sequences={self.num_sequences})"
         )
-
-
-# --- the loader ----------------------------------------------------------------------------------
-
-
-class _ThreadPrefetcher:
-    """Runs a batch generator in a background thread, ``depth`` batches ahead."""
-
-    _END = object()
-
-    def __init__(self, source: Iterator[Batch], depth: int, pin: bool) -> None:
-        self.source, self.pin = source, pin
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="selkd-prefetch", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for batch in self.source:
-                if self.pin:
-                    batch = batch.pin_memory()
-                if not self._put(batch):
-                    return
-            self._put(self._END)
-        except BaseException as err:  # handed to the consumer
-            self._put(err)
-        finally:
-            close = getattr(self.source, "close", None)
-            if close is not None:
-                close()
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.stop.set()
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
-        self.thread.join(timeout=10)
-
-
-class StatefulLoader:
-    """A DataLoader over a :class:`CacheStream` whose iteration starts at the stream's cursor and
-    advances it by the batches the consumer takes. ``len(loader)`` is the number of batches the next
-    iteration yields; ``state_dict()`` / ``load_state_dict()`` are the stream's."""
-
-    def __init__(self, stream: CacheStream, num_workers: int = 1, prefetch: int = 2, pin_memory: bool = False) -> None:
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, not {num_workers}")
-        if num_workers > 0 and prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1 with worker processes, not {prefetch}")
-        self.stream = stream
-        self.num_workers = num_workers
-        self.prefetch = max(0, prefetch)
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.multiprocessing_context = _mp_context(stream.url) if num_workers > 0 else None
-
-    def __len__(self) -> int:
-        return self.stream.steps_remaining()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.stream.load_state_dict(state)
-
-    def _dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch,
-            pin_memory=self.pin_memory,
-            multiprocessing_context=self.multiprocessing_context,
-            persistent_workers=False,
-        )
-
-    def __iter__(self) -> Iterator[Batch]:
-        stream = self.stream
-        iteration, epoch, samples = stream._begin()
-        if stream._steps_from(samples) == 0:
-            return
-        prefetcher: _ThreadPrefetcher | None = None
-        if self.num_workers > 0:
-            source: Iterator[Batch] = iter(self._dataloader())
-        elif self.prefetch > 0:
-            prefetcher = _ThreadPrefetcher(stream._generate(epoch, samples), self.prefetch, self.pin_memory)
-            source = iter(prefetcher)
-        else:
-            source = stream._generate(epoch, samples)
-        try:
-            for batch in source:
-                if prefetcher is None and self.num_workers == 0 and self.pin_memory:
-                    batch = batch.pin_memory()
-                stream._consume(iteration)
-                yield batch
-        finally:
-            if prefetcher is not None:
-                prefetcher.close()
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-
-
-def make_loader(
-    stream: CacheStream, num_workers: int = 1, prefetch: int = 2, pin_memory: bool = False
-) -> StatefulLoader:
-    """A :class:`StatefulLoader`: ``num_workers`` DataLoader worker processes, each ``prefetch``
-    batches ahead (``spawn`` for remote URLs, ``fork`` locally); with ``num_workers=0`` a background
-    thread ``prefetch`` batches ahead (``prefetch=0``: no prefetching)."""
-    return StatefulLoader(stream, num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory)

@@ -49,8 +49,10 @@ from selkd.cache.corpus import load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint, vocab_size
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
+from selkd.trainer.batch import Batch
 from selkd.trainer.config import TrainConfig, config_differences
-from selkd.trainer.data import Batch, CacheStream, make_loader
+from selkd.trainer.data import CacheStream
+from selkd.trainer.loader import make_loader
 from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.selection import make_policy_state
 from selkd.trainer.student import Objective, SelectiveStudent, StepOutput, evaluate

@@ -15,7 +15,7 @@ from selkd.cache.classes import ClassSpec, teacher_outputs
 from selkd.cache.corpus import PackedCorpus, eval_mask
 from selkd.cache.reader import CachedSequence
 from selkd.cache.targets import SparseTargets
-from selkd.trainer.data import Batch, collate
+from selkd.trainer.batch import Batch, collate
 
 
 class OnlineTeacher:
