@@ -57,10 +57,16 @@ def test_identical_full_is_zero(name: str) -> None:
 @pytest.mark.parametrize("name", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("renorm", [False, True])
 def test_identical_topk_with_tail_is_zero(name: str, renorm: bool) -> None:
+    """Zero at the target: the teacher itself (with the tail), or, renormalised, a student with all its
+    mass on the k classes in the teacher's proportions (the biased optimum)."""
     t_logits = _teacher()
     targets = _targets(t_logits, "topk:4")
     assert torch.all(targets.tail_logmass > -10)  # a real tail
     student = torch.log_softmax(t_logits, -1)
+    if renorm:
+        assert get_loss(name)(student, targets, topk_renormalize=True).min() > 1e-3  # its tail now costs
+        kept = torch.log_softmax(targets.logprobs, -1)
+        student = torch.full_like(student, -1e4).scatter(-1, targets.ids, kept)
     out = get_loss(name)(student, targets, topk_renormalize=renorm)
     assert torch.allclose(out, torch.zeros(6), atol=1e-6)
 
@@ -105,9 +111,14 @@ def test_topk_hand_computed_k_plus_one_buckets() -> None:
     assert rkl(student, targets).item() == pytest.approx(0.1486972, abs=1e-6)
     # jsd: m = [0.4, 0.225, 0.375]; KL(p||m) = 0.0365456, KL(q||m) = 0.0339798; jsd = 0.0352627
     assert jsd(student, targets).item() == pytest.approx(0.0352627, abs=1e-6)
-    # renormalised over the 2 classes: teacher [2/3, 1/3], student [0.6, 0.4]
-    # fkl = 2/3 ln((2/3)/0.6) + 1/3 ln((1/3)/0.4) = 0.0702403 - 0.0607739 = 0.0094665
-    assert fkl(student, targets, topk_renormalize=True).item() == pytest.approx(0.0094665, abs=1e-6)
+    # renormalised teacher: buckets [2/3, 1/3, 0] against the student's own [0.3, 0.2, 0.5]
+    # fkl = 2/3 ln((2/3)/0.3) + 1/3 ln((1/3)/0.2) = 0.5323385 + 0.1702752 = 0.7026137
+    assert fkl(student, targets, topk_renormalize=True).item() == pytest.approx(0.7026137, abs=1e-6)
+    # rkl: the empty teacher bucket is floored at e^-100:
+    #     0.3 ln(0.3/(2/3)) + 0.2 ln(0.2/(1/3)) + 0.5 (ln 0.5 + 100) = 49.3117090
+    assert rkl(student, targets, topk_renormalize=True).item() == pytest.approx(49.3117090, rel=1e-6)
+    # jsd: m = [0.4833333, 0.2666667, 0.25]; 0.5 KL(p||m) + 0.5 KL(q||m) = 0.2173651
+    assert jsd(student, targets, topk_renormalize=True).item() == pytest.approx(0.2173651, abs=1e-6)
 
 
 def test_topk_tail_is_exact_when_student_tail_is_tiny() -> None:

@@ -367,9 +367,9 @@ def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]]
         keys = []
         for fraction, pos in ((1.0, "full KD"), (0.2, "SE-KD 20%")):
             tag = f"{fraction:g}"
-            full = "kd-full" if fraction == 1.0 else f"sel-{SE}-0.2"
+            exact = "kd-full" if fraction == 1.0 else f"sel-{SE}-0.2"
             keys += [
-                (full, f"{pos}, full"),
+                (exact, f"{pos}, full"),
                 (f"topk64-{tag}", f"{pos}, topk:64 with tail"),
                 (f"renorm-{tag}", f"{pos}, topk:64 renormalised"),
                 (f"sample50-{tag}", f"{pos}, sample:50"),

@@ -179,7 +179,9 @@ class TrainConfig:
     global_queue: int = opt(DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1)
     loss: str = opt("fkl", help="divergence at the selected positions", choices=tuple(LOSSES))
     topk_renormalize: bool = opt(
-        False, help="topk targets: drop the tail bucket and renormalise over the k classes (biased)"
+        False,
+        help="topk targets: the biased top-k baseline, the teacher's k probabilities renormalised (no tail) "
+        "against the student's full distribution, which pushes all its mass onto the k classes",
     )
     kd_weight: float = opt(
         1.0,

@@ -18,8 +18,11 @@ the student's full vocabulary ``V``):
   log-mass is computed *exactly* as a log-sum-exp over the complement of the ids (not as
   ``log1p(-sum q_k)``, which loses all precision in fp32 when the tail is small). An empty tail
   (``-inf``) contributes 0.
-  ``topk_renormalize=True`` is the biased variant: drop the tail and renormalise both teacher and
-  student over the ``k`` classes.
+  ``topk_renormalize=True`` is the biased baseline (the "top-k KD" of the RS-KD paper): the teacher's
+  ``k`` probabilities renormalised to sum to 1, so its tail bucket has no mass, against the student's
+  full distribution (its true tail bucket). The optimum puts all of the student's mass on the ``k``
+  classes: it teaches overconfidence. (Renormalising the student over the ``k`` classes as well would
+  leave its tail mass free, with no gradient at all.)
 * ``full``: the exact divergence over all classes. When the student's vocabulary is larger than the
   teacher's (padded vocabularies: 152,064 vs 151,936), the extra ``V - C`` student columns are
   classes the teacher gives probability 0:
@@ -156,8 +159,6 @@ def _topk_buckets(logq: torch.Tensor, targets: SparseTargets, renormalize: bool)
     t_lp = targets.logprobs.float()
     slot = t_lp > _NEG_INF  # padding slots (id 0, logprob -inf) are not buckets
     s_lp = logq.gather(-1, ids).masked_fill(~slot, _NEG_INF)
-    if renormalize:
-        return _log_normalize(t_lp), _log_normalize(s_lp)
     # mark the stored ids; padding slots point at the row's first real id so that every write to a
     # column carries the same value (a plain scatter with duplicate indices is order-dependent)
     any_slot = slot.any(-1, keepdim=True)
@@ -165,7 +166,10 @@ def _topk_buckets(logq: torch.Tensor, targets: SparseTargets, renormalize: bool)
     in_set = torch.zeros(logq.shape, dtype=torch.bool, device=logq.device)
     in_set.scatter_(-1, torch.where(slot, ids, first), any_slot.expand_as(slot))
     s_tail = _finite_rows_lse(logq.masked_fill(in_set, _NEG_INF))
-    t_all = torch.cat([t_lp, targets.tail_logmass.float().unsqueeze(-1)], dim=-1)
+    t_tail = targets.tail_logmass.float().unsqueeze(-1)
+    if renormalize:  # the biased target: the k classes hold all of the teacher's mass
+        t_lp, t_tail = _log_normalize(t_lp), torch.full_like(t_tail, _NEG_INF)
+    t_all = torch.cat([t_lp, t_tail], dim=-1)
     s_all = torch.cat([s_lp, s_tail.unsqueeze(-1)], dim=-1)
     return t_all, s_all
 
