@@ -307,6 +307,20 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
 # ----------------------------------------------------------------------------- tables and plots
 
 
+def topk_coverage(url: str) -> dict[str, float]:
+    """On the held-out sequences of a topk cache: the teacher's mean tail mass (what the k classes miss)
+    and how often the true next token is not among the k classes."""
+    from selkd.cache.reader import open_cache
+
+    tail, outside = [], []
+    for s in open_cache(url).eval_sequences():
+        n = len(s.input_ids) - 1
+        ids = np.asarray(s.targets.ids)[:n]
+        tail.append(np.exp(np.asarray(s.targets.tail_logmass, dtype=np.float64)[:n]))
+        outside.append(~(ids == np.asarray(s.input_ids)[1:, None]).any(-1))
+    return {"tail_mass": float(np.concatenate(tail).mean()), "label_outside": float(np.concatenate(outside).mean())}
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: the mean of each metric over seeds, and the per-seed CE values."""
     by: dict[str, list[dict[str, Any]]] = {}
@@ -424,14 +438,15 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
         ax2.legend(fontsize=8)
         save(fig, ax, "quality-budgets.png", "Budget sweep (demo corpus)")
 
-    signal_keys = [k for k in (f"sel-{s}-0.2" for s in SIGNALS) if k in summary]
+    signal_keys = [k for k in (*(f"sel-{s}-0.2" for s in SIGNALS), "se-ce") if k in summary]
     if signal_keys:
         fig, ax = plt.subplots(figsize=(6, 4))
         ys = range(len(signal_keys))
         ax.barh(list(ys), [summary[k]["ce"] for k in signal_keys], color="C1", alpha=0.7)
         for y, k in zip(ys, signal_keys, strict=True):
             ax.scatter(summary[k]["ce_seeds"], [y] * len(summary[k]["ce_seeds"]), color="black", s=10)
-        ax.set_yticks(list(ys), [k.removeprefix("sel-").removesuffix("-0.2") for k in signal_keys])
+        names = {"se-ce": "student-entropy\n+ CE (all positions)"}
+        ax.set_yticks(list(ys), [names.get(k, k.removeprefix("sel-").removesuffix("-0.2")) for k in signal_keys])
         ref_lines(ax, vertical=True)
         lo = min(min(summary[k]["ce_seeds"]) for k in signal_keys + ["kd-full"] if k in summary)
         hi = max(max(summary[k]["ce_seeds"]) for k in signal_keys)
@@ -445,15 +460,21 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
     if modes:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         x = np.arange(len(modes))
-        for ax, metric, title in ((axes[0], "ce", "held-out CE (nats)"), (axes[1], "ece", "calibration error (ECE)")):
+        panels = (
+            (axes[0], "ce", "held-out CE (nats)"),
+            (axes[1], "entropy", "mean entropy on held-out positions (nats)"),
+        )
+        for ax, metric, title in panels:
             ax.bar(x - 0.2, [summary[m[1]][metric] for m in modes], 0.4, label="all positions")
             ax.bar(x + 0.2, [summary[m[2]][metric] for m in modes], 0.4, label="SE-KD 20%")
             ax.set_xticks(x, [m[0] for m in modes], fontsize=8)
             ax.set_title(title)
-            if metric == "ce":
-                vals = [summary[k][metric] for m in modes for k in m[1:]]
-                ax.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
-        axes[0].legend(fontsize=8)
+            vals = [summary[k][metric] for m in modes for k in m[1:]]
+            if metric == "entropy":
+                ax.axhline(refs["teacher"]["entropy"], color="black", linestyle="--", label="teacher")
+                vals.append(refs["teacher"]["entropy"])
+            ax.set_ylim(min(vals) - 0.1, max(vals) + 0.05)
+            ax.legend(fontsize=8)
         fig.suptitle("Class modes (demo corpus)")
         fig.tight_layout()
         made.append(where / "quality-classes.png")
@@ -521,8 +542,15 @@ def main() -> None:
         f"every run: the demo's base student + {ctx['steps']} steps of {ctx['batch']} x {ctx['seq_len']} tokens, "
         f"lr {ctx['lr']:g} (AdamW, {ctx['warmup_steps']} warm-up steps, cosine), "
         f"seeds {' '.join(map(str, args.seeds))}; "
-        f"scored on {len(seqs)} held-out sequences ({n_pos:,} positions); wall {time.perf_counter() - t_start:.0f} s\n",
+        f"scored on {len(seqs)} held-out sequences ({n_pos:,} positions); wall {time.perf_counter() - t_start:.0f} s",
     ]
+    if "classes" in args.groups:
+        cov = topk_coverage(ctx["caches"]["topk64"])
+        head.append(
+            f"topk:64 on the held-out sequences: the teacher's mass outside its top 64 is {cov['tail_mass']:.1%} "
+            f"on average; the true next token is outside them at {cov['label_outside']:.1%} of positions"
+        )
+    head[-1] += "\n"
     text = "\n".join(head) + "\n" + tables(summary, refs, args.groups)
     text += "".join(f"\n![{p.stem}]({p})\n" for p in made)
     print("\n" + text)
