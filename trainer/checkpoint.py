@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -59,6 +58,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from selkd.trainer import distributed as D
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -112,69 +113,18 @@ class CheckpointState:
 # --------------------------------------------------------------------------- distributed helpers
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (identity without a process group)."""
-    if not _dist_on() or _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_object_device())
-    return box[0]
-
-
-def _object_device() -> torch.device | None:
-    """The device object collectives must stage through: the current CUDA device under NCCL."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
-
-
-def _gather(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0 (None elsewhere)."""
-    if not _dist_on() or _world() == 1:
-        return [obj]
-    if dist.get_backend() == "nccl":
-        # gather_object is not supported by every NCCL build; all_gather_object is. The objects are small.
-        out: list[Any] = [None] * _world()
-        dist.all_gather_object(out, obj)
-        return out if _rank() == 0 else None
-    gathered: list[Any] | None = [None] * _world() if _rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
-def _scatter(objs: list[Any] | None) -> Any:
-    """Rank r gets ``objs[r]`` from rank 0."""
-    if not _dist_on() or _world() == 1:
-        return objs[0] if objs else None
-    box: list[Any] = [None]
-    dist.scatter_object_list(box, objs if _rank() == 0 else None, src=0)
-    return box[0]
-
-
 def _run_on_rank0(fn: Any, what: str) -> Any:
     """Run ``fn()`` on rank 0 and hand its result (or its failure) to every rank, so that a failed write
     raises everywhere instead of leaving the other ranks blocked in the next collective."""
     result: tuple[bool, Any] = (True, None)
-    if _rank() == 0:
+    if D.rank() == 0:
         try:
             result = (True, fn())
         except Exception as err:
-            if not _dist_on() or _world() == 1:
+            if not D.is_distributed():
                 raise
             result = (False, f"{type(err).__name__}: {err}")
-    ok, value = _broadcast(result)
+    ok, value = D.broadcast_object(result)
     if not ok:
         raise CheckpointError(f"{what} failed on rank 0: {value}")
     return value
@@ -183,24 +133,12 @@ def _run_on_rank0(fn: Any, what: str) -> Any:
 # --------------------------------------------------------------------------- model helpers
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the checkpoint's keys (DDP's ``module``, torch.compile's
-    ``_orig_mod``); FSDP2 (``fully_shard``) keeps the module itself."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
     """{alias: first name} for parameters registered under several names (tied embeddings). Found from the
     module, not from tensor storage, because gathered / CPU-offloaded state dicts hold copies."""
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, p in _unwrap(model).named_parameters(remove_duplicate=False):
+    for name, p in D.unwrap_model(model).named_parameters(remove_duplicate=False):
         if id(p) in first:
             aliases[name] = first[id(p)]
         else:
@@ -473,7 +411,7 @@ def save_checkpoint(
     aliases = _tied_aliases(model)
     model_sd = _gather_model(model)
     optim_sd = _gather_optimizer(model, optimizer) if optimizer is not None else None
-    per_rank = _gather({"rng": _rng_state(), "state": _to_cpu(rank_state)})
+    per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
     root = _checkpoints_root(out_dir)
     final = root / _step_dir_name(step)
 
@@ -569,10 +507,10 @@ def load_checkpoint(
     loading. The scheduler is restored after the optimizer, so its ``last_epoch``/``base_lrs`` win.
     """
     path = Path(path)
-    distributed = _dist_on() and _world() > 1
+    distributed = D.is_distributed()
     data: dict[str, Any] | None = None
     error: str | None = None
-    if _rank() == 0:
+    if D.rank() == 0:
         try:
             data = _read_checkpoint(path, optimizer is not None, scheduler is not None)
         except CheckpointError as err:
@@ -580,7 +518,7 @@ def load_checkpoint(
                 raise
             error = str(err)
     if distributed:
-        error = _broadcast(error)
+        error = D.broadcast_object(error)
         if error is not None:
             raise CheckpointError(error)
     empty: dict[str, Any] = {}
@@ -607,9 +545,9 @@ def load_checkpoint(
             for k in keys:
                 if isinstance(group.get(k), list):
                     group[k] = tuple(group[k])
-    small = _broadcast(
+    small = D.broadcast_object(
         {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": optim.get("scheduler")}
-        if _rank() == 0
+        if D.rank() == 0
         else None
     )
     if scheduler is not None:
@@ -617,10 +555,10 @@ def load_checkpoint(
     ranks = data["ranks"]
     if distributed:
         objs = None
-        if _rank() == 0:
+        if D.rank() == 0:
             assert ranks is not None
-            objs = [ranks[r] if r < len(ranks) else None for r in range(_world())]
-        mine = _scatter(objs)
+            objs = [ranks[r] if r < len(ranks) else None for r in range(D.world_size())]
+        mine = D.scatter_objects(objs)
     else:
         mine = ranks[0] if ranks else None
     rng_restored = False
@@ -647,7 +585,7 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
     ``AutoModelForCausalLM.from_pretrained`` loads. A collective under a process group (the weights are
     gathered); rank 0 writes into ``final.tmp-<pid>`` and renames, replacing an older ``final``."""
     state_dict = _gather_model(model)
-    inner = _unwrap(model)
+    inner = D.unwrap_model(model)
     out = Path(out_dir) / FINAL_DIR
 
     def write() -> Path:

@@ -41,9 +41,14 @@ __all__ = [
     "broadcast_object",
     "cleanup",
     "decoder_layers",
+    "gather_objects",
     "init_distributed",
+    "is_distributed",
+    "rank",
     "resolve_device",
+    "scatter_objects",
     "unwrap_model",
+    "world_size",
     "wrap_model",
 ]
 
@@ -157,10 +162,35 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, fsdp: bool = False, mp_pol
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying module (DDP's ``module``; FSDP2 modules are their own)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The module whose parameter names are the checkpoint's keys (DDP's ``module``, torch.compile's
+    ``_orig_mod``); FSDP2 (``fully_shard``) keeps the module itself."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _object_device() -> torch.device | None:
+    """The device object collectives must stage through: the current CUDA device under NCCL."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,11 +212,33 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s picklable ``obj`` on every rank (e.g. the checkpoint rank 0 chose to resume)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return obj
     box = [obj]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    dist.broadcast_object_list(box, src=src, device=device)
+    dist.broadcast_object_list(box, src=src, device=_object_device())
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's picklable ``obj`` on rank 0, in rank order (None on the other ranks)."""
+    if not is_distributed():
+        return [obj]
+    if dist.get_backend() == "nccl":
+        # gather_object is not supported by every NCCL build; all_gather_object is. The objects are small.
+        out: list[Any] = [None] * world_size()
+        dist.all_gather_object(out, obj)
+        return out if rank() == 0 else None
+    gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def scatter_objects(objs: list[Any] | None) -> Any:
+    """Rank r gets ``objs[r]`` from rank 0 (``objs`` is only read on rank 0)."""
+    if not is_distributed():
+        return objs[0] if objs else None
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, objs if rank() == 0 else None, src=0)
     return box[0]
 
 
