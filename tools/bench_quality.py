@@ -13,6 +13,8 @@ Groups (``--groups``):
   budgets  student entropy at 1, 5, 10, 20, 50 and 100% of positions (100% is full KD), same cache
   classes  full KD and SE-KD 20% with each class mode: full, topk:64 with the tail bucket, topk:64
            renormalised (biased) and sample:50 (the demo's cache)
+  lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
+           rates than the demo's (full targets)
 
 The CE-only runs read the ``topk:64`` cache for their batches (any of the caches gives the same
 sequences in the same order; the targets are unused).
@@ -30,6 +32,7 @@ reused, so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,7 +53,8 @@ BUILDS = {"topk64": "topk:64", "full": "full"}  # caches this benchmark builds (
 SE = "student-entropy"
 SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
-GROUPS = ("signals", "budgets", "classes")
+GROUPS = ("signals", "budgets", "classes", "lr")
+LR_FACTORS = (1 / 3, 3.0)  # the lr group: these multiples of the demo's learning rate
 ECE_BINS = 15
 SCORING = 2  # version of score(): records scored by another version are redone
 METRICS = ("ce", "ppl", "acc", "agree", "kl", "ece", "overconfidence", "entropy")
@@ -67,6 +71,7 @@ class Method:
     renormalize: bool = False
     kd_weight: float = 1.0
     ce_weight: float = 0.0
+    lr_factor: float = 1.0  # times the demo's peak learning rate
     groups: tuple[str, ...] = ()
 
 
@@ -104,6 +109,11 @@ def methods() -> list[Method]:
             ),
             Method(f"sample50-{tag}", "sample:50", "sample50", _sel(fraction), groups=("classes",)),
         ]
+    for factor in LR_FACTORS:
+        for base in ("kd-full", f"sel-{SE}-0.2", "sel-random-0.2", "se-ce"):
+            m = next(m for m in out if m.key == base)
+            key = f"{base}-lr{factor:.3g}"
+            out.append(dataclasses.replace(m, key=key, lr_factor=factor, groups=("lr",)))
     return out
 
 
@@ -186,7 +196,7 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
         student=ctx["base"],
         steps=ctx["steps"],
         batch_size=ctx["batch"],
-        lr=ctx["lr"],
+        lr=ctx["lr"] * method.lr_factor,
         warmup_steps=ctx["warmup_steps"],
         seed=seed,
         select=method.select,
@@ -389,6 +399,18 @@ def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]]
                 (f"sample50-{tag}", f"{pos}, sample:50"),
             ]
         table("Class modes", keys)
+    if "lr" in groups:
+        keys = []
+        for base, name in (("kd-full", "full KD"), (f"sel-{SE}-0.2", "SE-KD 20%"), ("sel-random-0.2", "random 20%")):
+            keys += [
+                (f"{base}-lr{f:.3g}" if f != 1 else base, f"{name}, lr x{f:.3g}")
+                for f in (LR_FACTORS[0], 1, LR_FACTORS[1])
+            ]
+        keys += [
+            (f"se-ce-lr{f:.3g}" if f != 1 else "se-ce", f"SE-KD 20% + CE, lr x{f:.3g}")
+            for f in (LR_FACTORS[0], 1, LR_FACTORS[1])
+        ]
+        table("Learning rate (full targets; x1 is the demo's peak lr)", keys)
     return "\n".join(parts)
 
 
