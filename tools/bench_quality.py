@@ -26,7 +26,9 @@ Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache
 
 Prints markdown tables with the machine and the command, writes them to OUT/quality.md and every
 number to OUT/quality.json. Resumable: a run whose OUT/runs/KEY/quality.json matches its settings is
-reused, so an interrupted benchmark continues where it stopped.
+reused, so an interrupted benchmark continues where it stopped. The settings are the run's config, the
+demo's models and the scoring version, not selkd's code: after changing the trainer, delete the
+affected OUT/runs/KEY directories (or all of OUT/runs) so that they are trained again.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from selkd.trainer.selection import SIGNALS as SELECTION_SIGNALS
+
 BUILDS = {"topk64": "topk:64", "full": "full"}  # caches this benchmark builds (sample50: the demo's)
 SE = "student-entropy"
-SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")
+SIGNALS = tuple(SELECTION_SIGNALS)  # every signal the trainer has
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
 GROUPS = ("signals", "budgets", "classes", "lr")
 LR_FACTORS = (1 / 3, 3.0)  # the lr group: these multiples of the demo's learning rate
@@ -191,7 +195,8 @@ def _eval_context(ctx: dict[str, Any]) -> tuple[list[np.ndarray], list[torch.Ten
 def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> Any:
     from selkd.trainer.config import TrainConfig
 
-    common: dict[str, Any] = dict(
+    return TrainConfig(
+        cache=ctx["caches"][method.source],
         out=str(out),
         student=ctx["base"],
         steps=ctx["steps"],
@@ -210,7 +215,6 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
         save_every=0,
         progress=False,
     )
-    return TrainConfig(cache=ctx["caches"][method.source], **common)
 
 
 def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:

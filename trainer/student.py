@@ -153,7 +153,7 @@ class SelectiveStudent(nn.Module):
                     return L.ce_per_position(z if self.transform is None else self.transform(z), lab)
 
                 ce = L.masked_mean(L.chunked(head_ce, obj.chunk, checkpoint=True)(hidden[valid], labels[valid]))
-        loss = obj.kd_weight * kd + obj.ce_weight * ce if obj.ce_weight > 0 else obj.kd_weight * kd
+        loss = obj.kd_weight * kd + obj.ce_weight * ce  # ce is 0 when its weight is
         return StepOutput(
             loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
         )
