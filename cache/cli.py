@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from selkd.cache.build import BuildError, build_cache, finalize
 from selkd.cache.config import BuildConfig
-from selkd.cache.corpus import DataError
+from selkd.cache.documents import DataError
 from selkd.cache.info import cache_info, info_dict
 from selkd.cache.options import ConfigError, add_arguments, from_args, read_config_file
 from selkd.cache.reader import CacheError, CacheReader, open_cache

@@ -1,116 +1,33 @@
-"""Data specs -> one packed token stream in the teacher's tokenizer.
+"""Documents -> one packed token stream in the teacher's tokenizer.
 
 The cache stores teacher targets per position of fixed-length sequences, so every later stage needs
-the exact same token stream. This module reads text from files, directories, globs and saved
-``datasets`` directories in a deterministic order, tokenizes it in batches (no per-token Python),
-appends EOS after every document, and cuts the stream into consecutive ``max_seq_len`` sequences.
-Document boundaries are kept as a bool mask so that later stages can reset or mask across them.
-
-Problems in the data that are common and harmless in bulk (a row without the text field, a line of
-broken JSON, undecodable bytes) are counted and reported instead of stopping a long run; problems
-that make the result meaningless (nothing matches a spec, an unsupported file, an empty corpus)
-raise :class:`DataError` with a one-line message that names the path and says what to do.
+the exact same token stream. This module tokenizes the documents of :mod:`selkd.cache.documents` in
+batches (no per-token Python), appends EOS after every document, and cuts the stream into
+consecutive ``max_seq_len`` sequences. Document boundaries are kept as a bool mask so that later
+stages can reset or mask across them. An empty corpus raises :class:`~selkd.cache.documents.DataError`.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import itertools
-import json
 import os
 import struct
 import sys
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
+from selkd.cache.documents import CorpusStats, DataError, resolve_specs, source_documents
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-#: File kinds by suffix, longest first so ``.jsonl.gz`` wins over any shorter match.
-SUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".jsonl.gz", "jsonl.gz"),
-    (".jsonl", "jsonl"),
-    (".parquet", "parquet"),
-    (".txt", "txt"),
-)
-#: Kind of a directory written by ``datasets.Dataset.save_to_disk``.
-HF_DATASET = "hf_dataset"
-#: The key of a chat row's message list.
-MESSAGES_KEY = "messages"
-
-_SUPPORTED_TEXT = ".txt, .jsonl, .jsonl.gz, .parquet or a directory saved by datasets.save_to_disk"
-_DATASET_MARKERS = ("dataset_info.json", "state.json")
-_DATASET_DICT_MARKER = "dataset_dict.json"
-_BOM = b"\xef\xbb\xbf"
-_GLOB_CHARS = frozenset("*?[")
-# Tokenizer batches: large enough to amortise the call and let the Rust side parallelise, small
-# enough that ``limit_tokens`` stops reading soon after the cap and memory stays flat.
 _BATCH_DOCS = 1024
 _BATCH_CHARS = 4_000_000
-_ROW_BATCH = 1024  # rows per Arrow batch for parquet / datasets
-
-
-class DataError(Exception):
-    """A user-facing data problem; the message is one line naming the path and what to do."""
-
-
-def _one_line(err: BaseException | str) -> str:
-    """Collapse an exception text to one line so DataError messages stay one line."""
-    return " ".join(str(err).split())
-
-
-@dataclass(frozen=True)
-class Source:
-    """One readable input: a file or a saved ``datasets`` directory, with its kind."""
-
-    path: Path
-    kind: str  # "txt" | "jsonl" | "jsonl.gz" | "parquet" | HF_DATASET
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-@dataclass
-class CorpusStats:
-    """Counters of what was read and what was skipped, so a run can report data problems at the end
-    instead of failing on the first odd row of a large corpus."""
-
-    files: int = 0  # sources opened (fewer than resolved when limit_tokens stopped early)
-    documents: int = 0  # documents whose first token is in the stream
-    rows_missing_field: int = 0
-    first_missing: str | None = None  # "path:line" (jsonl) or "path:row" (1-based, parquet/datasets)
-    bad_json_rows: int = 0
-    docs_with_replaced_bytes: int = 0
-    chat_rows: int = 0  # rows rendered with the tokenizer's chat template
-    first_bad_json: str | None = None
-    first_replaced: str | None = None
-    text_field: str = "text"
-
-    def warnings(self) -> list[str]:
-        """Human-readable lines for the non-zero problem counters (empty when the data was clean)."""
-        out: list[str] = []
-        if self.rows_missing_field:
-            out.append(
-                f"skipped {self.rows_missing_field} row(s) without a {self.text_field!r} field or a "
-                f"{MESSAGES_KEY!r} list (first at {self.first_missing}); set text_field if the text "
-                "lives under another key"
-            )
-        if self.bad_json_rows:
-            out.append(f"skipped {self.bad_json_rows} line(s) of invalid JSON (first at {self.first_bad_json})")
-        if self.docs_with_replaced_bytes:
-            out.append(
-                f"{self.docs_with_replaced_bytes} document(s) had bytes that are not valid UTF-8, "
-                f"replaced with U+FFFD (first at {self.first_replaced})"
-            )
-        return out
 
 
 def corpus_fingerprint(tokens: np.ndarray, max_seq_len: int) -> str:
@@ -172,336 +89,6 @@ class PackedCorpus:
                 raise ValueError(f"bool mask of shape {idx.shape} does not match {self.n_sequences} sequences")
             idx = np.flatnonzero(idx)
         return [self.sequence(int(i)) for i in idx.ravel()]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resolving specs
-
-
-def _kind_of(name: str) -> str | None:
-    lower = name.lower()
-    for suffix, kind in SUPPORTED_SUFFIXES:
-        if lower.endswith(suffix):
-            return kind
-    return None
-
-
-def _saved_dataset_kind(path: Path) -> str | None:
-    """Return "dataset" / "dataset_dict" for a ``save_to_disk`` directory, None for a plain directory."""
-    if any((path / m).is_file() for m in _DATASET_MARKERS):
-        return "dataset"
-    if (path / _DATASET_DICT_MARKER).is_file():
-        return "dataset_dict"
-    return None
-
-
-def _collect_dir(root: Path) -> list[Source]:
-    """Supported files under ``root`` (recursively, hidden entries skipped, sorted by relative
-    path); a saved ``datasets`` directory counts as one source and is not descended into."""
-    if _saved_dataset_kind(root):
-        return [Source(root, HF_DATASET)]
-    found: list[Source] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink cycle
-            dirnames.clear()
-            continue
-        seen_dirs.add(real)
-        if here != root and _saved_dataset_kind(here):
-            found.append(Source(here, HF_DATASET))
-            dirnames.clear()
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            kind = _kind_of(name)
-            if kind is not None:
-                found.append(Source(here / name, kind))
-    found.sort(key=lambda s: s.path.relative_to(root).parts)
-    return found
-
-
-def _expand(spec: str) -> list[Source]:
-    if not spec.strip():
-        raise DataError("an empty data spec was given; pass a file, directory or glob")
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        found = _collect_dir(path)
-        if not found:
-            raise DataError(f"{spec}: directory has no supported files (expected {_SUPPORTED_TEXT})")
-        return found
-    if path.exists():
-        kind = _kind_of(path.name)
-        if kind is None:
-            raise DataError(f"{spec}: unsupported file type; use {_SUPPORTED_TEXT}")
-        return [Source(path, kind)]
-    if _GLOB_CHARS.intersection(spec):
-        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        if not matches:
-            raise DataError(f"{spec}: the pattern matches nothing; check the path (and quote it in the shell)")
-        found = []
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                found.extend(_collect_dir(p))
-            elif (kind := _kind_of(p.name)) is not None:
-                found.append(Source(p, kind))
-        if not found:
-            raise DataError(
-                f"{spec}: the pattern matches {len(matches)} path(s) but no supported files "
-                f"(expected {_SUPPORTED_TEXT})"
-            )
-        return found
-    raise DataError(f"{spec}: no such file or directory; check the path")
-
-
-def resolve_specs(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Source]:
-    """Expand files, directories and globs into sources in a deterministic order: the order of the
-    specs, sorted within each directory or glob. A source reached twice is kept once (first place)."""
-    if isinstance(specs, (str, os.PathLike)):
-        specs = [specs]
-    if not specs:
-        raise DataError("no data given: pass at least one file, directory or glob")
-    out: list[Source] = []
-    seen: set[str] = set()
-    for spec in specs:
-        for src in _expand(os.fspath(spec)):
-            key = os.path.realpath(src.path)
-            if key not in seen:
-                seen.add(key)
-                out.append(src)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading documents
-#
-# Readers yield (text, where_replaced): ``where_replaced`` is the "path:line" of a document whose
-# bytes were not valid UTF-8, else None. Bookkeeping common to all kinds lives in _documents_of.
-
-_Doc = tuple[str, "str | None"]
-
-
-def _decode(data: bytes) -> tuple[str, bool]:
-    """UTF-8 with a fallback to U+FFFD replacement; the flag says whether a replacement happened
-    (strict first, so a literal U+FFFD in clean text is not miscounted)."""
-    try:
-        return data.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace"), True
-
-
-def _is_chat(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
-
-
-def _render_chat(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, where: str) -> str:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            f"{where}: row has a chat {MESSAGES_KEY!r} list but the tokenizer has no chat template; "
-            "use a tokenizer with a chat template or pre-render the rows into the text field"
-        )
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as err:
-        raise DataError(f"{where}: the tokenizer's chat template failed on this row: {_one_line(err)}") from err
-    if not isinstance(text, str):
-        raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected text")
-    return text
-
-
-def _row_text(
-    text: Any, messages: Any, where: Callable[[], str], tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> str | None:
-    """The document of one row: the text field if it is a string, else a rendered chat list (from the
-    text field itself or from ``messages``), else None after counting the row as missing.
-    ``where`` is a zero-argument callable giving "path:line" (built only when needed)."""
-    if isinstance(text, str):
-        return text
-    chat = text if _is_chat(text) else messages if _is_chat(messages) else None
-    if chat is None:
-        stats.rows_missing_field += 1
-        if stats.first_missing is None:
-            stats.first_missing = where()
-        return None
-    stats.chat_rows += 1
-    return _render_chat(chat, tokenizer, where())
-
-
-def _read_txt(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[_Doc]:
-    with open(source.path, "rb") as fh:
-        data = fh.read()
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    text, replaced = _decode(data)
-    yield text, (str(source.path) if replaced else None)
-
-
-def _read_jsonl(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[_Doc]:
-    path = source.path
-    opener = gzip.open if source.kind == "jsonl.gz" else open
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if not raw.strip():
-                continue
-            line, replaced = _decode(raw)
-            try:
-                row = json.loads(line)
-            except ValueError:
-                stats.bad_json_rows += 1
-                if stats.first_bad_json is None:
-                    stats.first_bad_json = f"{path}:{lineno}"
-                continue
-            if isinstance(row, dict):
-                text, messages = row.get(text_field), row.get(MESSAGES_KEY)
-            else:
-                text = messages = None
-            doc = _row_text(text, messages, lambda n=lineno: f"{path}:{n}", tokenizer, stats)
-            if doc is not None:
-                yield doc, (f"{path}:{lineno}" if replaced else None)
-
-
-def _columns_for(names: Sequence[str], text_field: str, path: Path) -> list[str]:
-    cols = list(dict.fromkeys(c for c in (text_field, MESSAGES_KEY) if c in names))
-    if not cols:
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise DataError(
-            f"{path}: no {text_field!r} or {MESSAGES_KEY!r} column (columns: {shown}); "
-            "set text_field to the column that holds the text"
-        )
-    return cols
-
-
-def _column_rows(
-    batch: dict[str, list[Any]],
-    text_field: str,
-    start_row: int,
-    path: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    stats: CorpusStats,
-) -> Iterator[_Doc]:
-    """Documents of one columnar batch (Arrow strings are valid UTF-8, so nothing is replaced)."""
-    texts = batch.get(text_field)
-    messages = batch.get(MESSAGES_KEY) if text_field != MESSAGES_KEY else None
-    n = len(texts if texts is not None else messages or [])
-    for i in range(n):
-        text = texts[i] if texts is not None else None
-        if isinstance(text, str):  # fast path, the common case
-            yield text, None
-            continue
-        msg = messages[i] if messages is not None else None
-        doc = _row_text(text, msg, lambda r=start_row + i + 1: f"{path}:{r}", tokenizer, stats)
-        if doc is not None:
-            yield doc, None
-
-
-def _read_parquet(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[_Doc]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = source.path
-    try:
-        pf = pq.ParquetFile(path)
-        columns = _columns_for(pf.schema_arrow.names, text_field, path)
-        row = 0
-        for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=columns):
-            cols = {c: batch.column(c).to_pylist() for c in columns}
-            yield from _column_rows(cols, text_field, row, path, tokenizer, stats)
-            row += batch.num_rows
-    except pa.ArrowException as err:
-        raise DataError(
-            f"{path}: cannot read the parquet file ({_one_line(err)}); check that it is not corrupt"
-        ) from err
-
-
-def _read_saved_dataset(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[_Doc]:
-    path = source.path
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{path}: reading a directory saved by datasets.save_to_disk needs the datasets package: "
-            "pip install selkd[datasets]"
-        ) from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:
-        raise DataError(f"{path}: cannot load the saved dataset ({_one_line(err)})") from err
-    if isinstance(ds, datasets.DatasetDict):
-        splits = sorted(ds)
-        if len(splits) != 1:
-            raise DataError(
-                f"{path}: is a DatasetDict with splits {', '.join(splits) or '(none)'}; "
-                f"pass one split directory instead, e.g. {path / (splits[0] if splits else 'train')}"
-            )
-        ds = ds[splits[0]]
-    columns = _columns_for(ds.column_names, text_field, path)
-    ds = ds.select_columns(columns).with_format(None)
-    row = 0
-    for batch in ds.iter(batch_size=_ROW_BATCH):
-        yield from _column_rows(batch, text_field, row, path, tokenizer, stats)
-        row += len(batch[columns[0]])
-
-
-_READERS = {
-    "txt": _read_txt,
-    "jsonl": _read_jsonl,
-    "jsonl.gz": _read_jsonl,
-    "parquet": _read_parquet,
-    HF_DATASET: _read_saved_dataset,
-}
-
-
-def _documents_of(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[str]:
-    """Non-empty documents of one source, with the shared bookkeeping and I/O errors turned into
-    DataError. Empty documents are dropped (they would only add a lone EOS)."""
-    stats.files += 1
-    reader = _READERS[source.kind]
-    try:
-        for text, where_replaced in reader(source, text_field, tokenizer, stats):
-            if not text:
-                continue
-            stats.documents += 1
-            if where_replaced is not None:
-                stats.docs_with_replaced_bytes += 1
-                if stats.first_replaced is None:
-                    stats.first_replaced = where_replaced
-            yield text
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(
-            f"{source.path}: cannot read the file ({_one_line(err)}); check that it is readable and not corrupt"
-        ) from err
-
-
-def iter_documents(
-    specs: Sequence[str | os.PathLike[str]] | Sequence[Source] | str,
-    text_field: str,
-    tokenizer: PreTrainedTokenizerBase,
-    stats: CorpusStats,
-) -> Iterator[str]:
-    """All documents of ``specs`` in order, as text. ``stats`` is updated in place as rows are read;
-    the tokenizer is needed only to render chat rows."""
-    if isinstance(specs, (list, tuple)) and specs and all(isinstance(s, Source) for s in specs):
-        sources: list[Source] = list(specs)  # type: ignore[arg-type]
-    else:
-        sources = resolve_specs(specs)  # type: ignore[arg-type]
-    for source in sources:
-        yield from _documents_of(source, text_field, tokenizer, stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,7 +203,7 @@ def load_corpus(
     builder = _StreamBuilder(tokenizer, eos, limit_tokens, stats)
     with tqdm(sources, desc="tokenizing", unit="file", file=sys.stderr, disable=not progress) as bar:
         for source in bar:
-            docs = _documents_of(source, text_field, tokenizer, stats)
+            docs = source_documents(source, text_field, tokenizer, stats)
             try:
                 for doc in docs:
                     builder.add(doc)

@@ -14,15 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selkd.cache.corpus import (
-    CorpusStats,
-    DataError,
-    PackedCorpus,
-    eval_mask,
-    iter_documents,
-    load_corpus,
-    resolve_specs,
-)
+from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
+from selkd.cache.documents import CorpusStats, DataError, iter_documents, resolve_specs
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

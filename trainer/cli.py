@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from selkd.cache.build import BuildError
 from selkd.cache.cli import disk_full_error, disk_full_message
-from selkd.cache.corpus import DataError
+from selkd.cache.documents import DataError
 from selkd.cache.options import ConfigError
 from selkd.cache.reader import CacheError
 from selkd.cache.store import StoreError

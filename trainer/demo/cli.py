@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("selkd-demo: error: --threads must be >= 1", file=sys.stderr)
         return 2
     from selkd.cache.build import BuildError
-    from selkd.cache.corpus import DataError
+    from selkd.cache.documents import DataError
     from selkd.cache.options import ConfigError
     from selkd.cache.reader import CacheError
     from selkd.cache.store import StoreError

@@ -35,7 +35,7 @@ def user_documents(specs: Sequence[str], text_field: str, max_chars: int | None 
     """Documents of ``--data`` (the formats ``selkd-cache build`` reads), named by position. Reading
     stops after ``max_chars``: the demo uses a few MB, however large the corpus. Chat rows are refused
     (their rendering needs a tokenizer with a chat template, and the demo trains its own)."""
-    from selkd.cache.corpus import CorpusStats, iter_documents
+    from selkd.cache.documents import CorpusStats, iter_documents
 
     stats = CorpusStats(text_field=text_field)
     out: list[tuple[str, str]] = []

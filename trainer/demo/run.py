@@ -142,7 +142,8 @@ def _run_demo(
 ) -> DemoResult:
     from selkd.cache.build import build_cache
     from selkd.cache.config import BuildConfig
-    from selkd.cache.corpus import DataError, eval_mask, load_corpus
+    from selkd.cache.corpus import eval_mask, load_corpus
+    from selkd.cache.documents import DataError
     from selkd.cache.info import cache_info
     from selkd.cache.reader import open_cache
     from selkd.cache.teacher import load_causal_lm, load_tokenizer
