@@ -29,9 +29,10 @@ import pytest
 
 from selkd.cache import format as fmt
 from selkd.cache import open_cache
-from selkd.cache.build import PartLeases, _pid_space, build_cache
+from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig
+from selkd.cache.part_leases import PartLeases, _pid_space
 from selkd.cache.store import Storage
 
 pytestmark = pytest.mark.slow
@@ -200,7 +201,7 @@ def test_dead_builder_on_this_host_is_taken_over_at_once(
     assert faults.cache_digest(out) == faults.cache_digest(reference)
     # a live process on this host keeps its lease
     me = f"{socket.gethostname()}:{os.getpid()}:{_pid_space()}:x"
-    from selkd.cache.build import holder_is_dead
+    from selkd.cache.part_leases import holder_is_dead
 
     assert not holder_is_dead(me) and holder_is_dead(owner)
     assert not holder_is_dead(f"{socket.gethostname()}:{dead.pid}:another-space:x")  # other container: unknown
