@@ -50,6 +50,7 @@ from selkd.cache.teacher import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    same_tokenizer,
     tokenizer_fingerprint,
     vocab_size,
 )
@@ -299,6 +300,9 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         "created": time.time(),
     }
     if existing is not None:
+        if same_tokenizer(str(existing.get("tokenizer_fingerprint")), tokenizer):
+            # an older fingerprint version of the same tokenizer: compare the rest as stored
+            header["tokenizer_fingerprint"] = existing["tokenizer_fingerprint"]
         diffs = header_differences(existing, header)
         if diffs:
             raise BuildError(

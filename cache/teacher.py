@@ -10,7 +10,7 @@ message that names the path and says what to do, instead of a transformers trace
 
 The fingerprints exist so that a cache written with one teacher cannot silently be read against a
 different tokenizer or model: :func:`tokenizer_fingerprint` covers what the ids *mean* (vocabulary,
-added and special tokens), :func:`config_hash` covers the architecture hyperparameters.
+added tokens, the EOS id), :func:`config_hash` covers the architecture hyperparameters.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
+    "same_tokenizer",
     "tokenizer_fingerprint",
     "vocab_size",
 ]
@@ -228,22 +229,50 @@ def _tokenizer_error(source: str, e: BaseException, trust_remote_code: bool) -> 
     return f"could not load a tokenizer from {source}: {_first_line(e)}"
 
 
-def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
-    """sha256 hex of what token ids *mean*: the full vocabulary, the added/special tokens and the
-    eos/bos/pad/unk ids.
+#: Prefix of the current fingerprint version. Caches written before it store an unprefixed sha256
+#: (version 1, which also hashed the bos/pad/unk ids); :func:`same_tokenizer` still reads those.
+FINGERPRINT_PREFIX = "v2:"
 
-    A cache stores token ids and per-id teacher probabilities, so two tokenizers are interchangeable for
-    it exactly when these agree. Save/reload does not change it; serialization details that do not
-    change ids (added-token strip flags, padding side, chat template) are deliberately left out."""
+
+def _fingerprint_payload(tok: PreTrainedTokenizerBase) -> dict[str, Any]:
     vocab = sorted((str(t), int(i)) for t, i in tok.get_vocab().items())
     added = sorted(
         (int(i), str(getattr(t, "content", t)), bool(getattr(t, "special", False)))
         for i, t in getattr(tok, "added_tokens_decoder", {}).items()
     )
-    special = {name: getattr(tok, f"{name}_token_id", None) for name in ("eos", "bos", "pad", "unk")}
-    payload = {"vocab": vocab, "added": added, "special_ids": special}
+    return {"vocab": vocab, "added": added}
+
+
+def _digest(payload: dict[str, Any]) -> str:
     blob = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """``"v2:"`` + sha256 hex of what the token ids in a cache *mean*: the full vocabulary, the added
+    tokens (id, text, special flag) and the EOS id, which separates documents in the packed stream.
+
+    A cache stores token ids and per-id teacher probabilities, so two tokenizers are interchangeable for
+    it exactly when these agree. Left out on purpose: how a tokenizer class fills defaults the cache
+    never uses (Qwen2's class sets unk to ``<|endoftext|>``, the generic one leaves it unset, for the
+    same tokenizer.json), bos (documents are tokenized without special tokens), pad (only fills masked
+    positions of a batch), and serialization details (strip flags, padding side, chat template)."""
+    payload = {**_fingerprint_payload(tok), "eos_id": tok.eos_token_id}
+    return FINGERPRINT_PREFIX + _digest(payload)
+
+
+def _fingerprint_v1(tok: PreTrainedTokenizerBase) -> str:
+    """The fingerprint of caches written before version 2: it also covered the bos/pad/unk ids."""
+    special = {name: getattr(tok, f"{name}_token_id", None) for name in ("eos", "bos", "pad", "unk")}
+    return _digest({**_fingerprint_payload(tok), "special_ids": special})
+
+
+def same_tokenizer(stored: str, tok: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tok`` matches a fingerprint stored in a cache header, computed the way that fingerprint
+    was (version 1 caches keep their stricter comparison: rebuild a cache to get the current one)."""
+    if stored.startswith(FINGERPRINT_PREFIX):
+        return stored == tokenizer_fingerprint(tok)
+    return stored == _fingerprint_v1(tok)
 
 
 # ----------------------------------------------------------------------------- model

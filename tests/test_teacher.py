@@ -32,7 +32,7 @@ def test_tokenizer_fingerprint_stable_across_save_and_reload(
 ) -> None:
     tok = load_tokenizer(tiny_tokenizer_dir)
     fp = tokenizer_fingerprint(tok)
-    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert fp.startswith("v2:") and len(fp) == 67 and int(fp[3:], 16) >= 0
     tok.save_pretrained(str(tmp_path))
     assert tokenizer_fingerprint(load_tokenizer(tmp_path)) == fp
     assert tokenizer_fingerprint(load_tokenizer(tmp_path)) == tokenizer_fingerprint(tok)
@@ -55,14 +55,14 @@ def test_tokenizer_fingerprint_differs_for_other_tokenizer(
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tiny_tokenizer)
 
 
-def test_tokenizer_fingerprint_sensitive_to_added_tokens_and_special_ids(tiny_tokenizer_dir: Path) -> None:
+def test_tokenizer_fingerprint_sensitive_to_added_tokens_and_eos(tiny_tokenizer_dir: Path) -> None:
     base = tokenizer_fingerprint(load_tokenizer(tiny_tokenizer_dir))
     added = load_tokenizer(tiny_tokenizer_dir)
     added.add_tokens(["<|tool|>"])
     assert tokenizer_fingerprint(added) != base
-    repadded = load_tokenizer(tiny_tokenizer_dir)
-    repadded.pad_token = repadded.eos_token
-    assert tokenizer_fingerprint(repadded) != base
+    other_eos = load_tokenizer(tiny_tokenizer_dir)
+    other_eos.eos_token = "<|im_end|>"  # documents would be separated by another id
+    assert tokenizer_fingerprint(other_eos) != base
 
 
 def test_bpe_training_is_deterministic() -> None:

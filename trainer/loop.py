@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from selkd.cache import open_cache
 from selkd.cache.corpus import load_corpus
-from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint, vocab_size
+from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.batch import Batch
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); finish it by rerunning its "
                 "`selkd-cache build` command, or train on the committed parts with --allow-missing-parts"
             )
-        if reader.header["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        if not same_tokenizer(reader.header["tokenizer_fingerprint"], tokenizer):
             raise TrainError(
                 f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
                 "with (fingerprints differ); use a student that shares the teacher's tokenizer"
