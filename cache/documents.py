@@ -3,8 +3,15 @@ deterministic order as plain text (chat rows rendered with the tokenizer's chat 
 
 Problems in the data that are common and harmless in bulk (a row without the text field, a line of
 broken JSON, undecodable bytes) are counted in :class:`CorpusStats` and reported instead of stopping
-a long run; problems that make the result meaningless (nothing matches a spec, an unsupported file)
-raise :class:`DataError` with a one-line message that names the path and says what to do.
+a long run; problems that make the result meaningless (nothing matches a spec, an unsupported file,
+a file that is not text) raise :class:`DataError` with a one-line message that names the path and
+says what to do.
+
+A file is "not text" when more than half of its documents (rows; a ``.txt`` file is one document)
+are not valid UTF-8, contain NUL bytes or are lines that do not parse as JSON: random bytes or a
+binary file given by mistake would otherwise become a cache of U+FFFD and byte tokens, with only a
+warning to tell. The rule is judged per file, on the rows read, so a few bad rows stay a counted
+warning and reading stays streaming.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +82,11 @@ class CorpusStats:
     first_missing: str | None = None  # "path:line" (jsonl) or "path:row" (1-based, parquet/datasets)
     bad_json_rows: int = 0
     docs_with_replaced_bytes: int = 0
+    docs_with_nul: int = 0
     chat_rows: int = 0  # rows rendered with the tokenizer's chat template
     first_bad_json: str | None = None
     first_replaced: str | None = None
+    first_nul: str | None = None
     text_field: str = "text"
 
     def warnings(self) -> list[str]:
@@ -96,7 +105,25 @@ class CorpusStats:
                 f"{self.docs_with_replaced_bytes} document(s) had bytes that are not valid UTF-8, "
                 f"replaced with U+FFFD (first at {self.first_replaced})"
             )
+        if self.docs_with_nul:
+            out.append(f"{self.docs_with_nul} document(s) contain NUL bytes (first at {self.first_nul})")
         return out
+
+    def note(self, problem: str, where: str) -> None:
+        """Count one row with ``problem`` (a key of :data:`PROBLEMS`) found at ``where``."""
+        count, first, _ = PROBLEMS[problem]
+        setattr(self, count, getattr(self, count) + 1)
+        if getattr(self, first) is None:
+            setattr(self, first, where)
+
+
+#: Rows that are not text, by problem: (CorpusStats counter, CorpusStats field of the first place, what
+#: the DataError of a file that is not text calls them).
+PROBLEMS: dict[str, tuple[str, str, str]] = {
+    "utf8": ("docs_with_replaced_bytes", "first_replaced", "not valid UTF-8"),
+    "nul": ("docs_with_nul", "first_nul", "binary (NUL bytes)"),
+    "json": ("bad_json_rows", "first_bad_json", "not JSON"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,10 +231,11 @@ def resolve_specs(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[st
 # ----------------------------------------------------------------------------------------------------
 # Reading documents
 #
-# Readers yield (text, where_replaced): ``where_replaced`` is the "path:line" of a document whose
-# bytes were not valid UTF-8, else None. Bookkeeping common to all kinds lives in source_documents.
+# Readers yield (text, replaced, row): ``text`` is None for a line that is not JSON, ``replaced`` says
+# whether bytes that are not valid UTF-8 were replaced, ``row`` is the 1-based line or row (None for a
+# .txt file, which is one document). Bookkeeping common to all kinds lives in source_documents.
 
-_Doc = tuple[str, "str | None"]
+_Doc = tuple["str | None", bool, "int | None"]
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -264,7 +292,7 @@ def _read_txt(
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     text, replaced = _decode(data)
-    yield text, (str(source.path) if replaced else None)
+    yield text, replaced, None
 
 
 def _read_jsonl(
@@ -282,9 +310,7 @@ def _read_jsonl(
             try:
                 row = json.loads(line)
             except ValueError:
-                stats.bad_json_rows += 1
-                if stats.first_bad_json is None:
-                    stats.first_bad_json = f"{path}:{lineno}"
+                yield None, False, lineno
                 continue
             if isinstance(row, dict):
                 text, messages = row.get(text_field), row.get(MESSAGES_KEY)
@@ -292,7 +318,7 @@ def _read_jsonl(
                 text = messages = None
             doc = _row_text(text, messages, lambda n=lineno: f"{path}:{n}", tokenizer, stats)
             if doc is not None:
-                yield doc, (f"{path}:{lineno}" if replaced else None)
+                yield doc, replaced, lineno
 
 
 def _columns_for(names: Sequence[str], text_field: str, path: Path) -> list[str]:
@@ -321,12 +347,12 @@ def _column_rows(
     for i in range(n):
         text = texts[i] if texts is not None else None
         if isinstance(text, str):  # fast path, the common case
-            yield text, None
+            yield text, False, start_row + i + 1
             continue
         msg = messages[i] if messages is not None else None
         doc = _row_text(text, msg, lambda r=start_row + i + 1: f"{path}:{r}", tokenizer, stats)
         if doc is not None:
-            yield doc, None
+            yield doc, False, start_row + i + 1
 
 
 def _read_parquet(
@@ -390,27 +416,70 @@ _READERS = {
 }
 
 
+def _problem(text: str | None, replaced: bool) -> str | None:
+    """What makes a row not text (a key of :data:`PROBLEMS`), or None for a good row."""
+    if text is None:
+        return "json"
+    if replaced:
+        return "utf8"
+    return "nul" if "\x00" in text else None
+
+
+@dataclass
+class _FileCheck:
+    """The not-text rule of one file: how many documents it held and how many were not text."""
+
+    source: Source
+    documents: int = 0
+    not_text: int = 0
+    first: str | None = None
+    problems: set[str] = field(default_factory=set)
+
+    def bad(self, problem: str, where: str) -> None:
+        self.not_text += 1
+        self.first = self.first or where
+        self.problems.add(problem)
+
+    def judge(self) -> None:
+        if 2 * self.not_text <= self.documents:
+            return
+        what = " or ".join(PROBLEMS[p][2] for p in PROBLEMS if p in self.problems)
+        place = f" (first at {self.first})" if self.first != str(self.source.path) else ""
+        raise DataError(
+            f"{self.source.path}: not a text file: {self.not_text} of {self.documents} document(s) are {what}"
+            f"{place}; a file is refused when more than half of its documents are: convert it to UTF-8 text or "
+            "leave it out of --data"
+        )
+
+
 def source_documents(
     source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
 ) -> Iterator[str]:
     """Non-empty documents of one source, with the shared bookkeeping and I/O errors turned into
-    DataError. Empty documents are dropped (they would only add a lone EOS)."""
+    DataError. Empty documents are dropped (they would only add a lone EOS). A file that is not text
+    (see the module docstring) raises DataError once read, or when closed early (``limit_tokens``)."""
     stats.files += 1
     reader = _READERS[source.kind]
+    check = _FileCheck(source)
     try:
-        for text, where_replaced in reader(source, text_field, tokenizer, stats):
-            if not text:
-                continue
-            stats.documents += 1
-            if where_replaced is not None:
-                stats.docs_with_replaced_bytes += 1
-                if stats.first_replaced is None:
-                    stats.first_replaced = where_replaced
-            yield text
+        for text, replaced, row in reader(source, text_field, tokenizer, stats):
+            check.documents += 1
+            problem = _problem(text, replaced)
+            if problem is not None:
+                where = str(source.path) if row is None else f"{source.path}:{row}"
+                check.bad(problem, where)
+                stats.note(problem, where)
+            if text:
+                stats.documents += 1
+                yield text
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(
             f"{source.path}: cannot read the file ({_one_line(err)}); check that it is readable and not corrupt"
         ) from err
+    except GeneratorExit:
+        check.judge()
+        raise
+    check.judge()
 
 
 def iter_documents(

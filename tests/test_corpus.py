@@ -230,16 +230,81 @@ def test_missing_field_counted_and_skipped(tmp_path: Path, tok: Any) -> None:
 
 
 def test_bad_bytes_replaced_and_counted(tmp_path: Path, tok: Any) -> None:
-    (tmp_path / "a.txt").write_bytes(b"fox \xff\xfe dog")
+    """A few rows with bytes that are not UTF-8 (at most half of their file) stay a counted warning."""
     (tmp_path / "b.txt").write_bytes("clean \ufffd literal".encode())  # a real U+FFFD is not counted
-    lines = b'{"text": "ok"}\n{"text": "bad \xc3 byte"}\n{"text": "bad \xff again"}\n'
+    lines = (
+        b'{"text": "ok"}\n{"text": "fine"}\n{"text": "good"}\n{"text": "bad \xc3 byte"}\n{"text": "bad \xff again"}\n'
+    )
     (tmp_path / "c.jsonl").write_bytes(lines)
-    c = load([str(tmp_path / p) for p in ("a.txt", "b.txt", "c.jsonl")], tok)
-    expected = ["fox \ufffd\ufffd dog", "clean \ufffd literal", "ok", "bad \ufffd byte", "bad \ufffd again"]
+    c = load([str(tmp_path / p) for p in ("b.txt", "c.jsonl")], tok)
+    expected = ["clean \ufffd literal", "ok", "fine", "good", "bad \ufffd byte", "bad \ufffd again"]
     assert c.tokens.tolist() == expected_stream(tok, expected)
-    assert c.stats.docs_with_replaced_bytes == 3
-    assert c.stats.first_replaced == str(tmp_path / "a.txt")
-    assert any("3 document(s)" in w for w in c.stats.warnings())
+    assert c.stats.docs_with_replaced_bytes == 2
+    assert c.stats.first_replaced == f"{tmp_path / 'c.jsonl'}:4"
+    assert any("2 document(s)" in w for w in c.stats.warnings())
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (random_bytes(4096), "not valid UTF-8"),
+        (b"fox \xff\xfe dog", "not valid UTF-8"),
+        ("valid UTF-8 (é) with a NUL \x00 byte".encode(), r"binary \(NUL bytes\)"),
+    ],
+    ids=["random-bytes", "latin-1-bytes", "nul"],
+)
+def test_txt_that_is_not_text_is_refused(tmp_path: Path, tok: Any, content: bytes, what: str) -> None:
+    """A .txt file is one document: if it is not UTF-8 text it is refused by name, not packed as U+FFFD."""
+    (tmp_path / "good.txt").write_text("a clean document")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=rf"bad.txt: not a text file: 1 of 1 document\(s\) are {what};") as err:
+        load([str(tmp_path / "good.txt"), str(bad)], tok)
+    assert "\n" not in str(err.value) and "convert it to UTF-8 text or leave it out of --data" in str(err.value)
+    # also when --limit-tokens stops reading inside that file
+    with pytest.raises(DataError, match="bad.txt: not a text file"):
+        load(str(bad), tok, limit_tokens=2)
+
+
+def test_jsonl_mostly_not_text_is_refused(tmp_path: Path, tok: Any) -> None:
+    """More than half of a file's rows undecodable, binary or not JSON: refused, naming the file, the
+    counts and the first bad line; exactly half is still a warning."""
+    good = [b'{"text": "fine"}\n'] * 2
+    bad = [
+        b'{"text": "caf\xe9"}\n',
+        b'{"text": "nul \\u0000 row"}\n',
+        random_bytes(60, seed=3).replace(b"\n", b" ") + b"\n",
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"".join(good + bad))
+    with pytest.raises(
+        DataError,
+        match=rf"rows.jsonl: not a text file: 3 of 5 document\(s\) are not valid UTF-8 or "
+        rf"binary \(NUL bytes\) or not JSON \(first at {path}:3\); a file is refused when more than half",
+    ):
+        load(str(path), tok)
+    path.write_bytes(b"".join(good + bad[:2]))  # 2 of 4: a counted warning
+    c = load(str(path), tok)
+    assert c.stats.docs_with_replaced_bytes == 1 and c.stats.docs_with_nul == 1
+    assert any("1 document(s) contain NUL bytes" in w for w in c.stats.warnings())
+    # the rule is per file: a bad file is refused even inside a large clean corpus
+    (tmp_path / "big.jsonl").write_text("".join('{"text": "clean row"}\n' for _ in range(100)))
+    path.write_bytes(b"".join(good[:1] + bad))
+    with pytest.raises(DataError, match="rows.jsonl: not a text file: 3 of 4"):
+        load([str(tmp_path / "big.jsonl"), str(path)], tok)
+
+
+def test_parquet_mostly_binary_is_refused(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["fine", "\x00\x01\x02", "\x00garbage", "x\x00"]}), path)
+    with pytest.raises(
+        DataError, match=rf"a.parquet: not a text file: 3 of 4 .*binary \(NUL bytes\) \(first at {path}:2\)"
+    ):
+        load(str(path), tok)
 
 
 def test_lone_surrogate_escape(tmp_path: Path, tok: Any) -> None:
