@@ -20,7 +20,7 @@ from selkd.cache.build import BuildError, build_cache, finalize
 from selkd.cache.config import BuildConfig
 from selkd.cache.documents import DataError
 from selkd.cache.info import cache_info, info_dict
-from selkd.cache.options import ConfigError, add_arguments, from_args, read_config_file
+from selkd.cache.options import ConfigError, OptionParser, add_arguments, from_args, parse_kv, read_config_file
 from selkd.cache.reader import CacheError, CacheReader, open_cache
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.teacher import ModelError
@@ -57,9 +57,7 @@ def _storage_options(pairs: list[tuple[str, object]] | None) -> dict[str, object
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from selkd.cache.options import _parse_kv
-
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="selkd-cache", description="Build, inspect and verify selkd caches of sparse teacher outputs."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
         q.add_argument(
             "--storage-option",
             dest="storage_option",
-            type=_parse_kv,
+            type=parse_kv,
             action="append",
             metavar="KEY=VALUE",
             help="fsspec storage option, repeatable",

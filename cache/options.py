@@ -4,13 +4,19 @@ An option is a dataclass field made with :func:`opt`: its default, help text and
 in one place. :func:`add_arguments` turns the fields into argparse flags, :func:`from_args` builds the
 dataclass back (flags override values from a ``--config`` file), and ``__post_init__`` of every
 config calls :func:`check` so a bad value fails the same way from the CLI, a file or Python.
+
+Every selkd CLI parses with :class:`OptionParser`, so every usage problem (an unknown or abbreviated
+flag, a bad value, a broken ``--config`` file) is one :class:`ConfigError` line naming the flag or
+file, which the CLIs print and exit 2 on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 _MISSING = dataclasses.MISSING
+# argparse takes only "-1" and "-1.5" for negative numbers; "-1e-4" would read as an unknown option.
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+_TOML_PLACE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
 
 
 class ConfigError(ValueError):
@@ -83,13 +92,12 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
 def _coerce_one(name: str, value: Any, tp: Any) -> Any:
     """One value to the field's type. Lenient where files are ambiguous (PyYAML reads ``1e-4`` as a
     string, TOML has no None), strict where a silent conversion would hide a mistake (``3.5`` steps)."""
+    if value is None:
+        return None  # "not given": check() decides whether that is allowed
     flag = flag_name(name)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        tp = args[0]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
         origin = typing.get_origin(tp)
     if origin is list:
         if isinstance(value, str):
@@ -101,8 +109,6 @@ def _coerce_one(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{flag}: expected a mapping of KEY=VALUE, got {value!r}")
         return dict(value)
-    if value is None:
-        return None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -151,21 +157,32 @@ def coerce(cfg: Any) -> None:
 # --------------------------------------------------------------------------- resume checks
 
 
+def _check_given(cfg: Any, hints: Mapping[str, Any]) -> None:
+    """Refuse missing values: required options not given (all named at once), and ``null`` (a YAML
+    ``key:`` without a value) for an option that has no "unset" state."""
+    fields = [f for f in dataclasses.fields(cfg) if f.metadata and getattr(cfg, f.name) is None]
+    missing = [flag_name(f.name) for f in fields if f.metadata["required"]]
+    if len(missing) == 1:
+        raise ConfigError(f"{missing[0]} is required")
+    if missing:
+        raise ConfigError(f"{', '.join(missing[:-1])} and {missing[-1]} are required")
+    for f in fields:
+        if not _base_type(hints[f.name])[2]:
+            raise ConfigError(f"{flag_name(f.name)}: needs a value, got none (null)")
+
+
 def check(cfg: Any) -> None:
     """Coerce every field to its declared type (values from YAML/TOML/JSON behave like parsed flags),
     then range- and choice-check it; raise ConfigError naming the flag."""
     coerce(cfg)
     hints = typing.get_type_hints(type(cfg))
+    _check_given(cfg, hints)
     for f in dataclasses.fields(cfg):
         meta = f.metadata
-        if not meta:
-            continue
         value = getattr(cfg, f.name)
-        name = flag_name(f.name)
-        if value is None:
-            if meta["required"]:
-                raise ConfigError(f"{name} is required")
+        if not meta or value is None:
             continue
+        name = flag_name(f.name)
         base, is_list, _ = _base_type(hints[f.name])
         values = value if is_list else [value]
         for v in values:
@@ -194,7 +211,8 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _parse_kv(text: str) -> tuple[str, Any]:
+def parse_kv(text: str) -> tuple[str, Any]:
+    """One ``--storage-option KEY=VALUE``: the value as JSON when it parses (true, 3, [..]), else text."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -205,9 +223,66 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class OptionParser(argparse.ArgumentParser):
+    """The parser of the selkd CLIs (its subparsers are of this class too). It refuses abbreviations
+    (``--class`` for ``--classes``: a later option sharing the prefix would change their meaning),
+    answers an unknown flag with the nearest known ones, reads ``-1e-4`` as a number, and raises
+    :class:`ConfigError` (one line) instead of printing usage and exiting; ``--help`` still prints and
+    exits 0."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            raise ConfigError(self._unrecognized(extra, parsed))
+        return parsed
+
+    def _unrecognized(self, extra: list[str], parsed: argparse.Namespace) -> str:
+        flags = [a for a in extra if a.startswith("--")]
+        if not flags:
+            return f"unexpected argument(s): {' '.join(extra)}"
+        given = flags[0].split("=", 1)[0]
+        known = sorted(self._flags(parsed))
+        near = [f for f in known if f.startswith(given)][:3] or difflib.get_close_matches(given, known, n=1)
+        hint = f"did you mean {' or '.join(near)}?" if near else f"see {self.prog} --help"
+        return f"{given}: unknown option; {hint}"
+
+    def _flags(self, parsed: argparse.Namespace) -> list[str]:
+        """The long flags of this parser and of the subcommand that was chosen."""
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(chosen, OptionParser):
+                    flags += chosen._flags(parsed)
+        return flags
+
+
+def negated_flag(name: str) -> str:
+    """``--no-x``: the flag that turns boolean option ``x`` off."""
+    return "--no-" + name.replace("_", "-")
+
+
+def _help(meta: Mapping[str, Any], default: Any, is_bool: bool, name: str) -> str:
+    notes = [f"default: {default}"] if default not in (None, [], {}, False) else []
+    if meta["required"]:
+        notes.append("required")
+    if is_bool:
+        notes.append(f"{negated_flag(name)}: false")
+    return meta["help"] + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per field of ``config_cls``. Defaults are left as None (SUPPRESS) so that
-    :func:`from_args` can tell a flag the user gave from one they did not."""
+    :func:`from_args` can tell a flag the user gave from one they did not. A boolean option ``x``
+    takes ``--x``, ``--x BOOL`` (true/false/yes/no/1/0, as in config files) and ``--no-x``."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
@@ -215,28 +290,20 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             continue
         base, is_list, _ = _base_type(hints[f.name])
         default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = meta["help"]
-        if default not in (None, [], {}, False):
-            help_text += f" (default: {default})"
-        elif meta["required"]:
-            help_text += " (required)"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"help": _help(meta, default, base is bool, f.name), "default": argparse.SUPPRESS}
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
         if base is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["nargs"] = "?"
-            kwargs["const"] = True
-            kwargs["metavar"] = "BOOL"
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            off = {"action": "store_const", "const": False, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+            parser.add_argument(negated_flag(f.name), dest=f.name, **off)
         elif base is dict:
-            kwargs["type"] = _parse_kv
-            kwargs["action"] = "append"
-            kwargs["metavar"] = meta["metavar"] or "KEY=VALUE"
+            kwargs.update(type=parse_kv, action="append", metavar=meta["metavar"] or "KEY=VALUE")
         else:
             kwargs["type"] = base
             if is_list:
                 kwargs["nargs"] = "+"
-        if meta["choices"] is not None and base is not bool:
+        if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
         if meta["positional"]:
             kwargs.pop("default")
@@ -246,26 +313,51 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML (.yaml/.yml) or TOML (.toml) file, keys as field names or flag names."""
+    """Options from a YAML (.yaml/.yml/.json) or TOML (.toml) file, keys as field names or flag names.
+    A file that does not parse is one ConfigError naming it and the line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml", ".json"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"--config {path}: expected a .yaml, .yml, .json or .toml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    data = _parse_toml(text, path) if path.suffix == ".toml" else _parse_yaml(text, path)
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        found = _TOML_PLACE.match(str(err))  # tomllib puts the place at the end of its message
+        if found is None:
+            raise ConfigError(f"--config {path}: invalid TOML: {err}") from None
+        problem, line, column = found.groups()
+        raise ConfigError(f"--config {path}: invalid TOML at line {line}, column {column}: {problem}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        kind = "JSON" if path.suffix == ".json" else "YAML"  # JSON is read as the YAML it is
+        raise ConfigError(f"--config {path}: invalid {kind}{where}: {problem}") from None
 
 
 def build(config_cls: type, values: Mapping[str, Any], source: str = "options") -> Any:

@@ -314,6 +314,70 @@ def test_bad_options(tmp_path, tiny_teacher_dir, text_corpus_dir, capsys, extra,
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build"], "--teacher, --data and --out are required"),
+        (["build", "--teacher", "T", "--out", "O"], "--data is required"),
+        (["build", "--data", "D", "--out", "O"], "--teacher is required"),
+        (["build", "--teacher", "T", "--data", "D"], "--out is required"),
+        (["build", "--teacher", "T", "--data"], "argument --data: expected at least one argument"),
+        (["build", "--class", "topk:4"], "--class: unknown option; did you mean --classes?"),
+        (["build", "--temp", "2"], "--temp: unknown option; did you mean --temperature?"),
+        (["build", "--clases", "topk:4"], "--clases: unknown option; did you mean --classes?"),
+        (
+            ["build", "--teacher", "T", "--data", "D", "--out", "O", "--temperature", "-1e-4"],
+            "--temperature must be > 0.0, got -0.0001",
+        ),
+        (
+            ["build", "--teacher", "T", "--data", "D", "--out", "O", "--progress", "maybe"],
+            "argument --progress: expected true or false, got 'maybe'",
+        ),
+        (["info", "--jsn", "STORE"], "--jsn: unknown option; did you mean --json?"),
+        (["verify"], "the following arguments are required: STORE"),
+        (["bogus"], "argument COMMAND: invalid choice: 'bogus' (choose from "),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, message, capsys):
+    """Like selkd-train: one line naming the flag, exit 2, no usage block, no traceback."""
+    code, err = run_cli(args, capsys)
+    assert code == 2 and err.startswith(f"selkd-cache: error: {message}") and err.count("\n") == 1
+
+
+def test_boolean_flags_and_help(capsys):
+    from selkd.cache.cli import make_parser
+    from selkd.cache.options import from_args
+
+    required = ["build", "--teacher", "T", "--data", "D", "--out", "O"]
+    for extra, progress in (([], True), (["--no-progress"], False), (["--progress", "false"], False)):
+        assert from_args(BuildConfig, make_parser().parse_args(required + extra)).progress is progress
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["build", "--help"])
+    assert exc.value.code == 0 and "--classes MODE" in capsys.readouterr().out
+
+
+def test_config_file_syntax_error(tmp_path, capsys):
+    conf = tmp_path / "build.yaml"
+    conf.write_text("teacher: t\ndata: [a\nout: o\n")
+    code, err = run_cli(["build", "--config", str(conf)], capsys)
+    assert code == 2 and err.startswith(f"selkd-cache: error: --config {conf}: invalid YAML at line 3, column ")
+    assert err.count("\n") == 1
+
+
+def test_txt_of_random_bytes_is_refused(tmp_path, tiny_teacher_dir, capsys):
+    """A .txt of random bytes used to give one warning and a cache of U+FFFD tokens (exit 0)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.txt").write_text("def f(x):\n    return x + 1\n" * 50)
+    (data / "noise.txt").write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    out = tmp_path / "o"
+    code, err = run_cli(base_args(tiny_teacher_dir, data, out), capsys)
+    last = err.splitlines()[-1]  # after the teacher's loading bar
+    assert code == 1 and "Traceback" not in err and "warning" not in err
+    assert last.startswith(f"selkd-cache: error: {data / 'noise.txt'}: not a text file: 1 of 1 document(s) are not")
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_bad_inputs(tmp_path, tiny_teacher_dir, other_tokenizer_model_dir, bert_dir, text_corpus_dir, capsys):
     out = tmp_path / "o"
     code, err = run_cli(base_args(tiny_teacher_dir, tmp_path / "missing.jsonl", out), capsys)

@@ -156,3 +156,25 @@ def test_too_small_data_fails_early_with_a_message(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert "too small" in err and "--data" in err
     assert not (tmp_path / "models").exists()  # nothing was trained
+
+
+def test_as_cli_commands_parse_back_to_the_same_config() -> None:
+    """The commands the demo prints for its stages are real: the CLIs' own parsers give back the same
+    configs (booleans switched off as --no-X)."""
+    import shlex
+
+    from selkd.cache.cli import make_parser
+    from selkd.cache.config import BuildConfig
+    from selkd.cache.options import from_args
+    from selkd.trainer.config import TrainConfig
+    from selkd.trainer.demo.util import as_cli
+
+    build = BuildConfig(teacher="t dir", data=["a.jsonl", "b.jsonl"], out="o", classes="topk:8", progress=False,
+                        temperature=2.0, storage_option={"anon": True})  # fmt: skip
+    command = as_cli("selkd-cache build", build, BuildConfig(teacher="T", data=["D"], out="O"), ["classes"])
+    assert "--no-progress" in command.split()
+    assert from_args(BuildConfig, make_parser().parse_args(shlex.split(command)[1:])) == build
+    train = TrainConfig(cache="c", student="s", out="o", progress=False, resume=True, lr=3e-4, steps=3)
+    command = as_cli("selkd-train", train, TrainConfig(cache="C", student="S", out="O"))
+    assert "--no-progress" in command.split() and "--resume" in command.split()
+    assert TrainConfig.from_cli(shlex.split(command)[1:]) == train

@@ -146,12 +146,91 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
             ["--kd-weight", "0", "--ce-weight", "1", "--select", "none", "--ce-on", "selected"],
             r"--kd-weight 0 with --ce-on selected trains on no position",
         ),
-        (["--bogus-flag"], r"unrecognized arguments: --bogus-flag"),
+        (["--bogus-flag"], r"--bogus-flag: unknown option; see selkd-train --help"),
+        (["extra"], r"unexpected argument\(s\): extra"),
     ],
 )
 def test_bad_cli_values_name_the_flag(extra: list[str], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         cli(*extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (["--batch", "4"], r"^--batch: unknown option; did you mean --batch-size\?$"),  # abbreviation
+        (["--temp", "2"], r"^--temp: unknown option; did you mean --temperature\?$"),
+        (["--grad", "2"], r"^--grad: unknown option; did you mean --grad-accum or --gradient-checkpointing\?$"),
+        (["--selct", "none"], r"^--selct: unknown option; did you mean --select\?$"),  # typo
+        (["--lerning-rate=1"], r"^--lerning-rate: unknown option; see selkd-train --help$"),
+        (["--lr", "-1e-4"], r"^--lr must be > 0.0, got -0.0001$"),  # a number, then the range check
+        (["--lr=-1E-4"], r"^--lr must be > 0.0, got -0.0001$"),
+        (["--adam-eps", "-.5"], r"^--adam-eps must be > 0.0, got -0.5$"),
+        (["--no-progress", "false"], r"^unexpected argument\(s\): false$"),
+    ],
+)
+def test_abbreviations_typos_and_negative_numbers(extra: list[str], pattern: str) -> None:
+    """Abbreviated flags are refused (a later option sharing the prefix would change their meaning), an
+    unknown flag gets the nearest known ones, and "-1e-4" is a number, not an option."""
+    with pytest.raises(ConfigError, match=pattern):
+        cli(*extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "progress", "resume"),
+    [
+        ([], True, False),
+        (["--no-progress", "--resume"], False, True),
+        (["--progress", "false", "--resume", "true"], False, True),
+        (["--progress=no", "--no-resume"], False, False),
+        (["--no-progress", "--progress"], True, False),  # the last one wins
+    ],
+)
+def test_boolean_flags(extra: list[str], progress: bool, resume: bool) -> None:
+    cfg = cli(*extra)
+    assert (cfg.progress, cfg.resume) == (progress, resume)
+
+
+def test_cli_errors_are_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from selkd.trainer.cli import main
+
+    for extra in (["--clases", "full"], ["--lr", "-1e-4"], ["--steps"], ["--progress", "maybe"]):
+        assert main([*BASE, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selkd-train: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "pattern"),
+    [
+        ("bad.yaml", "cache: c\nstudent: s\n  out: o\n", r"bad.yaml: invalid YAML at line 3, column 6: mapping values"),
+        ("bad.yaml", "cache: c\nselect: [a, b\n", r"bad.yaml: invalid YAML at line 3, column 1: expected ',' or ']'"),
+        ("bad.yml", "cache: c\n\tstudent: s\n", r"bad.yml: invalid YAML at line 2, column 1: found character '\\t'"),
+        ("bad.json", '{"cache": "c" "out": "o"}', r"bad.json: invalid JSON at line 1, column 15: expected ','"),
+        ("bad.toml", 'cache = "c"\nstudent = \n', r"bad.toml: invalid TOML at line 2, column 11: Invalid value"),
+        ("bad.toml", 'cache = "c\n', r"bad.toml: invalid TOML at line 1, column 11: "),
+        ("bad.toml", "[a]\nb = 1\n[a]\n", r"bad.toml: invalid TOML at line 3, column 3: Cannot declare"),
+        ("list.yaml", "- cache\n- c\n", r"list.yaml: expected a mapping of option names to values"),
+        ("null.yaml", "cache: c\nstudent: s\nout: o\nlr:\n", r"^--lr: needs a value, got none \(null\)$"),
+    ],
+)
+def test_config_file_syntax_errors_name_file_and_line(tmp_path: Path, name: str, text: str, pattern: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        TrainConfig.from_cli(["--config", str(path)])
+    assert "\n" not in str(err.value)
+
+
+def test_config_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from selkd.trainer.cli import main
+
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"cache: c\nstudent: \xff\xfe\n")
+    assert main(["--config", str(path)]) == 2
+    assert (
+        capsys.readouterr().err == f"selkd-train: error: --config {path}: not UTF-8 text (byte 18); save it as UTF-8\n"
+    )
 
 
 def test_python_construction_errors() -> None:

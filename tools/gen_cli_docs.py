@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from selkd.cache.config import BuildConfig
-from selkd.cache.options import flag_name
+from selkd.cache.options import flag_name, negated_flag
 from selkd.trainer.config import TrainConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
@@ -21,6 +22,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def option_table(config_cls: type) -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
+    hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         if not meta or not meta["cli"]:
@@ -35,8 +37,11 @@ def option_table(config_cls: type) -> str:
             hi = "" if meta["hi"] is None else f"<= {meta['hi']}"
             extra.append(" and ".join(x for x in (lo, hi) if x))
         text = meta["help"].replace("|", "\\|") + (f" ({'; '.join(extra)})" if extra else "")
-        metavar = f" {meta['metavar']}" if meta["metavar"] else ""
-        rows.append(f"| `{flag_name(f.name)}{metavar}` | {shown} | {text} |")
+        if hints[f.name] is bool:
+            flags = f"`{flag_name(f.name)}`, `{negated_flag(f.name)}`"
+        else:
+            flags = f"`{flag_name(f.name)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"
+        rows.append(f"| {flags} | {shown} | {text} |")
     return "\n".join(rows)
 
 
@@ -50,8 +55,11 @@ the whole pipeline on a corpus every machine has. `python -m selkd.cache` and
 Every option is declared once, in a config dataclass (`cache/config.py`, `trainer/config.py`), with
 its default, help text and range check; the tables below are generated from those dataclasses by
 `tools/gen_cli_docs.py`. Options can also come from `--config FILE` (YAML or TOML, keys are option
-names with `_` or `-`); flags given on the command line override the file. Exit codes: 0 success,
-1 a run-time problem the message explains, 2 bad usage or configuration.
+names with `_` or `-`); flags given on the command line override the file. A yes/no option `--x`
+is turned on by `--x` (or `--x true`) and off by `--no-x` (or `--x false`); in a file write
+`x: true` / `x: false`. Flags are spelled out in full (`--class` is not `--classes`; an unknown
+flag gets the nearest known ones as a hint). Exit codes: 0 success, 1 a run-time problem the message
+explains, 2 bad usage or configuration (one line naming the flag or the `--config` file and line).
 
 ## selkd-cache build
 

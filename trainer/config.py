@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 from selkd.cache.classes import ClassSpec
 from selkd.cache.options import (
     ConfigError,
+    OptionParser,
     add_arguments,
     build,
     check,
@@ -399,17 +399,9 @@ class TrainConfig:
         return from_args(cls, args, file_values)
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises ConfigError instead of exiting, so callers map every configuration
-    problem to one error type (and exit code)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
-
-
 def build_parser(prog: str = "selkd-train") -> argparse.ArgumentParser:
     """The ``selkd-train`` parser: ``--config FILE`` plus one flag per :class:`TrainConfig` field."""
-    parser = _Parser(
+    parser = OptionParser(
         prog=prog,
         description="Distil a student from cached (or online) teacher targets, applying KD at the positions "
         "the student is least sure of (SE-KD).",

@@ -7,9 +7,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from selkd.cache.options import flag_name, negated_flag
 
 
 def say(msg: str = "") -> None:
@@ -59,7 +62,8 @@ def logged(path: Path) -> Iterator[None]:
 
 def as_cli(prog: str, cfg: Any, defaults: Any, always: Sequence[str] = ()) -> str:
     """The command line that runs ``cfg`` (options that differ from ``defaults``, and ``always``), so
-    users can repeat a stage by hand."""
+    users can repeat a stage by hand: shell-quoted, booleans as ``--x`` / ``--no-x``, mappings as one
+    ``--x KEY=VALUE`` per key."""
     parts = [prog]
     for f in dataclasses.fields(cfg):
         if not f.metadata or not f.metadata.get("cli", True):
@@ -67,11 +71,15 @@ def as_cli(prog: str, cfg: Any, defaults: Any, always: Sequence[str] = ()) -> st
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
         if (value == default and f.name not in always) or value in (None, [], {}):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if isinstance(value, bool):
-            parts.append(flag if value else f"{flag} false")
+            parts.append(flag if value else negated_flag(f.name))
+        elif isinstance(value, dict):
+            parts += [
+                f"{flag} {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}" for k, v in value.items()
+            ]
         elif isinstance(value, list):
-            parts.append(f"{flag} " + " ".join(str(v) for v in value))
+            parts.append(f"{flag} " + " ".join(shlex.quote(str(v)) for v in value))
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
