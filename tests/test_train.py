@@ -833,6 +833,7 @@ def one_error_line(err: str) -> str:
         ("cache", "is the --cache path"),
         ("contains-cache", "contains the --cache path"),
         ("inside-data", "is inside the --data path"),
+        ("inside-recursive-glob", "is inside the --data path"),
         ("file", "is a file, not a directory"),
         ("under-a-file", "cannot be used (Not a directory); choose another --out"),
         ("foreign", "holds files that are not a selkd-train run (notes.txt)"),
@@ -865,11 +866,14 @@ def test_out_must_be_new_empty_or_a_run_and_never_an_input(
         "cache": cache,
         "contains-cache": root / "caches",
         "inside-data": data / "run",
+        "inside-recursive-glob": data / "runs" / "x",  # a rerun of data/**/*.jsonl would read its metrics.jsonl
         "file": root / "notes.txt",
         "under-a-file": root / "notes.txt" / "run",
         "foreign": root / "foreign",
     }[where]
-    source = (None, *online_flags(tiny_teacher_dir, data)) if where == "inside-data" else (str(cache),)
+    online = where in ("inside-data", "inside-recursive-glob")
+    spec = data / "**" / "*.jsonl" if where == "inside-recursive-glob" else data
+    source = (None, *online_flags(tiny_teacher_dir, spec)) if online else (str(cache),)
     before = snapshot(root)
     rc, err = run(args(source[0], student, out, *source[1:]), capsys)
     assert rc == 1
