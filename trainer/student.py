@@ -73,11 +73,12 @@ def eval_divergences(objective: Objective, mode: str) -> dict[str, str]:
     First, forward KL(teacher || student) at the targets' temperature, under a name that says how it is
     known: ``eval_kl`` exact on full targets; on top-k targets ``eval_kl_bound``, over the k classes and
     the tail bucket, a lower bound of the full KL (merging classes never raises a divergence); on sampled
-    targets ``eval_kl``, the unbiased estimate CE(sampled targets, q) - H(p), with the teacher's exact
-    entropy H(p) the cache stores. That entropy is the one at temperature 1, so at another temperature
-    the metric is the cross-entropy alone, ``eval_kl_plus_teacher_entropy``.
-    Second, when the objective's divergence (``--loss``, ``--topk-renormalize``) is another number, it
-    under its own name: ``eval_rkl``, ``eval_jsd`` (with ``_bound`` on top-k targets), or with
+    targets ``eval_kl``, the unbiased estimate CE(sampled targets, q) - H(p), with the teacher's entropy
+    H(p) that the cache stores (computed from the full distribution, stored as float16; its rounding
+    error is far below the sampling error). That entropy is the one at temperature 1, so at another
+    temperature the metric is the cross-entropy alone, ``eval_kl_plus_teacher_entropy``.
+    Second, when the objective's divergence (``--loss``, ``--topk-renormalize``) is another number, that
+    one under its own name: ``eval_rkl``, ``eval_jsd`` (with ``_bound`` on top-k targets), or with
     ``_topk_renormalized`` against the renormalised top-k target.
     """
     at = f" at temperature {objective.temperature:g}" if objective.temperature != 1.0 else ""
