@@ -9,7 +9,6 @@ resumes the build (committed parts are kept; a part being written is invisible u
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from selkd.cache.build import BuildError, build_cache, finalize
 from selkd.cache.config import BuildConfig
 from selkd.cache.documents import DataError
+from selkd.cache.errors import disk_full_error, disk_full_message
 from selkd.cache.info import cache_info, info_dict
 from selkd.cache.options import ConfigError, OptionParser, add_arguments, from_args, parse_kv, read_config_file
 from selkd.cache.reader import CacheError, CacheReader, open_cache
@@ -27,29 +27,8 @@ from selkd.cache.teacher import ModelError
 from selkd.cache.verify import verify_cache
 
 USER_ERRORS = (BuildError, CacheError, DataError, ModelError, StoreError)
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def disk_full_error(err: BaseException) -> OSError | None:
-    """The ENOSPC / EDQUOT ``OSError`` behind ``err`` (itself, or its cause or context), if any."""
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def disk_full_message(store: str, err: OSError) -> str:
-    """One line: which store, what happened, what to do."""
-    what = "over the disk quota" if err.errno == errno.EDQUOT else "no space left on the device"
-    where = f" while writing {err.filename}" if err.filename else ""
-    return (
-        f"{store}: {what}{where}; free space (or raise the quota) there and rerun the same command: committed "
-        "parts are kept, the part that was being written is not visible and is redone"
-    )
+# What rerunning a build does with a store whose disk filled up.
+DISK_FULL_RERUN = "committed parts are kept, the part that was being written is not visible and is redone"
 
 
 def _storage_options(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
@@ -100,7 +79,7 @@ def run(argv: Sequence[str]) -> int:
             full = disk_full_error(err)
             if full is None:
                 raise
-            raise StoreError(disk_full_message(cfg.out, full)) from err
+            raise StoreError(disk_full_message(cfg.out, full, DISK_FULL_RERUN)) from err
         return 0 if result is not None else 1
     options = _storage_options(args.storage_option)
     if args.command == "finalize":
@@ -111,7 +90,7 @@ def run(argv: Sequence[str]) -> int:
             full = disk_full_error(err)
             if full is None:
                 raise
-            raise StoreError(disk_full_message(args.store, full)) from err
+            raise StoreError(disk_full_message(args.store, full, DISK_FULL_RERUN)) from err
         print(json.dumps(summary, indent=2))
         return 0
     reader = open_cache(args.store, options, require_complete=False)

@@ -61,10 +61,10 @@ class CacheInfo:
             lines.append(f"selection       {self.sample_selection}; {self.sequences_scored or 0:,} sequences scored")
         lines += [
             f"positions       {self.positions_stored:,} stored of {self.positions_corpus:,} in the corpus",
-            f"bytes on disk   {self.bytes_on_disk:,} ({_human(self.bytes_on_disk)})",
+            f"bytes on disk   {self.bytes_on_disk:,} ({human_bytes(self.bytes_on_disk)})",
             f"bytes/position  {num(self.bytes_per_stored_position)} per stored, "
             f"{num(self.bytes_per_corpus_position)} per corpus position",
-            f"vs fp16 logits  {_human(self.full_fp16_bytes)} -> {num(self.saving_vs_full_fp16, ',.0f')}x smaller",
+            f"vs fp16 logits  {human_bytes(self.full_fp16_bytes)} -> {num(self.saving_vs_full_fp16, ',.0f')}x smaller",
             f"teacher entropy {num(self.mean_teacher_entropy, '.3f')} nats (mean)",
         ]
         if self.mean_unique_ids is not None:
@@ -76,7 +76,8 @@ class CacheInfo:
         return "\n".join(lines)
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``3.4 MiB``, ``1.2 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"

@@ -354,3 +354,27 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
         assert sched.last_epoch == 3
         final = AutoModelForCausalLM.from_pretrained(str(out / mode / "final"))
         assert_same_weights(model, final)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "error"])
+def test_a_stopped_write_leaves_no_half_written_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
+) -> None:
+    """Whatever stops a checkpoint's write (Ctrl-C, an error that is not a full disk) goes up unchanged,
+    and the half-written ``.tmp-<pid>`` directory is gone at once, not only at the next save."""
+    from selkd.trainer import checkpoint as ckpt
+
+    model, opt, sched = make_run(0)
+    train(model, opt, sched, 1)
+    first = save(tmp_path, 1, model, opt, sched)
+    original = ckpt._torch_save
+
+    def torch_save(path: Path, obj: object) -> None:
+        original(path, obj)  # the optimizer file is complete, then the write stops
+        raise stop("stopped")
+
+    monkeypatch.setattr(ckpt, "_torch_save", torch_save)
+    with pytest.raises(stop, match="stopped"):
+        save(tmp_path, 2, model, opt, sched)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [first.name]
+    assert latest_checkpoint(tmp_path) == first

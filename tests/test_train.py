@@ -8,6 +8,9 @@ The multi-process (DDP / FSDP) tests are in ``test_train_distributed.py``.
 
 from __future__ import annotations
 
+import errno
+import functools
+import io
 import json
 import os
 import re
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,12 +37,13 @@ from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from selkd.trainer import head as H
+from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
 from selkd.trainer.config import TrainConfig
 from selkd.trainer.loop import lr_lambda, truncate_metrics
 from selkd.trainer.online import OnlineStream, OnlineTeacher
-from selkd.trainer.student import Objective, SelectiveStudent
+from selkd.trainer.student import Objective, SelectiveStudent, eval_divergences, evaluate
 
 SEQ = 64
 LIMIT_TOKENS = 3000  # ~46 sequences: ~41 train (10 steps of 4 per epoch), ~5 eval
@@ -159,7 +164,14 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 
 
 LOSS_KEYS = ("loss", "kd", "ce", "lr", "grad_norm", "selected_fraction")
-EVAL_KEYS = ("eval_ce", "eval_kl", "eval_top1_agree")
+
+
+def eval_keys(evals: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics of evaluation rows (their names follow the targets and --loss): ce, top-1 agreement and
+    at least one divergence."""
+    keys = tuple(k for k in evals[0] if k.startswith("eval_") and k != "eval_positions")
+    assert {"eval_ce", "eval_top1_agree"} < set(keys) and any(k.startswith("eval_kl") for k in keys), keys
+    return keys
 
 
 def count_training_calls(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int, Any], Any]) -> None:
@@ -257,7 +269,7 @@ def test_interrupted_run_resumes_with_the_same_losses(
     assert f"resumed from {out / 'checkpoints' / f'step-{last_ckpt:06d}'} at step {last_ckpt}" in err
     assert re.search(rf"dropped \d+ row\(s\) after step {last_ckpt}", err)
     assert_same_rows(train_rows(out), train_rows(reference), LOSS_KEYS)
-    assert_same_rows(eval_rows(out), eval_rows(reference), EVAL_KEYS)
+    assert_same_rows(eval_rows(out), eval_rows(reference), eval_keys(eval_rows(reference)))
     assert len({r["step"] for r in train_rows(out)}) == len(train_rows(out))  # each step once
     assert_same_weights(out, reference)
 
@@ -290,7 +302,7 @@ def test_kill_9_and_rerun_reproduce_the_losses(
     assert rc == 0, err
     assert "resumed from" in err
     assert_same_rows(train_rows(out), train_rows(reference), LOSS_KEYS)
-    assert_same_rows(eval_rows(out), eval_rows(reference), EVAL_KEYS)
+    assert_same_rows(eval_rows(out), eval_rows(reference), eval_keys(eval_rows(reference)))
     assert_same_weights(out, reference)
 
 
@@ -716,7 +728,7 @@ def test_nan_loss_at_step_3_names_step_and_sequences(
     rc, err = run(args(caches["topk"], tiny_student_dir, tmp_path / "out", steps=5), capsys)
     assert rc == 1
     assert f"non-finite loss (inf) at step 3; batch sequence ids {seen[2].tolist()}" in err, err
-    assert [r["step"] for r in train_rows(tmp_path / "out")] == [1, 2]
+    assert not (tmp_path / "out").exists()  # no checkpoint to resume from: the run removed what it created
 
 
 # --------------------------------------------------------------------------- every option, a few steps
@@ -772,7 +784,298 @@ def test_every_option_trains(
             assert r["ce"] > 0 and r["loss"] == pytest.approx(r["kd"] + 0.5 * r["ce"], rel=1e-6)
         fraction = r["selected_fraction"]
         assert (fraction == 1.0) if "none" in extra else (0.0 < fraction < 1.0), r
-    assert eval_rows(out) and all(np.isfinite(r["eval_kl"]) for r in eval_rows(out))
+    # the divergences evaluation reports are named for what they are: forward KL (exact on full and sampled
+    # targets, a bound on top-k ones) and, when --loss or --topk-renormalize trains another one, that one
+    mode = {"topk": "topk", "scored": "topk", "full": "full", "sample": "sample"}[cache]
+    loss = extra[extra.index("--loss") + 1] if "--loss" in extra else "fkl"
+    renormalized = "--topk-renormalize" in extra
+    expected = {
+        ("topk", "fkl", False): {"eval_kl_bound"},
+        ("topk", "rkl", False): {"eval_kl_bound", "eval_rkl_bound"},
+        ("topk", "jsd", False): {"eval_kl_bound", "eval_jsd_bound"},
+        ("topk", "fkl", True): {"eval_kl_bound", "eval_kl_topk_renormalized"},
+        ("topk", "jsd", True): {"eval_kl_bound", "eval_jsd_topk_renormalized"},
+        ("full", "fkl", False): {"eval_kl"},
+        ("full", "rkl", False): {"eval_kl", "eval_rkl"},
+        ("full", "jsd", False): {"eval_kl", "eval_jsd"},
+        ("sample", "fkl", False): {"eval_kl"},
+    }[mode, loss, renormalized]
+    for r in eval_rows(out):
+        divergences = {k for k in r if k.startswith(("eval_kl", "eval_rkl", "eval_jsd"))}
+        assert divergences == expected and all(np.isfinite(r[k]) for k in divergences), r
+    assert eval_rows(out)
+    for name in expected:  # the log line uses the same names
+        assert f" {name.removeprefix('eval_')} " in err, err
     if "--sample-ratio" in extra:  # the top half of the stored training sequences
         stored = open_cache(caches[cache]).num_sequences("train")
         assert f"; {int(np.ceil(0.5 * stored)) // 4} steps per epoch" in err
+
+
+# --------------------------------------------------------------------------- --out: never an input, nothing left behind
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes), to show that nothing was written there."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("selkd-train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("student", "is the --student path"),
+        ("inside-student", "is inside the --student path"),
+        ("cache", "is the --cache path"),
+        ("contains-cache", "contains the --cache path"),
+        ("inside-data", "is inside the --data path"),
+        ("inside-recursive-glob", "is inside the --data path"),
+        ("file", "is a file, not a directory"),
+        ("under-a-file", "cannot be used (Not a directory); choose another --out"),
+        ("foreign", "holds files that are not a selkd-train run (notes.txt)"),
+    ],
+)
+def test_out_must_be_new_empty_or_a_run_and_never_an_input(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    tiny_teacher_dir: Path,
+    text_corpus_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    expected: str,
+) -> None:
+    """``--out`` naming the student's directory used to overwrite its config.json with the run's (the model
+    no longer loaded). Every such --out is refused in one line, exit 1, and no file anywhere changes."""
+    root = tmp_path / "inputs"
+    student, data = root / "student", root / "corpus"
+    shutil.copytree(tiny_student_dir, student)
+    shutil.copytree(text_corpus_dir, data)
+    cache = root / "caches" / "topk"
+    shutil.copytree(caches["topk"], cache)
+    (root / "notes.txt").write_text("a file")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "notes.txt").write_text("not a run")
+    out = {
+        "student": student,
+        "inside-student": student / "run",
+        "cache": cache,
+        "contains-cache": root / "caches",
+        "inside-data": data / "run",
+        "inside-recursive-glob": data / "runs" / "x",  # a rerun of data/**/*.jsonl would read its metrics.jsonl
+        "file": root / "notes.txt",
+        "under-a-file": root / "notes.txt" / "run",
+        "foreign": root / "foreign",
+    }[where]
+    online = where in ("inside-data", "inside-recursive-glob")
+    spec = data / "**" / "*.jsonl" if where == "inside-recursive-glob" else data
+    source = (None, *online_flags(tiny_teacher_dir, spec)) if online else (str(cache),)
+    before = snapshot(root)
+    rc, err = run(args(source[0], student, out, *source[1:]), capsys)
+    assert rc == 1
+    line = one_error_line(err)
+    assert f"--out {out}" in line and expected in line, line
+    assert "choose a new or empty directory" in line or "choose another --out" in line, line
+    assert snapshot(root) == before and not (student / "run").exists() and not (data / "run").exists()
+    AutoModelForCausalLM.from_pretrained(str(student))  # the input model still loads
+
+
+def test_failed_run_removes_what_it_created_and_only_that(
+    tmp_path: Path, caches: dict[str, str], other_tokenizer_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that fails after --out was created (here: the student's tokenizer is not the cache's) and has
+    no checkpoint leaves nothing: the directories it made are removed, a directory that was there stays
+    with exactly what it held."""
+    new = tmp_path / "a" / "b" / "out"
+    rc, err = run(args(caches["topk"], other_tokenizer_model_dir, new), capsys)
+    assert rc == 1 and "tokenizer" in one_error_line(err)
+    assert not (tmp_path / "a").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _ = run(args(caches["topk"], other_tokenizer_model_dir, empty), capsys)
+    assert rc == 1 and empty.is_dir() and not any(empty.iterdir())
+
+
+def test_keep_checkpoints_and_what_a_finished_run_says_it_keeps(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = dict(steps=6, save_every=2, eval_every=0)
+    two = tmp_path / "two"
+    rc, err = run(args(caches["topk"], tiny_student_dir, two, "--keep-checkpoints", "2", **flags), capsys)
+    assert rc == 0, err
+    kept = [two / "checkpoints" / "step-000004", two / "checkpoints" / "step-000006"]
+    assert sorted((two / "checkpoints").iterdir()) == kept
+    done = next(line for line in err.splitlines() if "done:" in line)
+    assert f"the student is in {two / 'final'} (" in done and "kept 2 checkpoint(s)" in done
+    assert all(str(p) in done for p in kept) and re.search(r"\d+(\.\d)? [KM]iB", done), done
+
+    # 0: none stays once the run is done; a rerun of the same command says the run is complete
+    none = tmp_path / "none"
+    argv = args(caches["topk"], tiny_student_dir, none, "--keep-checkpoints", "0", **flags)
+    rc, err = run(argv, capsys)
+    assert rc == 0, err
+    assert not list((none / "checkpoints").iterdir()) and "no checkpoint kept (--keep-checkpoints 0)" in err
+    assert_same_weights(none, two)
+    before = snapshot(none)
+    rc, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "the run is already complete (6 of 6 steps)" in err and snapshot(none) == before
+    rc, err = run(args(caches["topk"], tiny_student_dir, none, "--keep-checkpoints", "0", steps=8), capsys)
+    assert rc == 1 and "kept no checkpoint (--keep-checkpoints 0), so it cannot train on" in one_error_line(err)
+    rc, err = run(args(caches["topk"], tiny_student_dir, none, "--keep-checkpoints", "0", **flags, lr=0.05), capsys)
+    assert rc == 1 and "holds a finished run of another configuration" in err and "--lr: 0.01 -> 0.05" in err
+    assert snapshot(none) == before
+
+
+# --------------------------------------------------------------------------- evaluation: divergence names
+
+
+def eval_on(cache: str, model_dir: Path, loss: str = "fkl") -> dict[str, float]:
+    """evaluate() of ``model_dir`` as the student over the cache's held-out split."""
+    seqs = list(open_cache(cache).iter_sequences("eval"))
+    batches = [collate(seqs[i : i + 4], pad_id=0) for i in range(0, len(seqs), 4)]
+    student = SelectiveStudent(load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32))
+    return evaluate(student, batches, Objective("none", 1.0, "none", loss), torch.device("cpu"))
+
+
+def test_eval_kl_of_the_teacher_itself_is_zero_on_every_cache(
+    caches: dict[str, str], tiny_teacher_dir: Path, tiny_student_dir: Path
+) -> None:
+    """The teacher as its own student: forward KL 0. On sample:16 targets the metric once was the KL to
+    the 16-draw estimate, about 3.2 nats here for a perfect student; it is now the unbiased estimate
+    CE(sampled targets, q) - H(p) (standard error about 0.002 over these 315 positions)."""
+    full, topk, sample = (eval_on(caches[c], tiny_teacher_dir) for c in ("full", "topk", "sample"))
+    assert full["eval_positions"] == sample["eval_positions"] == 315
+    assert abs(full["eval_kl"]) < 1e-4 and 0 <= topk["eval_kl_bound"] < 1e-4
+    assert abs(sample["eval_kl"]) < 0.01
+    # what the old metric read: the training divergence against the sampled targets
+    teacher = load_causal_lm(str(tiny_teacher_dir), torch.device("cpu"), torch.float32)
+    seqs = list(open_cache(caches["sample"]).iter_sequences("eval"))
+    b = collate(seqs, pad_id=0)
+    with torch.no_grad():
+        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.valid]
+    assert float(L.fkl(logits, b.targets.select(b.valid)).mean()) > 1.0
+
+    # another student: the top-k value bounds the exact KL from below; the sampled estimate is within
+    # sampling error (0.0016 here) of it; the training divergence has its own name
+    full, topk, sample = (eval_on(caches[c], tiny_student_dir) for c in ("full", "topk", "sample"))
+    assert 0 < topk["eval_kl_bound"] < full["eval_kl"]
+    assert sample["eval_kl"] == pytest.approx(full["eval_kl"], abs=0.005)
+    jsd = eval_on(caches["full"], tiny_student_dir, "jsd")
+    assert jsd["eval_kl"] == pytest.approx(full["eval_kl"], rel=1e-6) and 0 < jsd["eval_jsd"] < full["eval_kl"]
+
+
+def test_eval_divergence_names() -> None:
+    """The cache stores the teacher's entropy at temperature 1 only, so on sampled targets at another
+    temperature the metric is the cross-entropy, named so."""
+    obj = Objective("none", 1.0, "none", "fkl", temperature=2.0)
+    assert list(eval_divergences(obj, "sample")) == ["eval_kl_plus_teacher_entropy"]
+    assert list(eval_divergences(obj, "full")) == ["eval_kl"]
+    renormalized = Objective("none", 1.0, "none", "rkl", topk_renormalize=True)
+    assert list(eval_divergences(renormalized, "topk")) == ["eval_kl_bound", "eval_rkl_topk_renormalized"]
+
+
+# --------------------------------------------------------------------------- a full disk while saving
+
+
+ENOSPC_RUST = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
+
+
+class FilledUp(io.FileIO):
+    """A file on a disk with ``free`` bytes left: writes past them fail with ENOSPC (through a buffered
+    writer, ``torch.save`` then raises a RuntimeError whose context is that OSError, as on a real full
+    disk)."""
+
+    free = 1000
+
+    def write(self, data: Any) -> int:
+        n = min(len(data), FilledUp.free)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        FilledUp.free -= n
+        return super().write(bytes(data[:n]))
+
+
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch, what: str, out: Path, at_step: int) -> None:
+    """From the checkpoint of ``at_step`` on (or from ``final/``), the disk under ``out`` is full while
+    ``what`` is written: safetensors' weights, torch.save's optimizer file, or the final model."""
+    import transformers.modeling_utils
+
+    from selkd.trainer import checkpoint as ckpt
+
+    filling = f"/{ckpt.FINAL_DIR}.tmp-" if what == "final" else f"/step-{at_step:06d}.tmp-"
+
+    def full(path: Any) -> bool:
+        return filling in str(path)
+
+    def save_file(tensors: Any, path: str, *a: Any, real: Any, **kw: Any) -> None:
+        if not full(path):
+            return real(tensors, path, *a, **kw)
+        Path(path).write_bytes(b"\0" * 100)  # what fitted
+        raise SafetensorError(ENOSPC_RUST)
+
+    if what == "weights":
+        monkeypatch.setattr(ckpt, "save_file", functools.partial(save_file, real=ckpt.save_file))
+    elif what == "final":
+        real = transformers.modeling_utils.safe_save_file
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", functools.partial(save_file, real=real))
+    else:
+
+        def opener(path: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+            if Path(path).name != ckpt.OPTIMIZER_FILE or not full(path):
+                return open(path, mode, *a, **kw)
+            return io.BufferedWriter(FilledUp(path, "wb"))
+
+        monkeypatch.setattr(ckpt, "open", opener, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("what", "at_step", "resumed_from"),
+    [("weights", 4, 2), ("optimizer", 2, None), ("final", 6, 6)],
+    ids=["weights-second-checkpoint", "optimizer-first-checkpoint", "final-model"],
+)
+def test_disk_full_while_saving_one_line_then_rerun_resumes(
+    tmp_path: Path,
+    caches: dict[str, str],
+    tiny_student_dir: Path,
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    what: str,
+    at_step: int,
+    resumed_from: int | None,
+) -> None:
+    """The disk fills up while a checkpoint (or the final model) is written: one line naming it and what to
+    do, exit 1, no half-written directory left; after space is freed the same command resumes from the
+    last complete checkpoint (or, with none, starts over) and ends as the uninterrupted run did."""
+    out = tmp_path / "run"
+    argv = args(caches["topk"], tiny_student_dir, out, steps=6, save_every=2, eval_every=3)
+    with monkeypatch.context() as m:
+        fill_the_disk(m, what, out, at_step)
+        FilledUp.free = 1000
+        rc, err = run(argv, capsys)
+    assert rc == 1
+    line = one_error_line(err)
+    where = out / "final" if what == "final" else out / "checkpoints" / f"step-{at_step:06d}"
+    assert f"{where}: no space left on the device" in line and "free space" in line, line
+    assert "rerun the same command" in line, line
+    if what != "final":
+        assert f"while writing {where}.tmp-" in line, line  # the file it was writing
+    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name] if out.exists() else []
+    assert leftovers == [], leftovers
+    if resumed_from is None:  # no complete checkpoint: the run removed what it created
+        assert not out.exists()
+
+    rc, err = run(argv, capsys)  # space freed: the same command
+    assert rc == 0, err
+    if resumed_from is not None:
+        assert f"resumed from {out / 'checkpoints' / f'step-{resumed_from:06d}'}" in err
+    if what == "final":
+        assert "already complete (6 of 6 steps)" in err
+    assert_same_rows(train_rows(out), train_rows(finished_run), LOSS_KEYS)
+    assert_same_weights(out, finished_run)

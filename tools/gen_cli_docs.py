@@ -132,6 +132,24 @@ Rerunning the same command with the same `--out` resumes from the last complete 
 (`--resume` insists on one). `--steps` may be raised on a rerun to train longer; any other change
 against the checkpoint's config is refused, naming the keys.
 
+`--out` must be a new or empty directory or an earlier run (it holds `selkd-run.json`); a directory
+with other files in it, or one that is, contains or lies inside an input (`--student`, `--teacher`,
+`--data`, a local `--cache`), is refused before anything is written. A run that fails before its
+first complete checkpoint removes what it created. A finished run keeps `OUT/final` (a Hugging Face
+model directory) and the newest `--keep-checkpoints` checkpoints (each about 3x the fp32 model: the
+optimizer state is in it); its last log line says what is kept, where, and how large.
+
+Evaluation (`metrics.jsonl` rows with `"eval": true`, every `--eval-every` steps and at the end)
+reports `eval_ce` and `eval_ppl` on the true next tokens, `eval_top1_agree` with the teacher's most
+likely class (on `sample:N` targets: its most drawn class), and the divergences named for what they
+are: `eval_kl`, the forward KL(teacher || student), exact on `full` targets and, on `sample:N`
+targets, the unbiased estimate from the draws and the teacher entropy the cache stores (a perfect
+student reads about 0); on `topk:K` targets `eval_kl_bound`, the KL over the K classes and the tail,
+a lower bound of the full KL. With `--loss rkl` or `jsd` the training divergence is reported too
+(`eval_rkl`, `eval_jsd`, with `_bound` on top-k targets; `_topk_renormalized` with
+`--topk-renormalize`). On `sample:N` targets built at a temperature other than 1 the stored entropy
+does not apply and the metric is the cross-entropy, `eval_kl_plus_teacher_entropy`.
+
 ## GPU-cluster recipe
 
 1. **Build the cache on teacher nodes** (one builder per GPU; parts are split disjointly by rank;

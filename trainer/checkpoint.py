@@ -18,6 +18,11 @@ Why it is built this way:
   a complete checkpoint or a directory no reader accepts. :func:`latest_checkpoint` scans for complete
   directories instead of following a ``latest`` pointer file, which could be stale or point at a
   directory that was being deleted.
+* A failed write leaves nothing behind: whatever stops it (a full disk, an error, Ctrl-C), the
+  ``.tmp-<pid>`` directory is removed before the error goes up, and a full disk becomes one
+  :class:`CheckpointError` line saying what to free and that a rerun resumes from the last complete
+  checkpoint (safetensors and ``torch.save`` report ENOSPC in their own error types; see
+  :mod:`selkd.cache.errors`).
 * Deletion is the reverse: a directory is first renamed out of the ``step-N`` namespace
   (``.trash-<pid>``) and only then removed, so a crash mid-``rmtree`` never leaves a ``step-N`` with
   ``COMPLETE`` but missing files.
@@ -41,7 +46,8 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +65,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from selkd.cache.errors import disk_full_error, disk_full_message
 from selkd.trainer import distributed as D
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "prune_checkpoints",
     "save_checkpoint",
     "save_final",
 ]
@@ -123,10 +131,12 @@ def _run_on_rank0(fn: Any, what: str) -> Any:
         except Exception as err:
             if not D.is_distributed():
                 raise
-            result = (False, f"{type(err).__name__}: {err}")
+            # a CheckpointError already says what happened and what to do
+            plain = isinstance(err, CheckpointError)
+            result = (False, str(err) if plain else f"{what} failed on rank 0: {type(err).__name__}: {err}")
     ok, value = D.broadcast_object(result)
     if not ok:
-        raise CheckpointError(f"{what} failed on rank 0: {value}")
+        raise CheckpointError(value)
     return value
 
 
@@ -228,8 +238,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name ``path`` in a full disk's error: safetensors says only ``(os error 28)`` and ``torch.save``'s
+    ``RuntimeError`` hides an ``OSError`` without a file name."""
+    try:
+        yield
+    except Exception as err:
+        full = disk_full_error(err)
+        if full is None or full.filename:
+            raise
+        raise OSError(full.errno, full.strerror, str(path)) from err
+
+
+@contextmanager
+def _half_written(tmp: Path, where: Path, rerun: str) -> Iterator[None]:
+    """Remove the directory ``tmp`` being written when anything stops the write (an error, Ctrl-C), and
+    turn a full disk into one :class:`CheckpointError` line about ``where``; ``rerun`` says what
+    rerunning the training command then does."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(err)
+        if full is None:
+            raise
+        raise CheckpointError(disk_full_message(str(where), full, rerun)) from err
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
+    with _writing(path), open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -237,7 +275,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _torch_save(path: Path, obj: Any) -> None:
-    with open(path, "wb") as f:
+    with _writing(path), open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
@@ -304,8 +342,9 @@ def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: M
         elif t.numel():
             ptrs[ptr] = name
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
-    _fsync_file(path)
+    with _writing(path):
+        save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
+        _fsync_file(path)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -373,12 +412,13 @@ def clean_incomplete(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _prune(out_dir: str | Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    found = list_checkpoints(out_dir)
-    for _, path in found[: max(0, len(found) - keep)]:
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` (>= 0) complete checkpoints; returns the ones that stay."""
+    found = [path for _, path in list_checkpoints(out_dir)]
+    cut = max(0, len(found) - keep)
+    for path in found[:cut]:
         _discard(path)
+    return found[cut:]
 
 
 # --------------------------------------------------------------------------- save / load
@@ -414,6 +454,8 @@ def save_checkpoint(
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
     root = _checkpoints_root(out_dir)
     final = root / _step_dir_name(step)
+    optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    state = {"format": FORMAT_VERSION, "step": int(step), "extra": dict(extra or {})}
 
     def write() -> Path:
         assert per_rank is not None
@@ -423,36 +465,25 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_weights(tmp / MODEL_FILE, model_sd, aliases)
-        _torch_save(
-            tmp / OPTIMIZER_FILE,
-            {
-                "optimizer": optim_sd,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            },
-        )
-        for r, obj in enumerate(per_rank):
-            _torch_save(tmp / f"rank-{r:05d}.pt", obj)
-        _write_json(tmp / LOADER_FILE, dict(loader_state))
-        _write_json(tmp / CONFIG_FILE, dict(config))
-        _write_json(
-            tmp / STATE_FILE,
-            {
-                "format": FORMAT_VERSION,
-                "step": int(step),
-                "world_size": len(per_rank),
-                "saved_at": time.time(),
-                "extra": dict(extra or {}),
-            },
-        )
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / COMPLETE, {"step": int(step), "files": files})
-        _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        tmp.rename(final)
+        previous = latest_checkpoint(out_dir)
+        rerun = f"it resumes from {previous.name}" if previous else "it starts over (no checkpoint was complete yet)"
+        with _half_written(tmp, final, rerun):
+            _save_weights(tmp / MODEL_FILE, model_sd, aliases)
+            _torch_save(tmp / OPTIMIZER_FILE, optim)
+            for r, obj in enumerate(per_rank):
+                _torch_save(tmp / f"rank-{r:05d}.pt", obj)
+            _write_json(tmp / LOADER_FILE, dict(loader_state))
+            _write_json(tmp / CONFIG_FILE, dict(config))
+            _write_json(tmp / STATE_FILE, {**state, "world_size": len(per_rank), "saved_at": time.time()})
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            _write_json(tmp / COMPLETE, {"step": int(step), "files": files})
+            _fsync_dir(tmp)
+            if final.exists():
+                _discard(final)
+            tmp.rename(final)
         _fsync_dir(root)
-        _prune(out_dir, keep)
+        if keep is not None:
+            prune_checkpoints(out_dir, keep)
         return final
 
     return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
@@ -596,13 +627,14 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
         save = getattr(inner, "save_pretrained", None)
         if save is None:
             raise CheckpointError(f"{type(inner).__name__} has no save_pretrained (not a Hugging Face model)")
-        save(str(tmp), state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                _fsync_file(p)
-        _fsync_dir(tmp)
+        with _half_written(tmp, out, "it finds the run complete and writes the final model again"):
+            save(str(tmp), state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            for p in tmp.rglob("*"):
+                if p.is_file():
+                    _fsync_file(p)
+            _fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f"{FINAL_DIR}.trash-{os.getpid()}")
             out.rename(old)

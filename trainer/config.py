@@ -85,6 +85,7 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "eval_every",
     "eval_batches",
     "save_every",
+    "keep_checkpoints",
     "resume",
     "num_workers",
     "prefetch",
@@ -143,7 +144,12 @@ class TrainConfig:
         help="instead of --student: start from random weights built from this config (directory or hub id)",
         metavar="CONFIG",
     )
-    out: str = opt(help="output directory: checkpoints/, final/, logs", required=True, metavar="DIR")
+    out: str = opt(
+        help="output directory: checkpoints/, final/, logs; a new or empty directory, or an earlier run to resume "
+        "(never one of the inputs)",
+        required=True,
+        metavar="DIR",
+    )
     storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable", metavar="KEY=VALUE")
     # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
     text_field: str | None = opt(
@@ -235,6 +241,13 @@ class TrainConfig:
     eval_batches: int | None = opt(help="batches per evaluation (default: the whole held-out split)", lo=1)
     log_every: int = opt(10, help="log every N steps", lo=1)
     save_every: int = opt(500, help="checkpoint every N steps; 0 saves only at the end", lo=0)
+    keep_checkpoints: int = opt(
+        1,
+        help="complete checkpoints kept in OUT/checkpoints (each holds the weights and the optimizer state, "
+        "about 3x the fp32 final model): the newest N; 0 removes them once the run has finished and written "
+        "OUT/final (at least one is kept while training, to resume from), and the run can then not be extended",
+        lo=0,
+    )
     resume: bool = opt(False, help="require an existing checkpoint in --out and continue from it")
     fsdp: bool = opt(False, help="shard the student with FSDP2 (fully_shard) instead of DDP under torchrun")
     allow_missing_parts: bool = opt(False, help="train on an incomplete cache (only its committed parts)")

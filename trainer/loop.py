@@ -19,7 +19,12 @@ row after a resume are approximate: its window's time restarts with the process)
 ``--steps`` (or ``--epochs``) may be raised on a rerun: the run continues to the new total and the
 learning-rate schedule follows it from the resumed step on (the log says so). Lowering it, or changing
 any option outside :data:`selkd.trainer.config.RESUME_MUTABLE`, is refused naming the keys. A rerun of
-a finished run trains nothing and only re-saves ``OUT/final``.
+a finished run trains nothing and only re-saves ``OUT/final`` (or, when ``--keep-checkpoints 0`` left
+no checkpoint, only says that the run is complete).
+
+Which directories ``--out`` may name, and what a failed run leaves there, is :mod:`selkd.trainer.run_dir`'s
+business: a new or empty directory or a selkd-train run, never one of the run's inputs; a run that fails
+before its first complete checkpoint removes what it created.
 
 Distributed runs log global values: the losses are the mean over ranks, counts and tokens the sum
 (``peak_memory_mb`` is rank 0's).
@@ -54,8 +59,9 @@ from selkd.trainer.config import TrainConfig, config_differences
 from selkd.trainer.data import CacheStream
 from selkd.trainer.loader import make_loader
 from selkd.trainer.online import OnlineStream, OnlineTeacher
+from selkd.trainer.run_dir import CONFIG_FILE, OutError, RunDir, claim, describe_kept
 from selkd.trainer.selection import make_policy_state
-from selkd.trainer.student import Objective, SelectiveStudent, StepOutput, evaluate
+from selkd.trainer.student import Objective, SelectiveStudent, StepOutput, eval_divergences, evaluate
 
 __all__ = ["METRICS_FILE", "TrainError", "lr_lambda", "train", "truncate_metrics"]
 
@@ -154,43 +160,108 @@ def rewind(source: Any) -> None:
     source.set_epoch(int(source.state_dict()["epoch"]) + 1)
 
 
+def eval_summary(ev: dict[str, float]) -> str:
+    """The evaluation metrics for a log line, by their ``metrics.jsonl`` names without ``eval_``."""
+    return " ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items() if k != "eval_positions")
+
+
+def claim_out(cfg: TrainConfig, main: bool) -> RunDir | None:
+    """Rank 0 checks, creates and marks ``--out`` (:func:`selkd.trainer.run_dir.claim`); every rank
+    raises together when it cannot be used. Returns the run directory on rank 0, None elsewhere."""
+    run_dir, error = None, None
+    if main:
+        try:
+            run_dir = claim(cfg)
+        except OutError as err:
+            error = str(err)
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise OutError(error)
+    return run_dir
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one distillation run as ``cfg`` describes; returns the last logged metrics."""
+    """Run (or resume) one distillation run as ``cfg`` describes; returns the last logged metrics. On
+    any failure, what the run created in ``--out`` is removed unless a complete checkpoint is there."""
     t_start = time.time()
-    # --- distributed, seeds, output directory ---------------------------------------------------
     try:
         dist_info = D.init_distributed(cfg.device)
     except (RuntimeError, ValueError) as err:  # e.g. --device cuda without CUDA
         raise TrainError(str(err)) from err
+    run_dir = claim_out(cfg, dist_info.is_main)
+    try:
+        return _train(cfg, dist_info, run_dir, t_start)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.discard_unless_resumable()
+        raise
+
+
+def finished_problem(cfg: TrainConfig, out: Path, saved: dict[str, Any], finished: dict[str, Any]) -> str | None:
+    """What stops a rerun of a run that finished and kept no checkpoint (``--keep-checkpoints 0``) from
+    just saying it is complete, given the options it was run with (``saved``); None: nothing."""
+    if (saved.get("steps"), saved.get("epochs")) != (cfg.steps, cfg.epochs):
+        return (
+            f"{out}: the run finished at step {finished['step']} and kept no checkpoint (--keep-checkpoints 0), "
+            "so it cannot train on with other --steps/--epochs; use a new --out"
+        )
+    if not (out / ckpt.FINAL_DIR / CONFIG_FILE).is_file():
+        return (
+            f"{out}: the run finished, but {out / ckpt.FINAL_DIR} is gone and no checkpoint was kept to write it "
+            "again; use a new --out"
+        )
+    return None
+
+
+def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_start: float) -> dict[str, Any]:
+    """:func:`train` once ``--out`` is claimed (``run_dir``: rank 0's, None on the other ranks)."""
     main = dist_info.is_main
     device = dist_info.device
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     autocast_dtype = cfg.autocast_dtype(device.type)
 
     # --- resume check: a checkpoint in --out must come from the same config ---------------------
     # Rank 0 decides (only it needs to see OUT) and every rank gets the answer, so all raise together.
-    found: tuple[str | None, list[str]] = (None, [])
+    # A finished run that kept no checkpoint is compared with its config.json instead.
+    found: tuple[str | None, list[str], dict[str, Any] | None, str | None] = (None, [], None, None)
     if main:
+        assert run_dir is not None
         ckpt.clean_incomplete(out)  # half-written checkpoints of a killed run
         latest_path = ckpt.latest_checkpoint(out)
+        finished = run_dir.record().get("finished")
         if latest_path is not None:
             saved_cfg = json.loads((latest_path / ckpt.CONFIG_FILE).read_text())
-            found = (str(latest_path), config_differences(saved_cfg, cfg))
-    latest_str, diffs = D.broadcast_object(found)
+            found = (str(latest_path), config_differences(saved_cfg, cfg), None, None)
+        elif finished:
+            saved = run_dir.saved_config() or {}
+            found = (None, config_differences(saved, cfg), finished, finished_problem(cfg, out, saved, finished))
+    latest_str, diffs, finished, problem = D.broadcast_object(found)
     latest = Path(latest_str) if latest_str is not None else None
+    if diffs:
+        what = (
+            f"a checkpoint of another configuration ({latest.name})"
+            if latest
+            else "a finished run of another configuration (it kept no checkpoint)"
+        )
+        raise TrainError(
+            f"{out} holds {what}; use a new --out or the saved options (only --steps/--epochs may be raised). "
+            "Differences (saved -> now):\n  " + "\n  ".join(diffs)
+        )
+    if problem is not None:
+        raise TrainError(problem)
+    if latest is None and finished:
+        final_dir = out / ckpt.FINAL_DIR
+        if main:
+            step = f"{finished['step']} of {finished['total_steps']} steps"
+            log(f"the run is already complete ({step}); {describe_kept(final_dir, [])}")
+        D.barrier()
+        D.cleanup()
+        return {"step": finished["step"], "total_steps": finished["total_steps"], "final": str(final_dir)}
     if cfg.resume and latest is None:
         raise TrainError(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINTS_DIR}")
-    if diffs:
-        raise TrainError(
-            f"{out} holds a checkpoint of another configuration ({latest.name if latest else '?'}); use a new "
-            "--out or the saved options (only --steps/--epochs may be raised). Differences (saved -> now):\n  "
-            + "\n  ".join(diffs)
-        )
 
     # --- the student's tokenizer, checked against the cache's before any weights are loaded -----------
     student_src = cfg.student or cfg.student_config
@@ -383,7 +454,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_path = out / METRICS_FILE
     metrics_file = None
     if main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
         log("config: " + json.dumps(cfg.to_dict(), sort_keys=True), main)
         n_params = sum(p.numel() for p in model.parameters())
         log(
@@ -392,6 +463,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{f', {dist_info.world_size} ranks' if dist_info.distributed else ''}",
             main,
         )
+        if eval_source is not None:
+            divergences = eval_divergences(objective, mode)
+            log("eval divergences: " + "; ".join(f"{k}: {v}" for k, v in divergences.items()), main)
         dropped = truncate_metrics(metrics_path, step)
         if dropped:
             log(f"{metrics_path}: dropped {dropped} row(s) after step {step} (those steps are redone)", main)
@@ -436,6 +510,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loader.state_dict(),
             cfg.to_dict(),
             {"total_steps": total},
+            keep=max(1, cfg.keep_checkpoints),  # one at least while training, to resume from
             rank_state=rank_state,
         )
 
@@ -528,11 +603,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ev = run_eval()
             if ev:
                 write_metrics({"step": step, "eval": True, **ev})
-                log(
-                    f"step {step}: eval ce {ev['eval_ce']:.4f} ppl {ev['eval_ppl']:.2f} kl {ev['eval_kl']:.4f} "
-                    f"top-1 agreement {ev['eval_top1_agree']:.3f}",
-                    main,
-                )
+                log(f"step {step}: eval {eval_summary(ev)}", main)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save(step)
     bar.close()
@@ -544,11 +615,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ev = run_eval()
         if ev:
             write_metrics({"step": step, "eval": True, **ev})
-            log(
-                f"final eval: ce {ev['eval_ce']:.4f} ppl {ev['eval_ppl']:.2f} kl {ev['eval_kl']:.4f} "
-                f"top-1 agreement {ev['eval_top1_agree']:.3f}",
-                main,
-            )
+            log(f"final eval: {eval_summary(ev)}", main)
         save(step)
     final_dir = ckpt.save_final(out, model, tokenizer)
     if metrics_file is not None:
@@ -556,7 +623,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if tb is not None:
         tb.close()
     elapsed = time.time() - t_start
-    log(f"done: {step} steps in {elapsed:.1f} s; the student is in {final_dir}", main)
+    if run_dir is not None:  # rank 0: the run is finished; keep --keep-checkpoints of its checkpoints
+        run_dir.mark_finished(step, total)
+        kept = ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+        log(f"done: {step} steps in {elapsed:.1f} s; {describe_kept(final_dir, kept)}", main)
     # Drop the DDP wrapper (its reducer holds the process group) before destroying the group: destroying
     # the group first leaves gloo's destructor waiting forever at exit.
     del student

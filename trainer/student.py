@@ -55,12 +55,63 @@ class StepOutput:
 
 @dataclass
 class EvalSums:
-    """Sums over the valid positions of a held-out batch (divide by ``n``)."""
+    """Sums over the valid positions of held-out batches (divide by ``n``), one per name: ``eval_ce``
+    (the student's -log q of the true next token), ``eval_top1_agree`` (student argmax == teacher
+    argmax), then the divergences :func:`eval_divergences` names."""
 
-    ce: float  # student -log q(true next token)
-    kl: float  # divergence (the objective's loss) to the teacher's stored target
-    agree: float  # student argmax == teacher argmax
+    names: tuple[str, ...]
+    sums: torch.Tensor  # [len(names)] float64, on the student's device
     n: int
+
+
+_STEMS = {"fkl": "kl", "rkl": "rkl", "jsd": "jsd"}  # loss name -> its metric's name after "eval_"
+
+
+def eval_divergences(objective: Objective, mode: str) -> dict[str, str]:
+    """{metric name: what it is} of the divergences :func:`evaluate` reports on targets of ``mode``.
+
+    First, forward KL(teacher || student) at the targets' temperature, under a name that says how it is
+    known: ``eval_kl`` exact on full targets; on top-k targets ``eval_kl_bound``, over the k classes and
+    the tail bucket, a lower bound of the full KL (merging classes never raises a divergence); on sampled
+    targets ``eval_kl``, the unbiased estimate CE(sampled targets, q) - H(p), with the teacher's entropy
+    H(p) that the cache stores (computed from the full distribution, stored as float16; its rounding
+    error is far below the sampling error). That entropy is the one at temperature 1, so at another
+    temperature the metric is the cross-entropy alone, ``eval_kl_plus_teacher_entropy``.
+    Second, when the objective's divergence (``--loss``, ``--topk-renormalize``) is another number, that
+    one under its own name: ``eval_rkl``, ``eval_jsd`` (with ``_bound`` on top-k targets), or with
+    ``_topk_renormalized`` against the renormalised top-k target.
+    """
+    at = f" at temperature {objective.temperature:g}" if objective.temperature != 1.0 else ""
+    if mode == "topk":
+        names = {"eval_kl_bound": f"forward KL{at} over the k stored classes and the tail, a lower bound of the KL"}
+    elif mode == "full":
+        names = {"eval_kl": f"forward KL{at}, exact"}
+    elif objective.temperature == 1.0:
+        names = {"eval_kl": "forward KL, estimated from the sampled targets and the stored teacher entropy"}
+    else:
+        names = {
+            "eval_kl_plus_teacher_entropy": f"cross-entropy of the sampled targets{at}: forward KL plus the "
+            "teacher's entropy at that temperature, which the cache does not store"
+        }
+    if objective.loss != "fkl" or objective.topk_renormalize:
+        suffix = "_topk_renormalized" if objective.topk_renormalize else "_bound" if mode == "topk" else ""
+        what = "against the renormalised top-k target" if suffix == "_topk_renormalized" else "on the stored targets"
+        names[f"eval_{_STEMS[objective.loss]}{suffix}"] = f"the training divergence (--loss {objective.loss}) {what}"
+    return names
+
+
+def _forward_kl(
+    logits: torch.Tensor, targets: SparseTargets, entropy: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Forward KL per position as :func:`eval_divergences` names it. logits: [N, V]; targets: leading
+    [N]; entropy: [N] the teacher's at temperature 1. Returns [N] float32."""
+    if targets.mode != "sample":
+        return L.fkl(logits, targets, temperature=temperature)
+    assert targets.ids is not None
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.ids)
+    p = targets.probs()  # count / N, 0 at padding slots
+    ce = -(p * torch.where(p > 0, logq, 0.0)).sum(-1)
+    return ce - entropy if temperature == 1.0 else ce
 
 
 def teacher_top1(targets: SparseTargets) -> torch.Tensor:
@@ -96,7 +147,7 @@ class SelectiveStudent(nn.Module):
         hidden = H.hidden_states(self.model, input_ids, attention_mask)  # [B, L, H], with grad
         head = H.lm_head(self.model)
         if evaluate:
-            return self._evaluate(head, hidden, labels, valid, targets, obj)
+            return self._evaluate(head, hidden, labels, valid, targets, teacher_entropy, obj)
         loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
 
         # --- which positions: scores from no-grad, chunked statistics ---------------------------
@@ -165,24 +216,32 @@ class SelectiveStudent(nn.Module):
         labels: torch.Tensor,
         valid: torch.Tensor,
         targets: SparseTargets,
+        teacher_entropy: torch.Tensor,
         obj: Objective,
     ) -> EvalSums:
+        """Shapes as in ``forward``; the statistics of every valid position, ``obj.chunk`` at a time."""
         flat = hidden[valid]
         sel_targets = targets.select(valid)
         lab = labels[valid]
+        entropy = teacher_entropy[valid].float()
         top1 = teacher_top1(sel_targets)
+        divergences = eval_divergences(obj, targets.mode)
         loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
 
         def stats(logits: torch.Tensor, rows: slice) -> torch.Tensor:
             part = sel_targets.select(rows)
-            ce = L.ce_per_position(logits, lab[rows])
-            kl = obj.loss_fn(logits, part, **loss_kw)
-            agree = (logits.argmax(-1) == top1[rows]).float()
-            return torch.stack([ce, kl.float(), agree], -1)
+            columns = [
+                L.ce_per_position(logits, lab[rows]),
+                (logits.argmax(-1) == top1[rows]).float(),
+                _forward_kl(logits, part, entropy[rows], obj.temperature),
+            ]
+            if len(divergences) > 1:  # the training divergence is another number
+                columns.append(obj.loss_fn(logits, part, **loss_kw).float())
+            return torch.stack(columns, -1)
 
-        out = H.chunked_map(head, flat, stats, obj.chunk, self.transform)
-        sums = out.sum(0) if out.numel() else torch.zeros(3)
-        return EvalSums(float(sums[0]), float(sums[1]), float(sums[2]), int(flat.shape[0]))
+        out = H.chunked_map(head, flat, stats, obj.chunk, self.transform)  # [N, 2 + len(divergences)]
+        names = ("eval_ce", "eval_top1_agree", *divergences)
+        return EvalSums(names, out.sum(0, dtype=torch.float64), int(flat.shape[0]))
 
 
 def evaluate(
@@ -193,13 +252,14 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Held-out statistics over ``batches`` (trainer ``Batch`` objects): the student's CE and perplexity
-    on the true next tokens, its divergence to the teacher's target and top-1 agreement with the
-    teacher, averaged over every valid position. ``student`` is a :class:`SelectiveStudent` (or its
-    FSDP-wrapped self); its train/eval mode is restored."""
+    """Held-out statistics over ``batches`` (trainer ``Batch`` objects), averaged over every valid
+    position: the student's CE and perplexity on the true next tokens, its top-1 agreement with the
+    teacher, and its divergences to the teacher as :func:`eval_divergences` names them. ``student`` is a
+    :class:`SelectiveStudent` (or its FSDP-wrapped self); its train/eval mode is restored. The sums stay
+    on the device until the end (one host sync per evaluation)."""
     was_training = student.training
     student.eval()
-    sums = EvalSums(0.0, 0.0, 0.0, 0)
+    total: EvalSums | None = None
     with torch.no_grad():
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -207,13 +267,10 @@ def evaluate(
             b = batch.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 s = student(*b.student_inputs(), objective, evaluate=True)
-            sums = EvalSums(sums.ce + s.ce, sums.kl + s.kl, sums.agree + s.agree, sums.n + s.n)
+            total = s if total is None else EvalSums(s.names, total.sums + s.sums, total.n + s.n)
     student.train(was_training)
-    n = max(sums.n, 1)
-    return {
-        "eval_ce": sums.ce / n,
-        "eval_ppl": math.exp(min(sums.ce / n, 50)),
-        "eval_kl": sums.kl / n,
-        "eval_top1_agree": sums.agree / n,
-        "eval_positions": sums.n,
-    }
+    if total is None:
+        return {}
+    means = dict(zip(total.names, (total.sums / max(total.n, 1)).tolist()))
+    ppl = math.exp(min(means["eval_ce"], 50))
+    return {"eval_ce": means.pop("eval_ce"), "eval_ppl": ppl, **means, "eval_positions": total.n}

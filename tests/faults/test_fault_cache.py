@@ -197,12 +197,15 @@ def test_disk_full_one_line_then_rerun_completes(
 
 
 def test_disk_quota_message() -> None:
-    from selkd.cache.cli import disk_full_error, disk_full_message
+    from selkd.cache.errors import disk_full_error, disk_full_message
 
     err = OSError(errno.EDQUOT, "Disk quota exceeded", "/data/c/parts/part-00001/x/c/0")
     wrapped = RuntimeError("write failed")
     wrapped.__cause__ = err
     assert disk_full_error(wrapped) is err
     assert disk_full_error(RuntimeError("other")) is None
-    message = disk_full_message("/data/c", err)
+    message = disk_full_message("/data/c", err, "what a rerun does")
     assert "\n" not in message and "/data/c" in message and "quota" in message and "rerun" in message
+    # safetensors (Rust) names the errno only in its message, in its own exception type
+    rust = disk_full_error(ValueError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert rust is not None and rust.errno == errno.ENOSPC
