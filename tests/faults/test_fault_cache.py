@@ -27,8 +27,7 @@ import faults  # tools/faults.py
 import numcodecs
 import numpy as np
 import pytest
-import zarr
-from zarr.codecs import Crc32cCodec
+from bench_storage import drop_chunk_checksums  # tools/bench_storage.py
 from zarr.storage import LocalStore
 
 from selkd.cache import CacheCorruptError, CacheError, open_cache
@@ -94,29 +93,6 @@ def break_blosc_header(array_dir: Path) -> None:
         flip(array_dir / "c" / "0", offset + k, 0xFF)
     with pytest.raises(Exception):  # noqa: B017 (whatever Blosc raises)
         numcodecs.Blosc().decode((array_dir / "c" / "0").read_bytes()[offset : offset + length])
-
-
-def downgrade_to_version_1(cache: Path) -> None:
-    """Rewrite every array as the version-1 writer did (Blosc alone, no crc32c after it) and label the
-    cache version 1: the decoded values, and so the commit records' sha256, stay the same."""
-    store = LocalStore(cache)
-    for meta in sorted(cache.glob("*/*/*/zarr.json")):  # parts/<part>/<array>, scores/<score>/<array>
-        path = meta.parent.relative_to(cache).as_posix()
-        old = zarr.open_array(store, path=path, mode="r")
-        compressors = [c for c in old.compressors if not isinstance(c, Crc32cCodec)]
-        assert len(compressors) == len(old.compressors) - 1, f"{path} has no crc32c to drop"
-        values = old[:]
-        zarr.create_array(
-            store,
-            name=path,
-            data=values,
-            chunks=old.chunks,
-            shards=old.shards,
-            compressors=compressors,
-            overwrite=True,
-            write_data=True,
-        )
-    set_format_version(cache, 1)
 
 
 def set_format_version(cache: Path, version: int) -> None:
@@ -216,7 +192,7 @@ def test_version_1_cache_trains_and_verifies(
     reference_cache: Path, tiny_student_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = copy_of(reference_cache, tmp_path)
-    downgrade_to_version_1(out)
+    drop_chunk_checksums(out)  # the arrays as the version-1 writer wrote them, the header says version 1
     reader = open_cache(str(out))
     assert reader.format_version == 1 and not reader.chunk_checksums
     code, stdout, _ = run(cache_main, ["info", str(out)], capsys)
@@ -234,6 +210,12 @@ def test_version_1_cache_trains_and_verifies(
     assert open_cache(str(out)).read_range(part, 0, part.n_sequences) is not None  # no check on slices in v1
     code, _, stderr = run(cache_main, ["verify", str(out)], capsys)
     assert code == 1 and f"part {part.name}, array class_counts: checksum mismatch" in stderr
+    # A chunk that no longer decompresses still stops training with one line naming part and array.
+    break_blosc_header(out / fmt.PARTS_GROUP / part.name / "input_ids")
+    code, _, stderr = run(train_main, _train_argv(out, tiny_student_dir, tmp_path / "broken"), capsys)
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert code == 1 and "Traceback" not in stderr and len(errors) == 1, stderr
+    assert f"part {part.name}, array input_ids: cannot be read" in errors[0]
 
     # The same arrays under a version-2 header lack what version 2 promises: refused before decoding.
     set_format_version(out, 2)
@@ -366,3 +348,20 @@ def test_disk_quota_message() -> None:
     assert disk_full_error(RuntimeError("other")) is None
     message = disk_full_message("/data/c", err)
     assert "\n" not in message and "/data/c" in message and "quota" in message and "rerun" in message
+
+
+def test_version_1_build_finished_by_this_selkd_stays_version_1(
+    reference_cache: Path, build_argv: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The header is the build's: a v1 build rerun to finish it stays v1; the part it adds has crc32c."""
+    out = copy_of(reference_cache, tmp_path)
+    drop_chunk_checksums(out)
+    (out / fmt.COMMITS_PREFIX / "part-00003.json").unlink()
+    shutil.rmtree(out / fmt.PARTS_GROUP / "part-00003")
+    code, _, stderr = run(cache_main, build_argv(out), capsys)
+    assert code == 0, stderr
+    assert open_cache(str(out)).format_version == 1
+    for part, last in (("part-00002", "blosc"), ("part-00003", "crc32c")):
+        meta = json.loads((out / fmt.PARTS_GROUP / part / "input_ids" / "zarr.json").read_text())
+        assert meta["codecs"][0]["configuration"]["codecs"][-1]["name"] == last
+    assert run(cache_main, ["verify", str(out)], capsys)[0] == 0
