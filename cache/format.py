@@ -1,4 +1,4 @@
-"""The selkd cache format, version 1: names, dtypes, chunking and the target encodings.
+"""The selkd cache format, version 2: names, dtypes, chunking, checksums and the target encodings.
 
 This module is the single source of truth for the on-store layout (docs/cache-format.md describes
 the same thing for people who read a cache with zarr alone). It is pure numpy: the writer encodes
@@ -32,6 +32,11 @@ class_logprobs     float16       [T, V]     every log-prob
 
 Both delta codings are lossless and exist only because they compress: sorted ids become small
 gaps, and descending negative float16 values have increasing bit patterns.
+
+Version 2 ends every inner chunk with a crc32c checksum of its compressed bytes (zarr v3's ``crc32c``
+codec after the compressor, inside the sharding codec), so every read, of a whole array or of a few
+rows, checks what it decodes. Version 1 (selkd before the checksum) has the same arrays without it:
+only the whole-array sha256 of the commit records covers its chunks. Both are read.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_NAME = "selkd-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this selkd writes
+READ_VERSIONS = (1, 2)  # what it reads
+CHUNK_CHECKSUM_CODEC = "crc32c"  # the last codec of every inner chunk from version 2 on
 
 ROOT_ATTR = "selkd"  # root group attribute holding the build header
 SUMMARY_ATTR = "selkd_summary"  # root group attribute written at finalize
@@ -88,6 +95,11 @@ MODE_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
     ),
     "full": (ArraySpec("class_logprobs", "float16", "target", "vocab"),),
 }
+
+
+def chunk_checksums(version: int) -> bool:
+    """Whether every inner chunk of a cache of this format version ends with a crc32c checksum."""
+    return version >= 2
 
 
 def array_specs(mode: str) -> tuple[ArraySpec, ...]:

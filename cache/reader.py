@@ -1,8 +1,10 @@
 """CacheReader: the trainer's only way into a cache.
 
 It reads the build header and the commit records, sees only committed parts, decodes a part's
-arrays in one read (verifying their checksums), and gives random access to one sequence by
-slicing (zarr then reads only the inner chunks that hold it).
+arrays in one read (verifying their checksums), and reads any run of a part's sequences by slicing
+(zarr then reads only the inner chunks that hold it): :meth:`CacheReader.read_range` is what
+training streams, :meth:`CacheReader.get` one sequence. All reading of part arrays goes through
+:meth:`CacheReader.read_slices`.
 
 Nothing in a cache's metadata is executed or followed outside the store: names that become store
 keys (part names in commit records and in the plan, array names, score-part names) must match the
@@ -11,24 +13,34 @@ refused with a :class:`CacheError` naming the record. Before any chunk is decode
 metadata must use only the format's codecs (:data:`SAFE_CODECS`: no pickle or other code-bearing
 codec, whatever zarr or numcodecs version is installed) and its dtype (:func:`check_array`).
 
+Format version 2 ends every inner chunk with a crc32c of its compressed bytes, so every read, of a
+whole array or of a few rows, checks the bytes it decodes; a v2 array without it is refused. A
+chunk that fails its checksum or does not decode raises :class:`CacheCorruptError` naming the part
+and the array (:func:`read_failure`). Version 1 caches have no per-chunk checksum: only whole-array
+reads (``read_part``, ``iter_sequences``, ``verify``) check them, against the commit records' sha256.
+
 A part whose commit record exists but whose arrays are gone altogether (``parts/<name>/`` deleted)
 counts as missing, like an uncommitted one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
+from zarr.api import asynchronous as zarr_async
+from zarr.core.array import AsyncArray
+from zarr.core.sync import sync
 
 from selkd.cache import format as fmt
-from selkd.cache.scoring import committed_score_parts, read_scores
+from selkd.cache.scoring import committed_score_parts, sort_scores
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.targets import SparseTargets
 from selkd.cache.writer import array_checksum
@@ -40,6 +52,8 @@ SPLITS = ("train", "eval")
 # versions register) is refused before a chunk is decoded.
 SAFE_CODECS = frozenset({"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
 SCORE_DTYPES = {"seq_index": "int64", "score": "float32"}
+# What zarr's crc32c codec says when a chunk's (or a shard index's) stored checksum does not match.
+CRC_MISMATCH = "checksum do not match"
 
 
 class CacheError(Exception):
@@ -70,7 +84,11 @@ class CacheCorruptError(CacheError):
             f"{store}: part {part}, array {array}: {problem}; rebuild this part "
             f"(delete {fmt.COMMITS_PREFIX}/{part}.json and rerun the build command)"
         )
-        self.part, self.array, self.problem = part, array, problem
+        self.store, self.part, self.array, self.problem = store, part, array, problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        """Pickled with its four fields (it crosses from DataLoader worker processes)."""
+        return (type(self), (self.store, self.part, self.array, self.problem))
 
 
 @dataclass(frozen=True)
@@ -97,18 +115,31 @@ class PartRecord:
     record: dict[str, Any]
 
 
+def _codec_name(codec: Any) -> str:
+    return str(codec.to_dict().get("name")) if hasattr(codec, "to_dict") else type(codec).__name__
+
+
 def _codec_names(codecs: Any) -> Iterator[str]:
     for codec in codecs or ():
-        name = str(codec.to_dict().get("name")) if hasattr(codec, "to_dict") else type(codec).__name__
+        name = _codec_name(codec)
         yield name
         if name == "sharding_indexed":
             yield from _codec_names(getattr(codec, "codecs", ()))
             yield from _codec_names(getattr(codec, "index_codecs", ()))
 
 
-def check_array(url: str, part: str, name: str, array: Any, dtype: str | None) -> None:
+def _chunk_codec_names(codecs: Any) -> list[str]:
+    """The codecs of an inner chunk: those inside the sharding codec, or the array's own."""
+    codecs = list(codecs or ())
+    if codecs and _codec_name(codecs[0]) == "sharding_indexed":
+        codecs = list(getattr(codecs[0], "codecs", ()))
+    return [_codec_name(c) for c in codecs]
+
+
+def check_array(url: str, part: str, name: str, array: Any, dtype: str | None, chunk_checksums: bool) -> None:
     """Refuse (:class:`CacheCorruptError`) an opened zarr array (``Array`` or ``AsyncArray``) whose
-    metadata is not what the format writes: zarr v3, codecs within :data:`SAFE_CODECS`, ``dtype``.
+    metadata is not what the format writes: zarr v3, codecs within :data:`SAFE_CODECS`, ``dtype``, and
+    with ``chunk_checksums`` (format version 2) a crc32c as the last codec of every inner chunk.
     Opening reads only the metadata; this runs before any chunk is decoded."""
     meta = array.metadata
     if getattr(meta, "zarr_format", None) != 3:
@@ -120,10 +151,46 @@ def check_array(url: str, part: str, name: str, array: Any, dtype: str | None) -
         )
     if dtype is not None and np.dtype(array.dtype) != np.dtype(dtype):
         raise CacheCorruptError(url, part, name, f"dtype {array.dtype}, the format stores {dtype}; refused")
+    if chunk_checksums and _chunk_codec_names(meta.codecs)[-1:] != [fmt.CHUNK_CHECKSUM_CODEC]:
+        raise CacheCorruptError(
+            url, part, name, "its chunks carry no crc32c, which format version 2 writes for every array; refused"
+        )
+
+
+def read_failure(url: str, part: str, name: str, err: Exception) -> CacheCorruptError:
+    """The error for a read of an array that failed: a chunk (or the shard index) whose crc32c does not
+    match its bytes, or that does not decode, or a store error."""
+    if isinstance(err, ValueError) and CRC_MISMATCH in str(err):
+        problem = "checksum mismatch in a stored chunk (crc32c): its bytes changed after they were written"
+    else:
+        problem = f"cannot be read ({type(err).__name__}: {err})"
+    return CacheCorruptError(url, part, name, problem)
+
+
+async def _gather(*aws: Awaitable[Any]) -> list[Any]:
+    return list(await asyncio.gather(*aws))
+
+
+def each_array(url: str, part: str, names: Iterable[str], call: Callable[[str], Awaitable[Any]]) -> dict[str, Any]:
+    """``call(name)`` for every named array of a part, run concurrently in zarr's event loop (one trip
+    for all of them). If any fails, they are retried one at a time to find the array at fault, and
+    :func:`read_failure` names it."""
+    names = list(names)
+    try:
+        values = sync(_gather(*(call(name) for name in names)))
+    except Exception:
+        for name in names:
+            try:
+                sync(call(name))
+            except Exception as err:
+                raise read_failure(url, part, name, err) from err
+        raise
+    return dict(zip(names, values))
 
 
 def read_header(storage: Storage) -> dict[str, Any]:
-    """The build header in the root group's attributes; refuses anything that is not a v1 cache."""
+    """The build header in the root group's attributes; refuses anything that is not a selkd cache of a
+    format version this selkd reads (:data:`format.READ_VERSIONS`)."""
     root = storage.read_json("zarr.json")
     if root is None:
         raise CacheError(f"{storage.url}: not a selkd cache (no zarr.json); build one with `selkd-cache build`")
@@ -131,9 +198,10 @@ def read_header(storage: Storage) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != fmt.FORMAT_NAME:
         raise CacheError(f"{storage.url}: a zarr store, but not a selkd cache (no '{fmt.ROOT_ATTR}' attribute)")
     version = header.get("format_version")
-    if version != fmt.FORMAT_VERSION:
+    if version not in fmt.READ_VERSIONS:
+        readable = " and ".join(str(v) for v in fmt.READ_VERSIONS)
         raise CacheError(
-            f"{storage.url}: cache format version {version}, but this selkd reads version {fmt.FORMAT_VERSION}; "
+            f"{storage.url}: cache format version {version}, but this selkd reads versions {readable}; "
             "rebuild the cache with this selkd or install the selkd that wrote it"
         )
     return header
@@ -144,6 +212,8 @@ class CacheReader:
         self.storage = storage
         self.url = storage.url
         self.header = read_header(storage)
+        self.format_version: int = int(self.header["format_version"])
+        self.chunk_checksums: bool = fmt.chunk_checksums(self.format_version)  # crc32c on every chunk read
         root = storage.read_json("zarr.json") or {}
         self.summary: dict[str, Any] | None = root.get("attributes", {}).get(fmt.SUMMARY_ATTR)
         self.plan: dict[str, Any] | None = storage.read_json(fmt.PLAN_KEY)
@@ -246,45 +316,97 @@ class CacheReader:
     def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(seq_index int64 [n], score float32 [n]) of every scored training sequence, or None when
         the build did no sample selection."""
+        idx, val = [], []
         for name in sorted(committed_score_parts(self.storage)):
             check_part_name(self.url, f"{fmt.SCORE_COMMITS_PREFIX}/{name}.json", name, SCORE_NAME)
-            for array, dtype in SCORE_DTYPES.items():
-                try:
-                    opened = self.storage.open_array(f"{fmt.SCORES_GROUP}/{name}/{array}")
-                except Exception as err:
-                    raise CacheCorruptError(self.url, name, array, f"cannot be read ({type(err).__name__})") from err
-                check_array(self.url, name, array, opened, dtype)
-        idx, val = read_scores(self.storage)
-        return (idx, val) if len(idx) else None
+            opened = self._open(name, f"{fmt.SCORES_GROUP}/{name}", SCORE_DTYPES)
+            values = self._read(name, opened, {array: slice(None) for array in SCORE_DTYPES})
+            idx.append(values["seq_index"])
+            val.append(values["score"])
+        seq_index, scores = sort_scores(idx, val)
+        return (seq_index, scores) if len(seq_index) else None
 
     # --- reading -------------------------------------------------------------------------------
+    def open_part(self, part: PartRecord, names: Iterable[str] | None = None) -> dict[str, AsyncArray]:
+        """Arrays of a committed part (default: all of them), opened concurrently (metadata only) and
+        checked by :func:`check_array` before any chunk is decoded. Keep them to save re-reading the
+        metadata on every :meth:`read_slices`."""
+        dtypes = {name: self._dtypes.get(name) for name in (part.record["arrays"] if names is None else names)}
+        return self._open(part.name, f"{fmt.PARTS_GROUP}/{part.name}", dtypes)
+
+    def read_slices(
+        self, part: PartRecord, slices: Mapping[str, slice], arrays: Mapping[str, AsyncArray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows ``slices[name]`` of each named array of a part, read concurrently (one trip through
+        zarr's event loop). Every inner chunk read is checked against its crc32c (format version 2); a
+        chunk that fails it or does not decode raises :class:`CacheCorruptError` naming the part and
+        the array. ``arrays``: the part's arrays from :meth:`open_part` (opened here if None)."""
+        return self._read(part.name, self.open_part(part, slices) if arrays is None else arrays, slices)
+
+    def _open(self, part: str, group: str, dtypes: Mapping[str, str | None]) -> dict[str, AsyncArray]:
+        """Arrays ``group/<name>`` of a part (or score part), opened concurrently, checked."""
+        store = self.storage.store
+        opened = each_array(
+            self.url, part, dtypes, lambda name: zarr_async.open_array(store=store, path=f"{group}/{name}", mode="r")
+        )
+        for name, array in opened.items():
+            check_array(self.url, part, name, array, dtypes[name], self.chunk_checksums)
+        return opened
+
+    def _read(self, part: str, arrays: Mapping[str, AsyncArray], slices: Mapping[str, slice]) -> dict[str, np.ndarray]:
+        values = each_array(self.url, part, slices, lambda name: arrays[name].getitem(slices[name]))
+        return {name: np.asarray(v) for name, v in values.items()}
+
+    def read_range(
+        self, part: PartRecord, start: int, stop: int, arrays: Mapping[str, AsyncArray] | None = None
+    ) -> PartData:
+        """Sequences ``start .. stop - 1`` of a committed part as a :class:`PartData` (positions
+        ``0 .. stop - start - 1``): one slice per array, read concurrently by :meth:`read_slices`, the
+        offset arrays rebased to the range. The whole-array sha256 is not verified here (``read_part``
+        does); the per-chunk crc32c of version 2 is."""
+        if not 0 <= start < stop <= part.n_sequences:
+            raise IndexError(f"{part.name}: range [{start}, {stop}) outside its {part.n_sequences} sequences")
+        if arrays is None:
+            arrays = self.open_part(part)
+        first = {"seq_offsets": slice(start, stop + 1)}
+        if self.mode == "sample":
+            first["class_offsets"] = slice(start, stop + 1)
+        head = self.read_slices(part, first, arrays)
+        offsets = head["seq_offsets"].astype(np.int64)
+        a, b = int(offsets[0]), int(offsets[-1])
+        ta, tb = a - start, b - stop  # target j of sequence i sits at seq_offsets[i] - i + j
+        slices = {
+            "seq_index": slice(start, stop),
+            "input_ids": slice(a, b),
+            "doc_start": slice(a, b),
+            "teacher_entropy": slice(ta, tb),
+            "teacher_logprob": slice(ta, tb),
+        }
+        out: dict[str, np.ndarray] = {"seq_offsets": offsets - a}
+        if self.mode == "sample":
+            coff = head["class_offsets"].astype(np.int64)
+            ca, cb = int(coff[0]), int(coff[-1])
+            out["class_offsets"] = coff - ca
+            slices.update(num_classes=slice(ta, tb), class_ids=slice(ca, cb), class_counts=slice(ca, cb))
+        elif self.mode == "topk":
+            slices.update({n: slice(ta, tb) for n in ("class_ids", "class_logprobs", "tail_logmass")})
+        else:
+            slices["class_logprobs"] = slice(ta, tb)
+        out.update(self.read_slices(part, slices, arrays))
+        return PartData(self, part, out)
+
     def read_part(self, part: str | PartRecord, verify: bool = True) -> PartData:
-        """Every array of a committed part, checksums verified."""
+        """Every array of a committed part, checked against the commit record's shapes and (``verify``)
+        sha256 checksums."""
         rec = part if isinstance(part, PartRecord) else self._record(part)
-        arrays: dict[str, np.ndarray] = {}
+        arrays = self.read_slices(rec, {name: slice(None) for name in rec.record["arrays"]})
         for name, meta in rec.record["arrays"].items():
-            array = self.open_array(rec.name, name)
-            try:
-                values = array[:]
-            except Exception as err:  # a decode failure is corruption of this array
-                raise CacheCorruptError(
-                    self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
-                ) from err
+            values = arrays[name]
             if list(values.shape) != meta["shape"]:
                 raise CacheCorruptError(self.url, rec.name, name, f"shape {values.shape} != committed {meta['shape']}")
             if verify and array_checksum(values) != meta["sha256"]:
                 raise CacheCorruptError(self.url, rec.name, name, "checksum mismatch")
-            arrays[name] = values
         return PartData(self, rec, arrays)
-
-    def open_array(self, part: str, name: str) -> Any:
-        """One array of a part, opened (metadata only) and checked by :func:`check_array`."""
-        try:
-            array = self.storage.open_array(f"{fmt.PARTS_GROUP}/{part}/{name}")
-        except Exception as err:
-            raise CacheCorruptError(self.url, part, name, f"cannot be read ({type(err).__name__}: {err})") from err
-        check_array(self.url, part, name, array, self._dtypes.get(name))
-        return array
 
     def _record(self, name: str) -> PartRecord:
         for p in self.parts:
@@ -314,49 +436,14 @@ class CacheReader:
         return out
 
     def get(self, i: int, split: str = "train") -> CachedSequence:
-        """Sequence i of a split (0-based over its committed parts), reading only its chunks.
-
-        Checksums cover whole arrays, so this slice is not checked against them (``read_part`` and
-        ``verify`` do that); a chunk that does not decode raises :class:`CacheCorruptError` naming
-        the part and the array."""
+        """Sequence i of a split (0-based over its committed parts), reading only its chunks
+        (:meth:`read_range` of one sequence: checked as that is)."""
         parts = self.split_parts(split)
         cum = self._cum.get(split, [0])
         if not 0 <= i < cum[-1]:
             raise IndexError(f"sequence {i} out of range: the {split} split has {cum[-1]} sequences")
         p = bisect.bisect_right(cum, i) - 1
-        rec, j = parts[p], i - cum[p]
-
-        def arr(name: str, lo: int, hi: int) -> np.ndarray:
-            array = self.open_array(rec.name, name)
-            try:
-                return array[lo:hi]
-            except Exception as err:  # a chunk that does not decode: corruption of this array
-                raise CacheCorruptError(
-                    self.url, rec.name, name, f"cannot be read ({type(err).__name__}: {err})"
-                ) from err
-
-        a, b = (int(x) for x in arr("seq_offsets", j, j + 2))
-        ta, tb = a - j, b - j - 1
-        sl: dict[str, np.ndarray] = {
-            "seq_index": arr("seq_index", j, j + 1),
-            "seq_offsets": np.array([0, b - a], dtype=np.int64),
-            "input_ids": arr("input_ids", a, b),
-            "doc_start": arr("doc_start", a, b),
-            "teacher_entropy": arr("teacher_entropy", ta, tb),
-            "teacher_logprob": arr("teacher_logprob", ta, tb),
-        }
-        if self.mode == "sample":
-            ca, cb = (int(x) for x in arr("class_offsets", j, j + 2))
-            sl["num_classes"] = arr("num_classes", ta, tb)
-            sl["class_offsets"] = np.array([0, cb - ca], dtype=np.int64)
-            sl["class_ids"] = arr("class_ids", ca, cb)
-            sl["class_counts"] = arr("class_counts", ca, cb)
-        elif self.mode == "topk":
-            for name in ("class_ids", "class_logprobs", "tail_logmass"):
-                sl[name] = arr(name, ta, tb)
-        else:
-            sl["class_logprobs"] = arr("class_logprobs", ta, tb)
-        return PartData(self, rec, sl).sequence(0)
+        return self.read_range(parts[p], i - cum[p], i - cum[p] + 1).sequence(0)
 
 
 class PartData:

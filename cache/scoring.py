@@ -88,6 +88,11 @@ def read_scores(storage: Storage) -> tuple[np.ndarray, np.ndarray]:
     for name in sorted(committed_score_parts(storage)):
         idx.append(storage.open_array(f"{fmt.SCORES_GROUP}/{name}/seq_index")[:])
         val.append(storage.open_array(f"{fmt.SCORES_GROUP}/{name}/score")[:])
+    return sort_scores(idx, val)
+
+
+def sort_scores(idx: list[np.ndarray], val: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The score parts' (seq_index, score) arrays joined and ordered by sequence index."""
     if not idx:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     seq_index, scores = np.concatenate(idx), np.concatenate(val)

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from selkd.cache import format as fmt
-from selkd.cache.reader import SCORE_DTYPES, SCORE_NAME, CacheCorruptError, CacheReader, PartRecord, check_array
+from selkd.cache.reader import (
+    SCORE_DTYPES,
+    SCORE_NAME,
+    CacheCorruptError,
+    CacheReader,
+    PartRecord,
+    check_array,
+    read_failure,
+)
 from selkd.cache.writer import array_checksum
 
 # float16 storage: log-probs carry up to ~0.008 nat of rounding each, so sums are checked loosely.
@@ -164,13 +172,13 @@ def check_scores(reader: CacheReader) -> Iterator[Problem]:
         for array, meta in arrays.items():
             try:
                 opened = storage.open_array(f"{fmt.SCORES_GROUP}/{part}/{array}")
-                check_array(reader.url, part, array, opened, SCORE_DTYPES[array])
+                check_array(reader.url, part, array, opened, SCORE_DTYPES[array], reader.chunk_checksums)
                 values = opened[:]
             except CacheCorruptError as err:
                 yield Problem(part, array, err.problem)
                 continue
             except Exception as err:
-                yield Problem(part, array, f"cannot be read ({type(err).__name__})")
+                yield Problem(part, array, read_failure(reader.url, part, array, err).problem)
                 continue
             if array_checksum(values) != meta["sha256"]:
                 yield Problem(part, array, "checksum mismatch")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from selkd.cache import format as fmt
 from selkd.cache.classes import TeacherOutputs
@@ -27,13 +27,15 @@ def array_checksum(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def _compressor(dtype: np.dtype) -> BloscCodec:
+def _chunk_codecs(dtype: np.dtype) -> list[BloscCodec | Crc32cCodec]:
+    """Blosc, then a crc32c of the compressed bytes (format version 2): every read of a chunk checks it."""
     shuffle = "bitshuffle" if dtype == np.bool_ else "shuffle"
-    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
 
 
 def write_array(storage: Storage, path: str, values: np.ndarray) -> None:
-    """One array as one shard of ~CHUNK_BYTES inner chunks, written in one go."""
+    """One array as one shard of ~CHUNK_BYTES inner chunks, written in one go; each inner chunk ends
+    with its crc32c (the shard's index has one too: zarr's default)."""
     row_bytes = values.dtype.itemsize * int(np.prod(values.shape[1:], dtype=np.int64))
     rows = fmt.chunk_rows(row_bytes, values.shape[0])
     chunks = (rows, *values.shape[1:])
@@ -45,7 +47,7 @@ def write_array(storage: Storage, path: str, values: np.ndarray) -> None:
         data=values,
         chunks=chunks,
         shards=shards,
-        compressors=[_compressor(values.dtype)],
+        compressors=_chunk_codecs(values.dtype),
         overwrite=True,
         write_data=True,
     )

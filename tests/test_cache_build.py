@@ -228,14 +228,14 @@ def test_info_json_keys_and_values(tmp_path, tiny_teacher_dir, text_corpus_dir, 
         "parts_incomplete",
     ]
     assert set(keys) <= set(info)
-    assert info["format"] == "selkd-cache" and info["format_version"] == 1
+    assert info["format"] == "selkd-cache" and info["format_version"] == 2  # chunks carry a crc32c
     assert info["classes"] == "topk:8" and info["mean_unique_ids"] is None
     assert 0 < info["mean_kept_mass"] <= 1
     assert info["parts_incomplete"] == 0 and info["parts_committed"] >= 2
     assert info["bytes_per_stored_position"] == pytest.approx(info["bytes_on_disk"] / info["positions_stored"])
     assert cli_main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "topk:8" in text and "bytes/position" in text
+    assert "topk:8" in text and "bytes/position" in text and "selkd-cache v2" in text
 
 
 def test_sample_selection_keeps_top_scored(tmp_path, tiny_teacher_dir, tiny_student_dir, text_corpus_dir):

@@ -18,7 +18,7 @@ from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
 from selkd.cache.reader import CachedSequence, CacheError, CacheReader, open_cache
 from selkd.trainer.batch import IGNORE_INDEX, Batch, collate
-from selkd.trainer.data import CacheStream, mp_context, read_range
+from selkd.trainer.data import CacheStream, mp_context
 from selkd.trainer.loader import make_loader
 
 BATCH = 4
@@ -151,7 +151,7 @@ def test_collate_shapes_padding_labels(reader: CacheReader) -> None:
 def test_read_range_matches_get(reader: CacheReader) -> None:
     rec = reader.split_parts("train")[1]
     base = sum(p.n_sequences for p in reader.split_parts("train")[:1])
-    data = read_range(reader, rec, 5, 13)
+    data = reader.read_range(rec, 5, 13)
     assert len(data) == 8
     for j in range(8):
         got, want = data.sequence(j), reader.get(base + 5 + j)
@@ -161,7 +161,7 @@ def test_read_range_matches_get(reader: CacheReader) -> None:
         assert torch.equal(got.targets.ids, want.targets.ids)  # type: ignore[arg-type]
         assert torch.equal(got.targets.logprobs, want.targets.logprobs)
     with pytest.raises(IndexError):
-        read_range(reader, rec, 0, rec.n_sequences + 1)
+        reader.read_range(rec, 0, rec.n_sequences + 1)
 
 
 # --- order and split -------------------------------------------------------------------------------

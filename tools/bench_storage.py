@@ -4,7 +4,9 @@ Synthetic teacher logits at a chosen vocabulary and mean entropy (default V = 15
 nats): a Zipf prior over ids (BPE vocabularies number frequent tokens first, so low ids are
 frequent; ``--shuffle-prior`` removes that structure for a worst case) plus Gaussian noise scaled
 to reach the entropy. Each mode goes through the real path (``teacher_outputs`` -> ``PartWriter``
--> a local Zarr store) and is measured on disk. Prints a markdown table with machine and command.
+-> a local Zarr store) and is measured on disk, as written (format version 2: a crc32c per inner
+chunk) and rewritten as format version 1 wrote it (no crc32c: :func:`drop_chunk_checksums`). Prints a
+markdown table with machine and command.
 
     python tools/bench_storage.py [--vocab 151936] [--positions 8192] [--entropy 2.8]
 """
@@ -12,6 +14,7 @@ to reach the entropy. Each mode goes through the real path (``teacher_outputs`` 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import sys
@@ -21,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.storage import LocalStore
 
 from selkd.cache import format as fmt
 from selkd.cache.classes import ClassSpec, sample_counts, teacher_outputs
@@ -46,6 +52,35 @@ def synthetic_logits(vocab: int, positions: int, entropy: float, shuffle: bool, 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean_entropy(mid) > entropy else (lo, mid)
     return prior + (lo + hi) / 2 * noise
+
+
+def drop_chunk_checksums(root: Path) -> None:
+    """Rewrite every array of the local store ``root`` as format version 1 wrote it (Blosc alone, no
+    crc32c after it; same chunks and shards, so the same decoded values and sha256), and label it
+    version 1 if it is a selkd cache. Tests use it to make version-1 caches."""
+    store = LocalStore(root)
+    for meta in sorted(root.rglob("zarr.json")):
+        if json.loads(meta.read_text()).get("node_type") != "array":
+            continue
+        path = meta.parent.relative_to(root).as_posix()
+        old = zarr.open_array(store, path=path, mode="r")
+        compressors = [c for c in old.compressors if not isinstance(c, Crc32cCodec)]
+        if len(compressors) == len(old.compressors):
+            raise ValueError(f"{root}/{path}: its chunks carry no crc32c")
+        zarr.create_array(
+            store,
+            name=path,
+            data=old[:],
+            chunks=old.chunks,
+            shards=old.shards,
+            compressors=compressors,
+            overwrite=True,
+            write_data=True,
+        )
+    header = json.loads((root / "zarr.json").read_text())
+    if fmt.ROOT_ATTR in header.get("attributes", {}):
+        header["attributes"][fmt.ROOT_ATTR]["format_version"] = 1
+        (root / "zarr.json").write_text(json.dumps(header))
 
 
 def measure(mode: str, logits: torch.Tensor, seq_len: int, root: Path, keep_every: int = 1) -> dict[str, float]:
@@ -75,7 +110,10 @@ def measure(mode: str, logits: torch.Tensor, seq_len: int, root: Path, keep_ever
         write_array(storage, f"{fmt.SCORES_GROUP}/score-00000/seq_index", np.arange(n_seq, dtype=np.int64))
         write_array(storage, f"{fmt.SCORES_GROUP}/score-00000/score", np.random.rand(n_seq).astype(np.float32))
     total = storage.size_bytes("")
+    drop_chunk_checksums(root / mode.replace(":", "-"))
+    total_v1 = storage.size_bytes("")
     result = {
+        "bytes_per_stored_v1": total_v1 / stored,
         "bytes_per_stored": total / stored,
         "bytes_per_corpus": total / (n_seq * (seq_len - 1)),
         "part_bytes": record["bytes"],
@@ -122,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: `python {' '.join(sys.argv)}`\n")
     print(
         "| classes | B / stored position | B / corpus position | vs fp16 logits | vs reference 192 B "
-        "| mean unique ids | max log-prob error | select+encode positions/s |"
+        "| mean unique ids | max log-prob error | select+encode positions/s | v1 (no crc32c): B / stored position "
+        "| crc32c cost |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     full = 2 * args.vocab
     for mode, r in rows:
         uniq = f"{r['mean_unique']:.1f}" if "mean_unique" in r else "-"
@@ -132,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {mode} | {r['bytes_per_stored']:.1f} | {r['bytes_per_corpus']:.1f} | "
             f"{full / r['bytes_per_corpus']:,.0f}x smaller | {REFERENCE_BYTES / r['bytes_per_corpus']:.1f}x smaller | "
-            f"{uniq} | {err} | {r['positions_per_s']:,.0f} |"
+            f"{uniq} | {err} | {r['positions_per_s']:,.0f} | {r['bytes_per_stored_v1']:.2f} | "
+            f"+{r['bytes_per_stored'] - r['bytes_per_stored_v1']:.2f} B "
+            f"({r['bytes_per_stored'] / r['bytes_per_stored_v1'] - 1:+.2%}) |"
         )
     # class selection alone, as the builder calls it (2,048 positions at a time), and the sampling step alone
     g = torch.Generator().manual_seed(0)

@@ -49,7 +49,9 @@ Reading
 Each DataLoader worker opens the cache itself (``open_cache`` inside the worker; a reader inherited
 through ``fork`` is never used, and remote URLs use the ``spawn`` start method because s3fs is not
 fork-safe). A unit is read as one slice per array, the slices fetched concurrently through zarr's
-event loop (:func:`read_range`), and decoded once; a worker
+event loop (:meth:`~selkd.cache.reader.CacheReader.read_range`: the reader checks the arrays' codecs
+and dtypes, every chunk's crc32c in a version-2 cache, and names the part and the array of a chunk
+that fails), and decoded once; a worker
 keeps the units of its current and next window, so it decodes each unit it needs at most once per
 epoch. A unit that holds sequences of several workers' (or ranks') batches is read by each of them;
 smaller units (or larger batches) read less twice.
@@ -63,7 +65,6 @@ training sequence: the top ``ceil(sample_ratio * n)`` of the n stored training s
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import warnings
@@ -74,111 +75,26 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
-from zarr.api import asynchronous as zarr_async
 from zarr.core.array import AsyncArray
-from zarr.core.sync import sync
 
 from selkd.cache import format as fmt
-from selkd.cache.reader import (
-    CacheCorruptError,
-    CacheReader,
-    PartData,
-    PartRecord,
-    check_array,
-    open_cache,
-)
+from selkd.cache.reader import CacheError, CacheReader, PartData, PartRecord, open_cache
 from selkd.cache.store import is_url
 from selkd.trainer.batch import Batch, collate
 
 STATE_VERSION = 1
 
-__all__ = ["CacheStream", "open_part_arrays", "read_range"]
+__all__ = ["CacheStream", "WorkerFailure"]
 
 
-# --- reading a range of sequences ------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A :class:`~selkd.cache.reader.CacheError` (e.g. a corrupt chunk) met in a DataLoader worker
+    process, sent to the training process in place of a batch; the loader raises ``error`` there.
+    (torch would re-raise it as a ``RuntimeError`` holding the worker's traceback, hiding the
+    one-line message that names the part and the array.)"""
 
-
-async def _gather(*aws: Any) -> list[Any]:
-    return list(await asyncio.gather(*aws))
-
-
-def _read_slices(
-    reader: CacheReader, part: PartRecord, arrays: Mapping[str, AsyncArray], items: list[tuple[str, slice]]
-) -> dict[str, np.ndarray]:
-    """Read several slices concurrently (one trip through zarr's event loop). A chunk that does not
-    decode is corruption of that part's array: the error names both."""
-    try:
-        values = sync(_gather(*(arrays[name].getitem(sl) for name, sl in items)))
-    except Exception:
-        for name, sl in items:  # find the array at fault, one at a time
-            try:
-                sync(arrays[name].getitem(sl))
-            except Exception as one:
-                raise CacheCorruptError(
-                    reader.url, part.name, name, f"cannot be read ({type(one).__name__}: {one})"
-                ) from one
-        raise
-    return {name: np.asarray(v) for (name, _), v in zip(items, values)}
-
-
-def open_part_arrays(reader: CacheReader, part: PartRecord) -> dict[str, AsyncArray]:
-    """Every array of a committed part, opened concurrently (zarr ``AsyncArray`` handles)."""
-    names = list(part.record["arrays"])
-    base = f"{fmt.PARTS_GROUP}/{part.name}"
-    store = reader.storage.store
-    opened = sync(_gather(*(zarr_async.open_array(store=store, path=f"{base}/{n}", mode="r") for n in names)))
-    dtypes = {spec.name: spec.dtype for spec in fmt.array_specs(reader.mode)}
-    for name, arr in zip(names, opened):  # refuse foreign codecs or dtypes before any chunk is decoded
-        check_array(reader.url, part.name, name, arr, dtypes.get(name))
-    return dict(zip(names, opened))
-
-
-def read_range(
-    reader: CacheReader,
-    part: PartRecord,
-    start: int,
-    stop: int,
-    arrays: Mapping[str, AsyncArray] | None = None,
-) -> PartData:
-    """Sequences ``start .. stop - 1`` of a committed part as a :class:`PartData` (positions
-    ``0 .. stop - start - 1``): one slice per array, read concurrently, the offset arrays rebased to the
-    range.
-
-    ``arrays`` may hold the part's arrays from :func:`open_part_arrays` (saves re-reading their
-    metadata on every call). Checksums cover whole arrays and are not verified here (``read_part``
-    does).
-    """
-    if not 0 <= start < stop <= part.n_sequences:
-        raise IndexError(f"{part.name}: range [{start}, {stop}) outside its {part.n_sequences} sequences")
-    if arrays is None:
-        arrays = open_part_arrays(reader, part)
-    mode = reader.mode
-    first = [("seq_offsets", slice(start, stop + 1))]
-    if mode == "sample":
-        first.append(("class_offsets", slice(start, stop + 1)))
-    head = _read_slices(reader, part, arrays, first)
-    offsets = head["seq_offsets"].astype(np.int64)
-    a, b = int(offsets[0]), int(offsets[-1])
-    ta, tb = a - start, b - stop  # target j of sequence i sits at seq_offsets[i] - i + j
-    items: list[tuple[str, slice]] = [
-        ("seq_index", slice(start, stop)),
-        ("input_ids", slice(a, b)),
-        ("doc_start", slice(a, b)),
-        ("teacher_entropy", slice(ta, tb)),
-        ("teacher_logprob", slice(ta, tb)),
-    ]
-    out: dict[str, np.ndarray] = {"seq_offsets": offsets - a}
-    if mode == "sample":
-        coff = head["class_offsets"].astype(np.int64)
-        ca, cb = int(coff[0]), int(coff[-1])
-        out["class_offsets"] = coff - ca
-        items += [("num_classes", slice(ta, tb)), ("class_ids", slice(ca, cb)), ("class_counts", slice(ca, cb))]
-    elif mode == "topk":
-        items += [(n, slice(ta, tb)) for n in ("class_ids", "class_logprobs", "tail_logmass")]
-    else:
-        items.append(("class_logprobs", slice(ta, tb)))
-    out.update(_read_slices(reader, part, arrays, items))
-    return PartData(reader, part, out)
+    error: CacheError
 
 
 # --- the layout: units of kept sequences ----------------------------------------------------------
@@ -231,7 +147,7 @@ class _UnitReader:
         if p in self.arrays:
             self.arrays.move_to_end(p)
             return self.arrays[p]
-        opened = open_part_arrays(self.reader, self.parts[p])
+        opened = self.reader.open_part(self.parts[p])
         self.arrays[p] = opened
         while len(self.arrays) > self.capacity:
             self.arrays.popitem(last=False)
@@ -246,7 +162,7 @@ class _UnitReader:
         lo, hi = int(lay.unit_bounds[u]), int(lay.unit_bounds[u + 1])
         p = int(lay.seq_part[lo])
         start, stop = int(lay.seq_pos[lo]), int(lay.seq_pos[hi - 1]) + 1
-        data = read_range(self.reader, self.parts[p], start, stop, self._part_arrays(p))
+        data = self.reader.read_range(self.parts[p], start, stop, self._part_arrays(p))
         self.units_read += 1
         self.units[u] = (data, start)
         while len(self.units) > self.capacity:
@@ -390,7 +306,7 @@ class CacheStream(IterableDataset):
                 "or train without sample_ratio"
             )
         idx, val = scores
-        stored = [np.asarray(reader.storage.open_array(f"{fmt.PARTS_GROUP}/{p.name}/seq_index")[:]) for p in parts]
+        stored = [reader.read_slices(p, {"seq_index": slice(None)})["seq_index"] for p in parts]
         all_stored = np.concatenate(stored).astype(np.int64)
         where = np.searchsorted(idx, all_stored)
         where = np.minimum(where, len(idx) - 1)
@@ -574,10 +490,13 @@ class CacheStream(IterableDataset):
         finally:
             self.last_units_read = units.units_read
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
         info = get_worker_info()
         if info is not None:  # a DataLoader worker: its share, from the cursor it was started with
-            yield from self._generate(self._epoch, self._samples, info.id, info.num_workers)
+            try:
+                yield from self._generate(self._epoch, self._samples, info.id, info.num_workers)
+            except CacheError as err:  # the loader raises it again in the training process
+                yield WorkerFailure(err)
             return
         iteration, epoch, samples = self._begin()  # direct iteration: every yield is a consumed batch
         for batch in self._generate(epoch, samples):

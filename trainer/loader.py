@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from selkd.trainer.batch import Batch
-from selkd.trainer.data import CacheStream, mp_context
+from selkd.trainer.data import CacheStream, WorkerFailure, mp_context
 
 __all__ = ["StatefulLoader", "make_loader"]
 
@@ -130,6 +130,8 @@ class StatefulLoader:
             source = stream._generate(epoch, samples)
         try:
             for batch in source:
+                if isinstance(batch, WorkerFailure):
+                    raise batch.error
                 if prefetcher is None and self.num_workers == 0 and self.pin_memory:
                     batch = batch.pin_memory()
                 stream._consume(iteration)
