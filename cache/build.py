@@ -32,6 +32,7 @@ from selkd.cache import format as fmt
 from selkd.cache.classes import teacher_outputs
 from selkd.cache.config import SETTINGS_KEYS, BuildConfig
 from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
+from selkd.cache.errors import SelkdError
 from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
 from selkd.cache.reader import CacheError, read_header
 from selkd.cache.scoring import (
@@ -56,7 +57,7 @@ from selkd.cache.teacher import (
 )
 
 
-class BuildError(Exception):
+class BuildError(SelkdError):
     """A user-facing build failure: names the thing and what to do."""
 
 

@@ -15,20 +15,18 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from selkd.cache.build import BuildError, build_cache, finalize
+from selkd.cache.build import build_cache, finalize
 from selkd.cache.config import BuildConfig
-from selkd.cache.documents import DataError
-from selkd.cache.errors import disk_full_error, disk_full_message
+from selkd.cache.errors import Command, run_cli
 from selkd.cache.info import cache_info, info_dict
-from selkd.cache.options import ConfigError, OptionParser, add_arguments, from_args, parse_kv, read_config_file
-from selkd.cache.reader import CacheError, CacheReader, open_cache
-from selkd.cache.store import Storage, StoreError
-from selkd.cache.teacher import ModelError
+from selkd.cache.options import OptionParser, add_arguments, from_args, parse_kv, read_config_file
+from selkd.cache.reader import CacheReader, open_cache
+from selkd.cache.store import Storage
 from selkd.cache.verify import verify_cache
 
-USER_ERRORS = (BuildError, CacheError, DataError, ModelError, StoreError)
 # What rerunning a build does with a store whose disk filled up.
 DISK_FULL_RERUN = "committed parts are kept, the part that was being written is not visible and is redone"
+INTERRUPTED = "interrupted; rerun the same command to resume (committed parts are kept)"
 
 
 def _storage_options(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
@@ -67,30 +65,22 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str]) -> int:
+def run(argv: Sequence[str], cmd: Command) -> int:
+    """Parse ``argv`` and run the command; ``cmd.out`` is set to the store it writes (a full disk's
+    message names it)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "build":
         file_values = read_config_file(args.config) if args.config else None
         cfg = from_args(BuildConfig, args, file_values)
-        try:
-            result = build_cache(cfg, argv=["selkd-cache", *argv])
-        except Exception as err:
-            full = disk_full_error(err)
-            if full is None:
-                raise
-            raise StoreError(disk_full_message(cfg.out, full, DISK_FULL_RERUN)) from err
+        cmd.out = cfg.out
+        result = build_cache(cfg, argv=["selkd-cache", *argv])
         return 0 if result is not None else 1
     options = _storage_options(args.storage_option)
     if args.command == "finalize":
-        try:
-            Storage.open(args.store, options, mode="r")  # must exist: "w" would create it
-            summary = finalize(Storage.open(args.store, options, mode="w"))
-        except Exception as err:
-            full = disk_full_error(err)
-            if full is None:
-                raise
-            raise StoreError(disk_full_message(args.store, full, DISK_FULL_RERUN)) from err
+        cmd.out = args.store
+        Storage.open(args.store, options, mode="r")  # must exist: "w" would create it
+        summary = finalize(Storage.open(args.store, options, mode="w"))
         print(json.dumps(summary, indent=2))
         return 0
     reader = open_cache(args.store, options, require_complete=False)
@@ -135,20 +125,8 @@ def _missing_lines(reader: CacheReader, shown: int = 5) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(argv)
-    except ConfigError as err:
-        print(f"selkd-cache: error: {err}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as err:
-        print(f"selkd-cache: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "selkd-cache: interrupted; rerun the same command to resume (committed parts are kept)",
-            file=sys.stderr,
-        )
-        return 130
+    cmd = Command("selkd-cache", interrupted=INTERRUPTED, disk_full_rerun=DISK_FULL_RERUN)
+    return run_cli(cmd, lambda: run(argv, cmd))
 
 
 if __name__ == "__main__":

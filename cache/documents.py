@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selkd.cache.errors import SelkdError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -51,7 +53,7 @@ _GLOB_CHARS = frozenset("*?[")
 _ROW_BATCH = 1024  # rows per Arrow batch for parquet / datasets
 
 
-class DataError(Exception):
+class DataError(SelkdError):
     """A user-facing data problem; the message is one line naming the path and what to do."""
 
 

@@ -23,14 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from selkd.cache.errors import ConfigError
+
 _MISSING = dataclasses.MISSING
 # argparse takes only "-1" and "-1.5" for negative numbers; "-1e-4" would read as an unknown option.
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _TOML_PLACE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: the message names the option and what to do."""
 
 
 def opt(

@@ -40,6 +40,7 @@ from zarr.core.array import AsyncArray
 from zarr.core.sync import sync
 
 from selkd.cache import format as fmt
+from selkd.cache.errors import SelkdError
 from selkd.cache.scoring import committed_score_parts, sort_scores
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.targets import SparseTargets
@@ -56,7 +57,7 @@ SCORE_DTYPES = {"seq_index": "int64", "score": "float32"}
 CRC_MISMATCH = "checksum do not match"
 
 
-class CacheError(Exception):
+class CacheError(SelkdError):
     """The cache cannot be used as asked: the message names the store and what to do."""
 
 

@@ -64,6 +64,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
+from selkd.cache.errors import SelkdError
 from selkd.cache.format import LEASES_PREFIX
 
 try:  # POSIX only: without it local leases are exact between threads of one process only
@@ -101,7 +102,7 @@ _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _MAX_LEASE_ATTEMPTS = 8
 
 
-class StoreError(Exception):
+class StoreError(SelkdError):
     """A user-facing storage problem: names the store and what to do."""
 
 

@@ -40,6 +40,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from selkd.cache.errors import SelkdError
+
 __all__ = [
     "DTYPE_NAMES",
     "ModelError",
@@ -57,7 +59,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ModelError(Exception):
+class ModelError(SelkdError):
     """A user-facing model/tokenizer loading error: the message names the path or id and what to do."""
 
 

@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from selkd.cache.errors import disk_full_error, disk_full_message
+from selkd.cache.errors import SelkdError, disk_full_error, disk_full_message
 from selkd.trainer import distributed as D
 
 __all__ = [
@@ -95,7 +95,7 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _TIED_KEY = "selkd.tied"  # safetensors metadata: JSON {alias: stored name}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SelkdError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the directory or file."""
 
 

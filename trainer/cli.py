@@ -10,47 +10,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from selkd.cache.build import BuildError
-from selkd.cache.documents import DataError
-from selkd.cache.errors import disk_full_error, disk_full_message
-from selkd.cache.options import ConfigError
-from selkd.cache.reader import CacheError
-from selkd.cache.store import StoreError
-from selkd.cache.teacher import ModelError
-from selkd.trainer.checkpoint import CheckpointError
+from selkd.cache.errors import Command, run_cli
 from selkd.trainer.config import TrainConfig
-from selkd.trainer.loop import TrainError, train
-from selkd.trainer.run_dir import OutError
+from selkd.trainer.loop import train
 
-USER_ERRORS = (TrainError, OutError, CacheError, DataError, ModelError, StoreError, CheckpointError, BuildError)
 # What rerunning the command does after the disk filled up outside a checkpoint write (metrics, logs).
 DISK_FULL_RERUN = "it resumes from the last complete checkpoint in --out (with none, it starts over)"
+INTERRUPTED = "interrupted; rerun the same command to resume from the last checkpoint"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    cmd = Command("selkd-train", interrupted=INTERRUPTED, disk_full_rerun=DISK_FULL_RERUN)
+
+    def run() -> int:
         cfg = TrainConfig.from_cli(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as err:
-        print(f"selkd-train: error: {err}", file=sys.stderr)
-        return 2
-    try:
+        cmd.out = str(cfg.out)
         train(cfg)
         return 0
-    except ConfigError as err:
-        print(f"selkd-train: error: {err}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as err:
-        print(f"selkd-train: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        full = disk_full_error(err)
-        if full is None:
-            raise
-        print(f"selkd-train: error: {disk_full_message(str(cfg.out), full, DISK_FULL_RERUN)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("selkd-train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+
+    return run_cli(cmd, run)
 
 
 if __name__ == "__main__":

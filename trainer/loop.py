@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from selkd.cache import open_cache
 from selkd.cache.corpus import load_corpus
+from selkd.cache.errors import SelkdError
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
@@ -70,7 +71,7 @@ METRICS_FILE = "metrics.jsonl"
 WINDOW_KEYS = ("loss", "kd", "ce", "selected", "valid", "tokens")
 
 
-class TrainError(Exception):
+class TrainError(SelkdError):
     """A user-facing training failure: names the thing and what to do."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selkd.cache.errors import SelkdError
 from selkd.cache.info import human_bytes
 from selkd.cache.store import is_url
 from selkd.trainer import checkpoint as ckpt
@@ -37,7 +38,7 @@ CONFIG_FILE = "config.json"  # the run's options, TrainConfig.to_dict()
 _RUN_CONFIG_KEYS = frozenset({"select", "select_policy", "kd_weight"})
 
 
-class OutError(Exception):
+class OutError(SelkdError):
     """``--out`` cannot be used for this run: names the directory and what to do."""
 
 

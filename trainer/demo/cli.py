@@ -7,7 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from selkd.cache.errors import Command, run_cli
 from selkd.trainer.demo.run import run_demo
+
+INTERRUPTED = "interrupted; rerun the same command to continue (finished stages are reused)"
+DISK_FULL_RERUN = "finished stages are reused"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,16 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print("selkd-demo: error: --threads must be >= 1", file=sys.stderr)
         return 2
-    from selkd.cache.build import BuildError
-    from selkd.cache.documents import DataError
-    from selkd.cache.options import ConfigError
-    from selkd.cache.reader import CacheError
-    from selkd.cache.store import StoreError
-    from selkd.cache.teacher import ModelError
-    from selkd.trainer.checkpoint import CheckpointError
-    from selkd.trainer.loop import TrainError
 
-    try:
+    def run() -> int:
         run_demo(
             quick=args.quick,
             data=args.data,
@@ -98,15 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             rerun=args.rerun,
         )
-    except (BuildError, CacheError, CheckpointError, ConfigError, DataError, ModelError, StoreError, TrainError) as err:
-        print(f"selkd-demo: error: {err} (stage logs: {Path(args.out) / 'logs'})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "selkd-demo: interrupted; rerun the same command to continue (finished stages are reused)", file=sys.stderr
-        )
-        return 130
-    return 0
+        return 0
+
+    logs = Path(args.out) / "logs"
+    cmd = Command("selkd-demo", INTERRUPTED, DISK_FULL_RERUN, out=args.out, note=f" (stage logs: {logs})")
+    return run_cli(cmd, run)
 
 
 if __name__ == "__main__":
