@@ -377,19 +377,3 @@ def from_args(config_cls: type, args: argparse.Namespace, file_values: Mapping[s
                 value = dict(value)  # key=value pairs
             values[f.name] = value
     return build(config_cls, values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
-    """Keys whose values differ between two config dicts, as 'key: saved -> current' lines."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if key in ignore:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out

@@ -46,7 +46,6 @@ __all__ = [
     "DTYPE_NAMES",
     "ModelError",
     "config_hash",
-    "forward_logits",
     "load_causal_lm",
     "load_tokenizer",
     "resolve_device",
@@ -432,23 +431,3 @@ def vocab_size(model: PreTrainedModel) -> int:
         return int(weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
-
-
-@torch.no_grad()
-def forward_logits(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits ``[B, L, V]`` (V = :func:`vocab_size`) in the model's dtype, on the model's device.
-
-    Inputs are moved to the model's device; the KV cache is off because a teacher pass over a fixed
-    sequence never decodes, and building the cache would only cost memory."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits

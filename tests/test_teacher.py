@@ -15,7 +15,6 @@ from selkd.cache import teacher
 from selkd.cache.teacher import (
     ModelError,
     config_hash,
-    forward_logits,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
@@ -113,26 +112,8 @@ def test_vocab_size_is_logits_dimension_not_tokenizer_size(
     assert vocab_size(big) == 151_936
     assert len(tok) == 384 < vocab_size(big)
     ids = tok("def f(x):\n    return x", return_tensors="pt")["input_ids"]
-    assert forward_logits(big, ids).shape == (1, ids.shape[1], 151_936)
+    assert big(input_ids=ids).logits.shape == (1, ids.shape[1], 151_936)
     assert vocab_size(load_causal_lm(tiny_teacher_dir, device="cpu")) == len(tok)
-
-
-def test_forward_logits_shape_dtype_and_mask(tiny_teacher_dir: Path) -> None:
-    model = load_causal_lm(tiny_teacher_dir, device="cpu", dtype="fp32")
-    tok = load_tokenizer(tiny_teacher_dir)
-    batch = tok(["import os\n", "class A:\n    pass\n"], padding=True, return_tensors="pt")
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])
-    b, seq = batch["input_ids"].shape
-    assert logits.shape == (b, seq, vocab_size(model))
-    assert logits.dtype == torch.float32
-    assert not logits.requires_grad
-    assert torch.isfinite(logits).all()
-    # the unpadded row does not depend on the mask argument
-    full = batch["attention_mask"].all(dim=1).nonzero()[0].item()
-    alone = forward_logits(model, batch["input_ids"][full : full + 1])
-    torch.testing.assert_close(alone[0], logits[full], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"\[B, L\]"):
-        forward_logits(model, batch["input_ids"][0])
 
 
 def test_load_causal_lm_frozen_and_trainable(tiny_student_dir: Path) -> None:
