@@ -16,7 +16,6 @@ takes the part over). A holder that lost its lease never writes the commit recor
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from selkd.cache import __version__
 from selkd.cache import format as fmt
-from selkd.cache.classes import teacher_outputs
+from selkd.cache.classes import ClassSpec, teacher_outputs
 from selkd.cache.config import SETTINGS_KEYS, BuildConfig
 from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
 from selkd.cache.errors import SelkdError
@@ -227,13 +226,77 @@ def builder_device(cfg: BuildConfig) -> torch.device:
     return device
 
 
+@dataclass
+class _Build:
+    """What the stages of one builder share: its settings and place, the output, the loaded inputs."""
+
+    cfg: BuildConfig
+    spec: ClassSpec
+    rank: int
+    world: int
+    t0: float  # when the command started (the live tokens/s count from it)
+    storage: Storage
+    device: torch.device
+    dtype: torch.dtype
+    teacher: Any  # the teacher causal LM, frozen
+    vocab: int  # the teacher's logits width
+    corpus: PackedCorpus
+    is_eval: np.ndarray  # [n_sequences] bool: the held-out split
+    leases: PartLeases
+    seqs_per_part: int
+
+
+@dataclass
+class _TeacherPass:
+    """What this builder's teacher pass did. ``positions_run`` includes abandoned attempts (shown live);
+    ``positions`` and ``bytes_written`` count committed parts only."""
+
+    parts_mine: int = 0
+    parts_written: int = 0
+    sequences: int = 0
+    positions_run: int = 0
+    positions: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
 def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildResult:
     """Build (or resume building) this builder's share of the cache ``cfg`` describes."""
     t0 = time.time()
     rank, world = torchrun_rank_world(cfg)
-    spec = cfg.class_spec
+    ctx = _setup(cfg, argv, rank, world, t0)  # output, models, corpus, header
+    train_index = np.flatnonzero(~ctx.is_eval)
+    if cfg.sample_ratio is not None:
+        train_index = _select_samples(ctx, train_index)  # score every training sequence once, keep the top
+    plan = _agree_plan(ctx, np.flatnonzero(ctx.is_eval), train_index)  # the same on every builder
+    done = _write_parts(ctx, plan)  # the teacher pass over this builder's parts, each under its lease
+    finalized = _finalize_if_complete(ctx.storage, plan)
+    seconds = time.time() - t0
+    result = BuildResult(
+        done.parts_written,
+        done.parts_mine - done.parts_written,
+        done.sequences,
+        done.positions,
+        done.bytes_written,
+        seconds,
+        done.seconds,
+        finalized,
+    )
+    per_pos = done.bytes_written / done.positions if done.positions else float("nan")
+    log(
+        f"done in {seconds:.1f} s: {result.parts_written} parts written ({result.parts_skipped} already there), "
+        f"{done.positions:,} positions, {done.bytes_written:,} bytes ({per_pos:.1f} B/position) -> {ctx.storage.url}"
+    )
+    return result
 
-    # --- output, models, corpus ----------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, t0: float) -> _Build:
+    """Open the output, load the teacher (and check the student's tokenizer), read the corpus, and write
+    the header or check that the existing one has the same settings."""
+    spec = cfg.class_spec
     storage, existing = open_output(cfg)
     device = builder_device(cfg)
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
@@ -244,19 +307,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         spec.check_vocab(vocab)
     except ValueError as err:
         raise BuildError(str(err)) from err
-    corpus = load_corpus(
-        cfg.data,
-        tokenizer,
-        cfg.max_seq_len,
-        cfg.text_field,
-        cfg.limit_tokens,
-        progress=cfg.progress and rank == 0,
-    )
-    for warning in corpus.stats.warnings():
-        log(f"warning: {warning}")
-    if corpus.tokens.size and int(corpus.tokens.max()) >= vocab:
-        raise BuildError(f"token id {int(corpus.tokens.max())} >= the teacher's vocabulary ({vocab})")
-
+    corpus = _load_corpus(cfg, tokenizer, vocab, progress=cfg.progress and rank == 0)
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
         if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(tokenizer):
@@ -264,11 +315,40 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
                 f"--student {cfg.student} has another tokenizer than --teacher {cfg.teacher} (fingerprints "
                 "differ); sample selection needs a student that shares the teacher's tokenizer"
             )
+    is_eval = eval_mask(corpus.n_sequences, cfg.eval_fraction, cfg.seed)
+    header = make_header(cfg, argv, teacher, dtype, tokenizer, vocab, corpus, is_eval)
+    _agree_header(storage, existing, header, tokenizer, rank, world)
+    leases = PartLeases(storage, cfg.lease_ttl)
+    seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
+    return _Build(
+        cfg, spec, rank, world, t0, storage, device, dtype, teacher, vocab, corpus, is_eval, leases, seqs_per_part
+    )
 
-    # --- header: new, or the same settings as before -------------------------------------------
-    n_seq = corpus.n_sequences
-    is_eval = eval_mask(n_seq, cfg.eval_fraction, cfg.seed)
-    header: dict[str, Any] = {
+
+def _load_corpus(cfg: BuildConfig, tokenizer: Any, vocab: int, progress: bool) -> PackedCorpus:
+    """The packed corpus; its warnings are logged, and a token id the teacher has no logit for refused."""
+    corpus = load_corpus(cfg.data, tokenizer, cfg.max_seq_len, cfg.text_field, cfg.limit_tokens, progress=progress)
+    for warning in corpus.stats.warnings():
+        log(f"warning: {warning}")
+    if corpus.tokens.size and int(corpus.tokens.max()) >= vocab:
+        raise BuildError(f"token id {int(corpus.tokens.max())} >= the teacher's vocabulary ({vocab})")
+    return corpus
+
+
+def make_header(
+    cfg: BuildConfig,
+    argv: Sequence[str] | None,
+    teacher: Any,
+    dtype: torch.dtype,
+    tokenizer: Any,
+    vocab: int,
+    corpus: PackedCorpus,
+    is_eval: np.ndarray,
+) -> dict[str, Any]:
+    """The cache header (the root's ``selkd`` attribute): the format, the settings and the identity of
+    the teacher, tokenizer and corpus, which a rerun must match (:func:`header_differences`)."""
+    spec = cfg.class_spec
+    return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
         "selkd_version": __version__,
@@ -290,7 +370,7 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             "limit_tokens": cfg.limit_tokens,
             "fingerprint": corpus.fingerprint,
             "n_tokens": int(corpus.tokens.size),
-            "n_sequences": n_seq,
+            "n_sequences": corpus.n_sequences,
             "documents": corpus.stats.documents,
         },
         "eval": {"fraction": cfg.eval_fraction, "n_sequences": int(is_eval.sum())},
@@ -300,6 +380,13 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         "command": list(argv) if argv is not None else None,
         "created": time.time(),
     }
+
+
+def _agree_header(
+    storage: Storage, existing: dict[str, Any] | None, header: dict[str, Any], tokenizer: Any, rank: int, world: int
+) -> None:
+    """A new cache gets ``header`` (from rank 0; the others wait for it); an existing one must have been
+    built with the same settings."""
     if existing is not None:
         if same_tokenizer(str(existing.get("tokenizer_fingerprint")), tokenizer):
             # an older fingerprint version of the same tokenizer: compare the rest as stored
@@ -310,159 +397,179 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
                 f"{storage.url} was built with other settings; rerun with the original settings or choose a new "
                 "--out. Differences (stored -> now):\n  " + "\n  ".join(diffs)
             )
-        header = existing
     elif rank == 0 or world == 1:
         storage.write_json("zarr.json", root_metadata(header, None))
     else:
         wait_for(lambda: storage.exists("zarr.json"), "rank 0 to create the cache")
 
-    # --- sample selection: score every training sequence once ----------------------------------
-    train_index = np.flatnonzero(~is_eval)
-    eval_index = np.flatnonzero(is_eval)
-    seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
-    leases = PartLeases(storage, cfg.lease_ttl)
-    if cfg.sample_ratio is not None:
-        groups = score_part_sequences(train_index, seqs_per_part)
-        done = committed_score_parts(storage)
-        todo = [i for i in range(len(groups)) if i % world == rank and fmt.score_part_name(i) not in done]
-        scorer = None
-        if cfg.sample_signal == "student-entropy" and todo:
-            scorer = load_causal_lm(cfg.student, device, dtype, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
-        elif cfg.sample_signal == "teacher-entropy":
-            scorer = teacher
-        bar = tqdm(
-            total=sum(len(groups[i]) for i in todo),
-            unit="seq",
-            desc="scoring samples",
-            disable=not cfg.progress,
-            dynamic_ncols=True,
-        )
 
-        def score(name: str) -> None:
-            i = int(name.removeprefix("score-"))
-            idx = groups[i]
-            if scorer is None:  # random: seeded per score part, independent of rank
-                scores = np.random.default_rng([cfg.seed, i]).random(len(idx)).astype(np.float32)
-            else:
-                scores = np.empty(len(idx), dtype=np.float32)
-                pos = {int(s): j for j, s in enumerate(idx)}
-                for b in _batches(corpus, idx, cfg.batch_size):
-                    leases.renew(name, due_only=True)
-                    x = torch.from_numpy(np.stack(corpus.sequences(b)).astype(np.int64)).to(device)
-                    scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x).float().cpu().numpy()
-                    bar.update(len(b))
-            leases.renew(name)
-            commit_scores(storage, name, idx, scores, cfg.sample_signal)
+# ----------------------------------------------------------------------------- score
 
-        run_leased(storage, leases, [fmt.score_part_name(i) for i in todo], score)
-        bar.close()
-        if scorer is not None and scorer is not teacher:
-            del scorer
-        wait_for(lambda: len(committed_score_parts(storage)) >= len(groups), "other builders to finish scoring")
-        idx_all, val_all = read_scores(storage)
-        train_index = select_top(idx_all, val_all, cfg.sample_ratio)
-        log(
-            f"sample selection: kept {len(train_index)} of {len(idx_all)} training sequences "
-            f"(top {cfg.sample_ratio:g} by {cfg.sample_signal})"
-        )
 
-    # --- plan: the same on every builder -------------------------------------------------------
-    plan = make_plan(eval_index, train_index, seqs_per_part)
-    plan_json = plan.to_json({"seqs_per_part": seqs_per_part, "world_size_hint": world})
-    saved_plan = storage.read_json(fmt.PLAN_KEY)
+def _select_samples(ctx: _Build, train_index: np.ndarray) -> np.ndarray:
+    """The training sequences kept by ``--sample-ratio``: this builder scores its score parts (each
+    under its lease), waits for the other builders' scores, and keeps the top ones."""
+    cfg, storage = ctx.cfg, ctx.storage
+    groups = score_part_sequences(train_index, ctx.seqs_per_part)
+    done = committed_score_parts(storage)
+    todo = [i for i in range(len(groups)) if i % ctx.world == ctx.rank and fmt.score_part_name(i) not in done]
+    _score_parts(ctx, groups, todo)
+    wait_for(lambda: len(committed_score_parts(storage)) >= len(groups), "other builders to finish scoring")
+    idx_all, val_all = read_scores(storage)
+    kept = select_top(idx_all, val_all, cfg.sample_ratio)  # type: ignore[arg-type]
+    log(
+        f"sample selection: kept {len(kept)} of {len(idx_all)} training sequences "
+        f"(top {cfg.sample_ratio:g} by {cfg.sample_signal})"
+    )
+    return kept
+
+
+def _score_parts(ctx: _Build, groups: list[np.ndarray], todo: list[int]) -> None:
+    """Score and commit the score parts ``todo`` (indices into ``groups``, each a part's sequence
+    indices): mean entropy of the student or teacher per sequence, or seeded random numbers."""
+    cfg, corpus = ctx.cfg, ctx.corpus
+    scorer = None
+    if cfg.sample_signal == "student-entropy" and todo:
+        scorer = load_causal_lm(cfg.student, ctx.device, ctx.dtype, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+    elif cfg.sample_signal == "teacher-entropy":
+        scorer = ctx.teacher
+    bar = tqdm(
+        total=sum(len(groups[i]) for i in todo),
+        unit="seq",
+        desc="scoring samples",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+
+    def score(name: str) -> None:
+        i = int(name.removeprefix("score-"))
+        idx = groups[i]
+        if scorer is None:  # random: seeded per score part, independent of rank
+            scores = np.random.default_rng([cfg.seed, i]).random(len(idx)).astype(np.float32)
+        else:
+            scores = np.empty(len(idx), dtype=np.float32)
+            pos = {int(s): j for j, s in enumerate(idx)}
+            for b in _batches(corpus, idx, cfg.batch_size):
+                ctx.leases.renew(name, due_only=True)
+                x = torch.from_numpy(np.stack(corpus.sequences(b)).astype(np.int64)).to(ctx.device)
+                scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x).float().cpu().numpy()
+                bar.update(len(b))
+        ctx.leases.renew(name)
+        commit_scores(ctx.storage, name, idx, scores, cfg.sample_signal)
+
+    run_leased(ctx.storage, ctx.leases, [fmt.score_part_name(i) for i in todo], score)
+    bar.close()  # the student scorer is freed on return, before the teacher pass
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _agree_plan(ctx: _Build, eval_index: np.ndarray, train_index: np.ndarray) -> Plan:
+    """The part plan, stored by the first builder to get here; every other builder must derive the same."""
+    plan = make_plan(eval_index, train_index, ctx.seqs_per_part)
+    plan_json = plan.to_json({"seqs_per_part": ctx.seqs_per_part, "world_size_hint": ctx.world})
+    saved_plan = ctx.storage.read_json(fmt.PLAN_KEY)
     if saved_plan is None:
-        storage.write_json(fmt.PLAN_KEY, plan_json)
+        ctx.storage.write_json(fmt.PLAN_KEY, plan_json)
     elif saved_plan["parts"] != plan_json["parts"]:
-        raise BuildError(f"{storage.url}: the stored part plan differs from this build's; use a new --out")
+        raise BuildError(f"{ctx.storage.url}: the stored part plan differs from this build's; use a new --out")
+    return plan
 
-    # --- teacher pass over this builder's parts, each under its lease ----------------------------
-    committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
-    mine = [i for i in range(len(plan.parts)) if i % world == rank]
+
+# ----------------------------------------------------------------------------- write parts
+
+
+def _committed(storage: Storage) -> set[str]:
+    return {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
+
+
+def _write_parts(ctx: _Build, plan: Plan) -> _TeacherPass:
+    """Run the teacher over this builder's parts (part p belongs to rank p % world size) that are not
+    committed yet, writing and committing each under its lease."""
+    committed = _committed(ctx.storage)
+    mine = [i for i in range(len(plan.parts)) if i % ctx.world == ctx.rank]
     todo = [i for i in mine if plan.parts[i]["name"] not in committed]
     if len(mine) > len(todo):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} parts of this builder are already committed")
     index_of = {plan.parts[i]["name"]: i for i in todo}
-    total_seq = sum(len(plan.members[i]) for i in todo)
+    done = _TeacherPass(parts_mine=len(mine), sequences=sum(len(plan.members[i]) for i in todo))
     bar = tqdm(
-        total=total_seq,
+        total=done.sequences,
         unit="seq",
-        desc=f"teacher [rank {rank}/{world}]" if world > 1 else "teacher",
-        disable=not cfg.progress,
+        desc=f"teacher [rank {ctx.rank}/{ctx.world}]" if ctx.world > 1 else "teacher",
+        disable=not ctx.cfg.progress,
         dynamic_ncols=True,
     )
-    positions = 0  # teacher positions run (shown live), including those of abandoned attempts
-    committed_positions = 0
-    bytes_written = 0
-    lock = threading.Lock()
     t_teacher = time.time()
-
-    def write_part(name: str) -> None:
-        nonlocal positions, committed_positions, bytes_written
-        i = index_of[name]
-        part = plan.parts[i]
-        writer = LeasedPartWriter(storage, leases, name, part["split"], spec.mode, spec.k, vocab)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
-        overlap = _Overlap()
-        try:
-            for b in _batches(corpus, plan.members[i], cfg.batch_size):
-                leases.renew(name, due_only=True)
-                b = np.sort(b)
-                seqs = corpus.sequences(b)
-                x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(device)
-                with torch.no_grad():
-                    logits = teacher(input_ids=x).logits[:, :-1]
-                nxt = x[:, 1:]
-                starts = [corpus.sequence_bounds(int(s)) for s in b]
-                doc = [corpus.doc_start[a:e] for a, e in starts]
-
-                def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
-                    # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
-                    # would copy all [B, L - 1, V] logits first
-                    for r in range(len(b)):
-                        out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen)
-                        writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out)
-
-                overlap.submit(encode)
-                with lock:
-                    positions += int(nxt.numel())
-                bar.update(len(b))
-                bar.set_postfix(tok_s=f"{positions / max(time.time() - t0, 1e-9):,.0f}")
-            record: dict[str, Any] = {}
-
-            def commit(writer=writer, record=record) -> None:
-                record.update(writer.commit())
-
-            overlap.submit(commit)
-            overlap.drain()
-            bytes_written += record["bytes"]
-            committed_positions += int(record["n_targets"])
-        finally:
-            overlap.close()  # after a failure: anything still queued (the commit above all) is dropped
-
     try:
-        written = run_leased(storage, leases, list(index_of), write_part)
+        done.parts_written = run_leased(
+            ctx.storage,
+            ctx.leases,
+            list(index_of),
+            lambda name: _write_part(ctx, plan, index_of[name], bar, done),
+        )
     finally:
         bar.close()
-    teacher_seconds = time.time() - t_teacher
+    done.seconds = time.time() - t_teacher
+    return done
 
-    # --- finalize when every part is committed -------------------------------------------------
-    committed = {n.removesuffix(".json") for n in storage.list_dir(fmt.COMMITS_PREFIX)}
-    finalized = all(p["name"] in committed for p in plan.parts)
-    if finalized:
+
+def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) -> None:
+    """Part ``i``: teacher forward per batch on this thread, class selection, encoding and writing on
+    the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing."""
+    cfg, corpus, spec = ctx.cfg, ctx.corpus, ctx.spec
+    name, split = plan.parts[i]["name"], plan.parts[i]["split"]
+    writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.vocab)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + i)
+    overlap = _Overlap()
+    try:
+        for b in _batches(corpus, plan.members[i], cfg.batch_size):
+            ctx.leases.renew(name, due_only=True)
+            b = np.sort(b)
+            seqs = corpus.sequences(b)
+            x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
+            with torch.no_grad():
+                logits = ctx.teacher(input_ids=x).logits[:, :-1]
+            nxt = x[:, 1:]
+            starts = [corpus.sequence_bounds(int(s)) for s in b]
+            doc = [corpus.doc_start[a:e] for a, e in starts]
+
+            def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
+                # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
+                # would copy all [B, L - 1, V] logits first
+                for r in range(len(b)):
+                    out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen)
+                    writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out)
+
+            overlap.submit(encode)
+            done.positions_run += int(nxt.numel())  # this thread only: the encode thread never counts
+            bar.update(len(b))
+            bar.set_postfix(tok_s=f"{done.positions_run / max(time.time() - ctx.t0, 1e-9):,.0f}")
+        record: dict[str, Any] = {}
+
+        def commit(writer=writer, record=record) -> None:
+            record.update(writer.commit())
+
+        overlap.submit(commit)
+        overlap.drain()
+        done.bytes_written += record["bytes"]
+        done.positions += int(record["n_targets"])
+    finally:
+        overlap.close()  # after a failure: anything still queued (the commit above all) is dropped
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def _finalize_if_complete(storage: Storage, plan: Plan) -> bool:
+    """Finalize the root once every planned part is committed (by any builder); say who will if not."""
+    committed = _committed(storage)
+    if all(p["name"] in committed for p in plan.parts):
         finalize(storage)
-    else:
-        left = sum(p["name"] not in committed for p in plan.parts)
-        log(
-            f"{left} parts belong to other builders and are not committed yet; the last builder to finish "
-            f"finalises the cache (or run `selkd-cache finalize {storage.url}`)"
-        )
-    seconds = time.time() - t0
-    skipped = len(mine) - written
-    positions = committed_positions
-    result = BuildResult(written, skipped, total_seq, positions, bytes_written, seconds, teacher_seconds, finalized)
-    per_pos = bytes_written / positions if positions else float("nan")
+        return True
+    left = sum(p["name"] not in committed for p in plan.parts)
     log(
-        f"done in {seconds:.1f} s: {written} parts written ({skipped} already there), {positions:,} positions, "
-        f"{bytes_written:,} bytes ({per_pos:.1f} B/position) -> {storage.url}"
+        f"{left} parts belong to other builders and are not committed yet; the last builder to finish "
+        f"finalises the cache (or run `selkd-cache finalize {storage.url}`)"
     )
-    return result
+    return False
