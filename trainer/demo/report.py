@@ -217,6 +217,7 @@ def write_report(
 ) -> Path:
     """``OUT/report.md``: the table, what was compared and how, the machine, the curves."""
     b = settings["budget"]
+    reused = " `*`: reused from an earlier run with identical inputs." if any(r.reused for r in rows) else ""
     lines = [
         "# selkd demo report",
         "",
@@ -224,22 +225,42 @@ def write_report(
         "",
         table,
         "",
-        "Held-out CE and perplexity are measured on the caches' eval split (never trained on by any model, "
-        "teacher and base included); top-1 agreement is the share of those positions where the model's argmax "
-        "is the teacher's. Wall time is pretraining time for the teacher and the base student and training "
-        "time (load, steps, evaluations, save) for the compared students. "
-        "Peak memory is the process's peak resident set during that stage. B/pos: cache bytes per stored "
-        "position; B/corpus pos: per position of the KD corpus; cache build: the teacher pass (and, for the "
-        "20% cache, the base student's scoring pass) that wrote the cache the method reads."
-        + (" `*`: reused from an earlier run with identical inputs." if any(r.reused for r in rows) else ""),
+        TABLE_NOTE + reused,
         "",
+        *_section("Findings", [f"- {f}" for f in findings(rows)]),
+        *(_section("Notes", [f"- {n}" for n in notes]) if notes else []),
+        *_section("What was compared", _methods_compared(b)),
+        *_section("Settings", ["```json", json.dumps(settings, indent=2, default=str), "```"]),
+        *_section("Stage times (this run)", [f"- {k}: {fmt_s(v)}" for k, v in stage_seconds.items()]),
+        *_section("Machine", [f"- {k}: {v}" for k, v in machine.items()]),
+        *_section(
+            "Commands", ["The demo runs these stages in-process; each is equivalent to:", "", "```sh", *commands, "```"]
+        ),
+        *(_section("Curves", ["\n\n".join(f"![{p.stem}]({p.name})" for p in plots)]) if plots else []),
     ]
-    lines += ["## Findings", "", *(f"- {f}" for f in findings(rows)), ""]
-    if notes:
-        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    lines += [
-        "## What was compared",
-        "",
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+TABLE_NOTE = (
+    "Held-out CE and perplexity are measured on the caches' eval split (never trained on by any model, "
+    "teacher and base included); top-1 agreement is the share of those positions where the model's argmax "
+    "is the teacher's. Wall time is pretraining time for the teacher and the base student and training "
+    "time (load, steps, evaluations, save) for the compared students. "
+    "Peak memory is the process's peak resident set during that stage. B/pos: cache bytes per stored "
+    "position; B/corpus pos: per position of the KD corpus; cache build: the teacher pass (and, for the "
+    "20% cache, the base student's scoring pass) that wrote the cache the method reads."
+)
+
+
+def _section(title: str, body: Sequence[str]) -> list[str]:
+    return [f"## {title}", "", *body, ""]
+
+
+def _methods_compared(b: dict[str, Any]) -> list[str]:
+    """The report's account of the compared methods, from the budget ``b`` (as in the settings)."""
+    return [
         f"Every student starts from the same base checkpoint (the student architecture pretrained with plain CE "
         f"for {b['base_seconds']:.0f} s) and trains {b['kd_steps']} steps of {b['kd_batch']} x {b['seq_len']} tokens "
         f"at peak learning rate {b['kd_lr']:g} (AdamW, {b['warmup_steps']} warm-up steps, cosine decay), seed {SEED}.",
@@ -253,34 +274,4 @@ def write_report(
         "with the highest student entropy (recomputed every step), no CE term.",
         f"- **SE-KD 3X**: SE-KD on a cache that holds only the top {SAMPLE_RATIO:.0%} of training sequences by the "
         "frozen base student's mean entropy (positions + classes + samples).",
-        "",
-        "## Settings",
-        "",
-        "```json",
-        json.dumps(settings, indent=2, default=str),
-        "```",
-        "",
-        "## Stage times (this run)",
-        "",
-        *(f"- {k}: {fmt_s(v)}" for k, v in stage_seconds.items()),
-        "",
-        "## Machine",
-        "",
-        *(f"- {k}: {v}" for k, v in machine.items()),
-        "",
-        "## Commands",
-        "",
-        "The demo runs these stages in-process; each is equivalent to:",
-        "",
-        "```sh",
-        *commands,
-        "```",
-        "",
     ]
-    if plots:
-        lines += ["## Curves", ""]
-        for p in plots:
-            lines += [f"![{p.stem}]({p.name})", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
