@@ -9,11 +9,12 @@ Treat them as read-only: copy a directory (``shutil.copytree``) before modifying
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _TOOLS = str(REPO_ROOT / "tools")
@@ -61,31 +62,71 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+def save_tiny_model(
+    out: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    vocab: int | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_pos: int = 1024,
+    seed: int = 0,
+    tie: bool = False,
+    arch: str = "llama",
+) -> Path:
+    """A randomly initialised tiny causal LM (``arch``: ``"llama"`` or ``"qwen2"``) saved into ``out`` like
+    any Hugging Face checkpoint, with ``tokenizer`` (whose special ids it takes) next to it if given.
+    ``vocab`` defaults to ``len(tokenizer)``; the same arguments always give the same weights, and the
+    global torch RNG is left alone."""
+    ids = {} if tokenizer is None else make_tiny.special_ids(tokenizer)
+    vocab = len(tokenizer) if vocab is None and tokenizer is not None else vocab
+    if vocab is None:
+        raise ValueError("give a tokenizer or a vocab size")
+    if arch == "llama":
+        model = make_tiny.make_llama(vocab, hidden, layers, heads, kv_heads, intermediate, max_pos, seed, tie, **ids)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate if intermediate is not None else 4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv_heads is None else kv_heads,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=tie,
+            **ids,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(f"unknown arch {arch!r}: 'llama' or 'qwen2'")
     return make_tiny.save_model(model, tokenizer, out)
 
 
-def _special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
-    return {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Path]:
+    """The factory of tiny saved models: ``tiny_model(out_dir, tokenizer, vocab=..., hidden=..., layers=...,
+    seed=..., arch="llama" | "qwen2")`` (see :func:`save_tiny_model`) returns ``out_dir``."""
+    return save_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """Llama teacher: vocab = len(tokenizer) = 384, hidden 64, 2 layers, seed 0, random init; the
     tokenizer is saved next to it."""
-    model = make_tiny.make_llama(len(tiny_tokenizer), hidden=64, layers=2, seed=0, **_special_ids(tiny_tokenizer))
-    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_teacher"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_teacher"), tiny_tokenizer, hidden=64, layers=2, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """Llama student: same tokenizer and vocab as the teacher, hidden 32, 1 layer, seed 1."""
-    model = make_tiny.make_llama(len(tiny_tokenizer), hidden=32, layers=1, seed=1, **_special_ids(tiny_tokenizer))
-    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_student"))
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_student"), tiny_tokenizer, hidden=32, layers=1, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -94,18 +135,15 @@ def other_tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory, stdlib_s
     text), for tokenizer-mismatch tests."""
     other_text = [t.upper() for t in stdlib_sample[: max(1, len(stdlib_sample) // 2)]]
     tok = make_tiny.train_bpe_tokenizer(other_text, OTHER_VOCAB)
-    model = make_tiny.make_llama(len(tok), hidden=32, layers=1, seed=2, **_special_ids(tok))
-    return _save(model, tok, tmp_path_factory.mktemp("other_tokenizer_model"))
+    return save_tiny_model(tmp_path_factory.mktemp("other_tokenizer_model"), tok, hidden=32, layers=1, seed=2)
 
 
 @pytest.fixture(scope="session")
 def big_vocab_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerBase) -> Path:
     """A teacher whose logits have 151,936 classes while its (tiny) tokenizer has 384 tokens, like
     Qwen3's padded output layer. Hidden 16, 1 layer, tied embeddings (~10 MB)."""
-    model = make_tiny.make_llama(
-        BIG_VOCAB, hidden=16, layers=1, heads=4, seed=3, tie=True, **_special_ids(tiny_tokenizer)
-    )
-    return _save(model, tiny_tokenizer, tmp_path_factory.mktemp("big_vocab_teacher"))
+    out = tmp_path_factory.mktemp("big_vocab_teacher")
+    return save_tiny_model(out, tiny_tokenizer, vocab=BIG_VOCAB, hidden=16, layers=1, heads=4, seed=3, tie=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import make_tiny
@@ -186,8 +187,8 @@ def test_unknown_model_type(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     assert str(tmp_path) in str(e.value)
 
 
-def test_missing_tokenizer_files(tmp_path: Path) -> None:
-    make_tiny.make_llama(300, hidden=16, layers=1).save_pretrained(str(tmp_path))
+def test_missing_tokenizer_files(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    tiny_model(tmp_path, vocab=300, hidden=16, layers=1)
     assert load_causal_lm(tmp_path, device="cpu") is not None  # the model itself is fine
     with pytest.raises(ModelError, match="no tokenizer files") as e:
         load_tokenizer(tmp_path)

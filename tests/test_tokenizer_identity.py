@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, Qwen2TokenizerFast
+from transformers import PreTrainedTokenizerBase, Qwen2TokenizerFast
 
 from selkd.cache import format as fmt
 from selkd.cache import open_cache
@@ -24,29 +24,26 @@ SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def qwen2_teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+def qwen2_teacher_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_model: Callable[..., Path]
+) -> Path:
     """A tiny Qwen2 model with the conftest's tokenizer.json and the tokenizer_config.json that Qwen2's own
     tokenizer class saves (Qwen2Tokenizer, unk_token <|endoftext|>, as Qwen2 checkpoints have). The class
     re-serializes tokenizer.json with its own pre-tokenizer, so the shared file is copied back: a Llama
     distilled from a Qwen model ships the teacher's tokenizer.json unchanged."""
-    out = tmp_path_factory.mktemp("qwen2_teacher")
     tok = Qwen2TokenizerFast.from_pretrained(str(tiny_tokenizer_dir))
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    out = tiny_model(
+        tmp_path_factory.mktemp("qwen2_teacher"),
+        tok,
+        hidden=32,
+        intermediate=64,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        max_pos=256,
+        seed=0,
+        arch="qwen2",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
     shutil.copyfile(tiny_tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
     return out
 

@@ -607,21 +607,12 @@ def test_student_vocabulary_smaller_than_the_cache(
 
 
 @pytest.fixture(scope="module")
-def padded_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+def padded_student_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_model: Callable[..., Path]
+) -> Path:
     """The tiny student's architecture with a padded vocabulary: 512 logits for the 384 tokens."""
-    import make_tiny
-
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    model = make_tiny.make_llama(
-        512,
-        hidden=32,
-        layers=1,
-        seed=1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return make_tiny.save_model(model, tok, tmp_path_factory.mktemp("padded_student"))
+    return tiny_model(tmp_path_factory.mktemp("padded_student"), tok, vocab=512, hidden=32, layers=1, seed=1)
 
 
 @pytest.mark.parametrize(("cache", "loss"), [("full", "fkl"), ("full", "rkl"), ("full", "jsd"), ("topk", "fkl")])

@@ -18,35 +18,43 @@ It is also imported by the tests (``tests/conftest.py`` puts ``tools/`` on ``sys
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import sysconfig
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from selkd.trainer.demo import STDLIB_EXCLUDED_DIRS, chunk_text
-from selkd.trainer.demo.models import n_params
+# The library's demo owns the corpus rules, the tokenizer and model recipes and saving; this script
+# adds the ChatML chat template and the step-budgeted teacher training, and keeps the names the tests
+# and benchmarks import.
+from selkd.trainer.demo import chunk_text
+from selkd.trainer.demo.corpus import stdlib_documents as stdlib_files
+from selkd.trainer.demo.corpus import write_rows
+from selkd.trainer.demo.models import make_llama as _demo_llama
+from selkd.trainer.demo.models import n_params, save_model, special_ids, train_tokenizer
+from selkd.trainer.demo.settings import EOS_TOKEN, PAD_TOKEN, Shape
 from selkd.trainer.demo.util import human_bytes
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+__all__ = [
+    "CHAT_TEMPLATE",
+    "chunk_text",
+    "main",
+    "make_llama",
+    "save_model",
+    "special_ids",
+    "stdlib_files",
+    "stdlib_texts",
+    "train_bpe_tokenizer",
+    "train_lm",
+    "write_jsonl",
+]
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
 
 # ChatML-style template. The {% generation %} markers let `apply_chat_template(...,
 # return_assistant_tokens_mask=True)` mark the assistant tokens, which chat distillation needs.
@@ -63,52 +71,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# the library's demo owns the corpus rules and the small formatting helpers; this script reuses them
-
-
-# ----------------------------------------------------------------------------- corpus
-
-
-def _stdlib_paths(root: Path) -> list[Path]:
-    """Every ``.py`` under ``root`` outside the excluded directories, sorted by relative path."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
-        found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def stdlib_files(max_files: int | None = None, max_bytes: int | None = None) -> list[tuple[str, str]]:
-    """``(relative path, source)`` of the running interpreter's standard-library ``.py`` files.
-
-    Sorted by path so that the same interpreter always yields the same list; test suites, IDLE and
-    installed packages are skipped (they are huge, or not the stdlib). ``max_bytes`` bounds the total
-    size: files are taken in path order, skipping any that would overflow the budget, so the corpus
-    fills it closely even when one module is large."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out: list[tuple[str, str]] = []
-    total = 0
-    for p in _stdlib_paths(root):
-        if max_files is not None and len(out) >= max_files:
-            break
-        if max_bytes is not None:
-            if max_bytes - total < 256:
-                break
-            try:
-                if total + p.stat().st_size > max_bytes:
-                    continue
-            except OSError:
-                continue
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if not text.strip():
-            continue
-        out.append((p.relative_to(root).as_posix(), text))
-        total += len(text.encode("utf-8"))
-    return out
-
 
 def stdlib_texts(max_files: int | None = None, max_bytes: int | None = None) -> list[str]:
     """The sources of :func:`stdlib_files`: a deterministic, offline, license-clean text corpus."""
@@ -117,54 +79,23 @@ def stdlib_texts(max_files: int | None = None, max_bytes: int | None = None) -> 
 
 def write_jsonl(path: Path, texts: Iterable[str]) -> int:
     """Write ``{"text": ...}`` rows; returns the number of rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-# ----------------------------------------------------------------------------- tokenizer
+    rows = list(texts)
+    write_rows(path, rows)
+    return len(rows)
 
 
 def train_bpe_tokenizer(
     texts: Iterable[str], vocab_size: int, out_dir: Path | str | None = None
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (GPT-2/Qwen style: no unknown tokens, any text round-trips).
+    """The demo's byte-level BPE plus ``<|im_start|>``/``<|im_end|>`` and the ChatML chat template.
 
-    ``<|endoftext|>`` is both eos and bos, ``<|pad|>`` is pad, and ``<|im_start|>``/``<|im_end|>`` carry
-    the chat template. ``vocab_size`` counts all of them plus the 256 byte symbols. Training is
-    deterministic for the same texts. Saved with ``save_pretrained`` when ``out_dir`` is given."""
-    min_size = 256 + len(SPECIAL_TOKENS) + 1
-    if vocab_size < min_size:
-        raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + special tokens + 1 merge)")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=1_000_000,
-    )
+    ``vocab_size`` counts all special tokens plus the 256 byte symbols. Saved with ``save_pretrained``
+    when ``out_dir`` is given."""
+    fast = train_tokenizer(list(texts), vocab_size, extra_special=(IM_START, IM_END))
     fast.chat_template = CHAT_TEMPLATE
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
-
-
-# ----------------------------------------------------------------------------- model
 
 
 def make_llama(
@@ -182,52 +113,19 @@ def make_llama(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama; the same arguments always give the same weights.
+    """The demo's randomly initialised Llama, in eval mode; the same arguments always give the same weights.
 
-    The global torch RNG is left untouched (the init runs under ``fork_rng``), so building a fixture
-    model does not change the random stream of the code under test. ``intermediate`` defaults to
-    ``4 * hidden``; ``tie=True`` shares input and output embeddings, which keeps huge-vocab models small."""
+    The global torch RNG is left untouched, so building a fixture model does not change the random
+    stream of the code under test. ``intermediate`` defaults to ``4 * hidden``; ``tie=True`` shares
+    input and output embeddings, which keeps huge-vocab models small."""
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     kv = heads if kv_heads is None else kv_heads
     if heads % kv:
         raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv})")
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate if intermediate is not None else 4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=tie,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.eval()
-
-
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path | str) -> Path:
-    """``save_pretrained`` the model (safetensors) and the tokenizer into one directory.
-
-    The model's bos/eos/pad ids are set from the tokenizer first, so that generation and the saved
-    config agree with the tokenizer that ships next to them."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        for name in ("bos", "eos", "pad"):
-            tid = getattr(tokenizer, f"{name}_token_id", None)
-            setattr(model.config, f"{name}_token_id", tid)
-            if getattr(model, "generation_config", None) is not None:
-                setattr(model.generation_config, f"{name}_token_id", tid)
-    model.save_pretrained(str(out), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    shape = Shape(hidden, layers, heads, intermediate if intermediate is not None else 4 * hidden)
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return _demo_llama(shape, vocab_size, max_pos, seed, kv_heads=kv, tie=tie, **ids).eval()
 
 
 def train_lm(
@@ -378,11 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids.append(tok.eos_token_id)
     print(f"      {len(tok)} tokens; corpus = {len(ids):,} tokens ({sum(map(len, texts)) / len(ids):.2f} chars/token)")
 
-    token_ids = {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+    token_ids = special_ids(tok)
     print(f"[3/4] building the teacher (hidden {args.hidden}, {_plural(args.layers, 'layer')}) ...", flush=True)
     teacher = make_llama(
         len(tok),

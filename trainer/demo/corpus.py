@@ -12,22 +12,38 @@ from pathlib import Path
 from selkd.trainer.demo.settings import CHUNK_CHARS, STDLIB_EXCLUDED_DIRS
 
 
-def stdlib_documents() -> list[tuple[str, str]]:
+def stdlib_documents(max_files: int | None = None, max_bytes: int | None = None) -> list[tuple[str, str]]:
     """``(relative path, source)`` of the interpreter's standard-library ``.py`` files, test suites,
-    IDLE and installed packages excluded: real text present on every machine."""
+    IDLE and installed packages excluded: real text present on every machine, sorted by path so the
+    same interpreter always gives the same list.
+
+    ``max_bytes`` bounds the total size (UTF-8): files are taken in path order, skipping any that would
+    overflow the budget, so the corpus fills it closely even when one module is large."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    out = []
+    out: list[tuple[str, str]] = []
+    total = 0
     for p in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        if max_files is not None and len(out) >= max_files:
+            break
+        if max_bytes is not None:
+            if max_bytes - total < 256:
+                break
+            try:
+                if total + p.stat().st_size > max_bytes:
+                    continue
+            except OSError:
+                continue
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
         if text.strip():
             out.append((p.relative_to(root).as_posix(), text))
+            total += len(text.encode("utf-8"))
     return out
 
 

@@ -15,50 +15,90 @@ from selkd.trainer.demo.settings import EOS_TOKEN, PAD_TOKEN, Shape
 from selkd.trainer.demo.util import say
 
 
-def train_tokenizer(texts: Sequence[str], vocab: int, out_dir: Path) -> Any:
-    """A byte-level BPE (no unknown tokens; ``<|endoftext|>`` is eos and bos, ``<|pad|>`` pad), saved
-    with ``save_pretrained`` so every selkd command loads it like any Hugging Face tokenizer."""
+def train_tokenizer(
+    texts: Sequence[str], vocab: int, out_dir: Path | None = None, extra_special: Sequence[str] = ()
+) -> Any:
+    """A byte-level BPE (GPT-2/Qwen style: no unknown tokens, any text round-trips; ``<|endoftext|>`` is
+    eos and bos, ``<|pad|>`` pad, then ``extra_special``), saved with ``save_pretrained`` into ``out_dir``
+    if given, so every selkd command loads it like any Hugging Face tokenizer. ``vocab`` counts the
+    special tokens and the 256 byte symbols. Deterministic for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = [EOS_TOKEN, PAD_TOKEN, *extra_special]
+    min_size = 256 + len(special) + 1
+    if vocab < min_size:
+        raise ValueError(f"vocab_size must be at least {min_size} (256 bytes + special tokens + 1 merge)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    extra = {"additional_special_tokens": list(extra_special)} if extra_special else {}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=1 << 30
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=1 << 30,
+        **extra,
     )
-    fast.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
     return fast
 
 
-def make_llama(shape: Shape, tokenizer: Any, max_pos: int, seed: int) -> Any:
-    """A randomly initialised Llama (same arguments, same weights; the global RNG is left alone)."""
+def special_ids(tokenizer: Any) -> dict[str, int | None]:
+    """The tokenizer's bos/eos/pad ids as model config keys."""
+    return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+
+
+def make_llama(
+    shape: Shape, vocab: int, max_pos: int, seed: int, *, kv_heads: int | None = None, tie: bool = False, **ids: Any
+) -> Any:
+    """A randomly initialised Llama of ``vocab`` logits (same arguments, same weights; the global RNG is
+    left alone). ``kv_heads`` defaults to ``shape.heads``; ``tie`` shares input and output embeddings;
+    ``ids``: bos/eos/pad token ids (:func:`special_ids`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
+        num_key_value_heads=shape.heads if kv_heads is None else kv_heads,
         max_position_embeddings=max_pos,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie,
+        **ids,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+def save_model(model: Any, tokenizer: Any | None, out_dir: Path | str) -> Path:
+    """``save_pretrained`` the model (safetensors) and the tokenizer into one directory.
+
+    The model's bos/eos/pad ids are set from the tokenizer first, so that generation and the saved
+    config agree with the tokenizer that ships next to them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        for key, tid in special_ids(tokenizer).items():
+            setattr(model.config, key, tid)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, tid)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
 
 
 def n_params(model: torch.nn.Module) -> int:

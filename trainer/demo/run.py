@@ -20,7 +20,15 @@ import torch
 
 from selkd.trainer.demo.corpus import split_documents, stdlib_documents, user_documents, write_rows
 from selkd.trainer.demo.machine import default_threads, machine_info, peak_memory_mb, reset_peak_memory
-from selkd.trainer.demo.models import make_llama, n_params, pretrain_lm, score_sequences, train_tokenizer
+from selkd.trainer.demo.models import (
+    make_llama,
+    n_params,
+    pretrain_lm,
+    save_model,
+    score_sequences,
+    special_ids,
+    train_tokenizer,
+)
 from selkd.trainer.demo.report import DemoResult, Row, format_table, make_plots, read_metrics, write_report
 from selkd.trainer.demo.settings import (
     BUDGETS,
@@ -87,8 +95,7 @@ def _ensure_model(
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
+    save_model(model, tokenizer, tmp)
     record = {"key": key, "what": what, **record}
     write_json(tmp / "selkd-demo.json", record)
     tmp.rename(directory)
@@ -303,7 +310,7 @@ class _Pretraining:
 
         def build() -> tuple[Any, dict[str, Any]]:
             pool = self.pool()
-            model = make_llama(shape, self.tokenizer, max_pos=budget.seq_len, seed=seed)
+            model = make_llama(shape, len(self.tokenizer), budget.seq_len, seed, **special_ids(self.tokenizer))
             spend = seconds if plan is None else plan()
             say(
                 f"      {n_params(model) / 1e6:.2f}M params ({shape.describe()}); {spend:.0f} s of CE on "
