@@ -222,47 +222,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, if anything (one line, exit 2)."""
+    for name in ("vocab", "hidden", "layers", "heads", "max_pos", "corpus_bytes", "chunk_chars", "batch", "seq_len"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive"
+    if args.train_steps < 0:
+        return "--train-steps must be >= 0"
+    for label, h in (("--hidden", args.hidden), ("--student-hidden", args.student_hidden)):
+        if h % args.heads or (h // args.heads) % 2:
+            return f"{label} {h} must be a multiple of --heads {args.heads} with an even head size"
+    return None
+
+
+def _corpus(args: argparse.Namespace, path: Path) -> tuple[list[str], int]:
+    """Standard-library sources (about ``--corpus-bytes``) as ``{"text": ...}`` rows of at most
+    ``--chunk-chars`` in ``path``: the texts and the number of rows."""
+    print(f"[1/4] reading standard-library sources (~{human_bytes(args.corpus_bytes)}) ...", flush=True)
+    files = stdlib_files(max_bytes=args.corpus_bytes)
+    texts = [t for _, t in files]
+    n_rows = write_jsonl(path, [piece for t in texts for piece in chunk_text(t, args.chunk_chars)])
+    print(f"      {len(files)} files -> {n_rows} rows in {path}", flush=True)
+    return texts, n_rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in (
-        "vocab",
-        "hidden",
-        "layers",
-        "heads",
-        "max_pos",
-        "corpus_bytes",
-        "chunk_chars",
-        "batch",
-        "seq_len",
-    ):
-        if getattr(args, name) <= 0:
-            print(f"make_tiny.py: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
-    if args.train_steps < 0:
-        print("make_tiny.py: error: --train-steps must be >= 0", file=sys.stderr)
+    args.student_hidden = args.student_hidden or max(args.heads * 4, args.hidden // 2)
+    args.student_layers = args.student_layers or max(1, args.layers // 2)
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"make_tiny.py: error: {problem}", file=sys.stderr)
         return 2
-    s_hidden = args.student_hidden or max(args.heads * 4, args.hidden // 2)
-    s_layers = args.student_layers or max(1, args.layers // 2)
-    for label, h in (("--hidden", args.hidden), ("--student-hidden", s_hidden)):
-        if h % args.heads or (h // args.heads) % 2:
-            print(
-                f"make_tiny.py: error: {label} {h} must be a multiple of --heads {args.heads} with an even head size",
-                file=sys.stderr,
-            )
-            return 2
 
     transformers.utils.logging.disable_progress_bar()  # our own progress lines are enough
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-
-    print(f"[1/4] reading standard-library sources (~{human_bytes(args.corpus_bytes)}) ...", flush=True)
-    files = stdlib_files(max_bytes=args.corpus_bytes)
-    texts = [t for _, t in files]
-    rows = [piece for t in texts for piece in chunk_text(t, args.chunk_chars)]
     corpus_path = out / "corpus.jsonl"
-    n_rows = write_jsonl(corpus_path, rows)
-    print(f"      {len(files)} files -> {n_rows} rows in {corpus_path}", flush=True)
+    texts, n_rows = _corpus(args, corpus_path)
 
     print(f"[2/4] training a byte-level BPE tokenizer (vocab {args.vocab}) ...", flush=True)
     try:
@@ -276,17 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids.append(tok.eos_token_id)
     print(f"      {len(tok)} tokens; corpus = {len(ids):,} tokens ({sum(map(len, texts)) / len(ids):.2f} chars/token)")
 
-    token_ids = special_ids(tok)
+    shared = {"heads": args.heads, "max_pos": args.max_pos, **special_ids(tok)}
     print(f"[3/4] building the teacher (hidden {args.hidden}, {_plural(args.layers, 'layer')}) ...", flush=True)
-    teacher = make_llama(
-        len(tok),
-        hidden=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        max_pos=args.max_pos,
-        seed=args.seed,
-        **token_ids,
-    )
+    teacher = make_llama(len(tok), hidden=args.hidden, layers=args.layers, seed=args.seed, **shared)
     if args.train_steps > 0:
         if len(ids) < args.seq_len:
             print("make_tiny.py: error: corpus too small for --seq-len; raise --corpus-bytes", file=sys.stderr)
@@ -299,16 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_lm(teacher, ids, args.train_steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     teacher_dir = save_model(teacher, tok, out / "teacher")
 
+    s_hidden, s_layers = args.student_hidden, args.student_layers
     print(f"[4/4] building the student (hidden {s_hidden}, {_plural(s_layers, 'layer')}) ...", flush=True)
-    student = make_llama(
-        len(tok),
-        hidden=s_hidden,
-        layers=s_layers,
-        heads=args.heads,
-        max_pos=args.max_pos,
-        seed=args.seed + 1,
-        **token_ids,
-    )
+    student = make_llama(len(tok), hidden=s_hidden, layers=s_layers, seed=args.seed + 1, **shared)
     student_dir = save_model(student, tok, out / "student")
 
     trained = f", trained {args.train_steps} steps" if args.train_steps else ", random init"
