@@ -22,7 +22,8 @@ torch only where tensors are made, so ``verify`` and ``info`` do not need it to 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,16 +43,28 @@ Arrays = Mapping[str, np.ndarray]  # a part's (or a range's) arrays by name
 MASS_TOL = 0.02
 
 
-def _sparse(mode: str, ids: Any, logprobs: Any, tail: Any = None, num_draws: int = 0) -> SparseTargets:
-    """SparseTargets from tensors or numpy arrays (converted without a copy)."""
+@functools.cache
+def _tensors() -> tuple[Callable[[np.ndarray], torch.Tensor], type[SparseTargets]]:
+    """``torch.from_numpy`` and SparseTargets, imported on first use (and once: an import statement per
+    sequence read would cost as much as building its targets)."""
     import torch
 
     from selkd.cache.targets import SparseTargets
 
-    def tensor(x: Any) -> torch.Tensor | None:
-        return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    return torch.from_numpy, SparseTargets
 
-    return SparseTargets(mode, tensor(ids), tensor(logprobs), tensor(tail), num_draws)  # type: ignore[arg-type]
+
+def _from_tensors(mode: str, ids: Any, logprobs: Any, tail: Any = None, num_draws: int = 0) -> SparseTargets:
+    return _tensors()[1](mode, ids, logprobs, tail, num_draws)
+
+
+def _from_numpy(
+    mode: str, ids: np.ndarray | None, logprobs: np.ndarray, tail: np.ndarray | None = None, num_draws: int = 0
+) -> SparseTargets:
+    """SparseTargets over numpy arrays (no copy)."""
+    from_numpy, sparse_targets = _tensors()
+    ids_t = None if ids is None else from_numpy(ids)
+    return sparse_targets(mode, ids_t, from_numpy(logprobs), None if tail is None else from_numpy(tail), num_draws)
 
 
 def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -148,7 +161,7 @@ class TopkCodec(TargetCodec):
         logp = _log_softmax(x, temperature)
         vals, ids = logp.topk(k, dim=-1)
         tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-        return _sparse(self.name, ids, vals, tail)
+        return _from_tensors(self.name, ids, vals, tail)
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
         bits = targets.logprobs.cpu().numpy().astype(np.float16).view(np.uint16)
@@ -165,7 +178,7 @@ class TopkCodec(TargetCodec):
         return {"class_logprobs": np.cumsum(arrays["class_logprobs"], axis=1, dtype=np.uint16).view(np.float16)}
 
     def targets(self, arrays: Arrays, decoded: Arrays, j: int, rows: slice, k: int) -> SparseTargets:
-        return _sparse(
+        return _from_numpy(
             self.name,
             arrays["class_ids"][rows].astype(np.int64),
             decoded["class_logprobs"][rows].astype(np.float32),
@@ -220,7 +233,7 @@ class SampleCodec(TargetCodec):
         from selkd.cache.classes import sample_counts
 
         ids, counts = sample_counts(probs if probs is not None else (x / temperature).softmax(-1), k, generator)
-        return _sparse(self.name, ids, (counts.float() / k).log(), None, k)  # -inf at padding (count 0)
+        return _from_tensors(self.name, ids, (counts.float() / k).log(), None, k)  # -inf at padding (count 0)
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
         """Padded [T, U] ids (ascending within a row) with counts (0 = padding) -> the kept entries."""
@@ -250,7 +263,7 @@ class SampleCodec(TargetCodec):
         counts = fmt.pad_rows(arrays["class_counts"][entries], num, 0, np.int64)
         logprobs = np.log(np.where(counts > 0, counts, 1) / k).astype(np.float32)
         logprobs[counts == 0] = -np.inf
-        return _sparse(self.name, ids, logprobs, None, k)
+        return _from_numpy(self.name, ids, logprobs, None, k)
 
     def check(self, arrays: Arrays, decoded: Arrays, n_targets: int, vocab: int, k: int) -> Iterator[tuple[str, str]]:
         num = arrays["num_classes"].astype(np.int64)
@@ -303,13 +316,13 @@ class FullCodec(TargetCodec):
         generator: torch.Generator | None,
         probs: torch.Tensor | None,
     ) -> SparseTargets:
-        return _sparse(self.name, None, _log_softmax(x, temperature))
+        return _from_tensors(self.name, None, _log_softmax(x, temperature))
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
         return {"class_logprobs": targets.logprobs.cpu().numpy().astype(np.float16)}
 
     def targets(self, arrays: Arrays, decoded: Arrays, j: int, rows: slice, k: int) -> SparseTargets:
-        return _sparse(self.name, None, arrays["class_logprobs"][rows].astype(np.float32))
+        return _from_numpy(self.name, None, arrays["class_logprobs"][rows].astype(np.float32))
 
     def check(self, arrays: Arrays, decoded: Arrays, n_targets: int, vocab: int, k: int) -> Iterator[tuple[str, str]]:
         full = arrays["class_logprobs"].astype(np.float32)
