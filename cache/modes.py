@@ -67,7 +67,7 @@ class TargetMode:
         return None
 
 
-# In the order --help and messages list them.
+# In the order messages list them.
 MODES: dict[str, TargetMode] = {
     m.name: m
     for m in (
