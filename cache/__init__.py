@@ -1,6 +1,7 @@
 """selkd.cache: build, inspect, verify and read sharded Zarr caches of sparse teacher targets."""
 
-from selkd.cache.classes import ClassSpec, TeacherOutputs, teacher_outputs
+from selkd.cache.classes import TeacherOutputs, teacher_outputs
+from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import (
     CacheCorruptError,
     CachedSequence,

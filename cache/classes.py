@@ -1,7 +1,9 @@
 """Teacher logits -> SparseTargets (class selection) and the per-position teacher scalars.
 
 Everything here is vectorised torch over positions (no per-row Python loops) and processed in
-chunks of positions so that ``[chunk, V]`` fp32 temporaries stay small at V = 151,936.
+chunks of positions so that ``[chunk, V]`` fp32 temporaries stay small at V = 151,936. Which classes
+a mode keeps is its codec's ``select`` (:mod:`selkd.cache.codecs`); ``sample:N`` draws with
+:func:`sample_counts`.
 """
 
 from __future__ import annotations
@@ -10,42 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from selkd.cache.modes import ClassSpec
 from selkd.cache.targets import SparseTargets
-
-MAX_DRAWS = 255  # counts are stored as uint8
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """Which classes to keep per position: ``topk:K``, ``sample:N`` or ``full``."""
-
-    mode: str
-    k: int = 0  # K for topk, N for sample, 0 for full
-
-    @classmethod
-    def parse(cls, text: str) -> ClassSpec:
-        text = text.strip()
-        if text == "full":
-            return cls("full", 0)
-        name, sep, num = text.partition(":")
-        if name not in ("topk", "sample") or not sep:
-            raise ValueError(f"--classes {text!r}: expected topk:K, sample:N or full")
-        try:
-            k = int(num)
-        except ValueError:
-            raise ValueError(f"--classes {text!r}: {num!r} is not a whole number") from None
-        if name == "sample" and not 1 <= k <= MAX_DRAWS:
-            raise ValueError(f"--classes {text!r}: N must be between 1 and {MAX_DRAWS} (counts are stored as uint8)")
-        if name == "topk" and k < 1:
-            raise ValueError(f"--classes {text!r}: K must be >= 1")
-        return cls(name, k)
-
-    def check_vocab(self, vocab_size: int) -> None:
-        if self.mode == "topk" and self.k > vocab_size:
-            raise ValueError(f"--classes topk:{self.k}: K is larger than the teacher's vocabulary ({vocab_size})")
-
-    def __str__(self) -> str:
-        return "full" if self.mode == "full" else f"{self.mode}:{self.k}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +71,7 @@ def _chunk_outputs(
     spec: ClassSpec,
     temperature: float,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> TeacherOutputs:
     x = logits.float()
     # One fused pass instead of log_softmax + exp + product: H = logsumexp(x) - sum(p * x).
     m = x.amax(-1, keepdim=True)
@@ -117,21 +85,10 @@ def _chunk_outputs(
         xb, pb = x[bad], p1[bad]
         entropy[bad] = lse[bad] - (pb * torch.where(pb > 0, xb, torch.zeros_like(xb))).sum(-1)
     next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
-    if spec.mode == "sample":
-        probs = p1 if temperature == 1.0 else torch.softmax(x / temperature, dim=-1)
-        ids, counts = sample_counts(probs, spec.k, generator)
-        lp = torch.log(counts.float() / spec.k)  # -inf at padding (count 0)
-        return ids, lp, None, entropy, next_lp
-    del p1
-    logp = torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
-    if spec.mode == "full":
-        return None, logp, None, entropy, next_lp
-    if spec.mode == "topk":
-        vals, ids = torch.topk(logp, spec.k, dim=-1)
-        rest = logp.scatter(-1, ids, float("-inf"))
-        tail = torch.logsumexp(rest, dim=-1)
-        return ids, vals, tail, entropy, next_lp
-    raise AssertionError(spec.mode)
+    codec = spec.codec
+    probs = p1 if codec.uses_probs and temperature == 1.0 else None
+    del p1  # [chunk, V]: freed before the codec makes its own, unless it takes it
+    return TeacherOutputs(codec.select(x, temperature, spec.k, generator, probs), entropy, next_lp)
 
 
 def teacher_outputs(
@@ -159,20 +116,8 @@ def teacher_outputs(
     ]
     if not parts:
         parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator)]
-    entropy = torch.cat([p[3] for p in parts])
-    next_lp = torch.cat([p[4] for p in parts])
-    if spec.mode == "sample":
-        width = max(p[1].shape[1] for p in parts)
-        ids = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1])) for p in parts])  # type: ignore[arg-type]
-        lp = torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=float("-inf")) for p in parts])
-        targets = SparseTargets("sample", ids, lp, None, spec.k)
-    elif spec.mode == "topk":
-        targets = SparseTargets(
-            "topk",
-            torch.cat([p[0] for p in parts]),  # type: ignore[misc]
-            torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]),  # type: ignore[misc]
-        )
-    else:
-        targets = SparseTargets("full", None, torch.cat([p[1] for p in parts]))
-    return TeacherOutputs(targets, entropy, next_lp)
+    return TeacherOutputs(
+        SparseTargets.concat([p.targets for p in parts]),
+        torch.cat([p.entropy for p in parts]),
+        torch.cat([p.next_logprob for p in parts]),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from selkd.cache.classes import ClassSpec
+from selkd.cache.modes import ClassSpec
 from selkd.cache.options import check, opt
 
 SAMPLE_SIGNALS = ("student-entropy", "teacher-entropy", "random")

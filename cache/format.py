@@ -1,12 +1,12 @@
-"""The selkd cache format, version 2: names, dtypes, chunking, checksums and the target encodings.
+"""The selkd cache format, version 2: names, dtypes, chunking, checksums and the shared encodings.
 
-This module is the single source of truth for the on-store layout (docs/cache-format.md describes
-the same thing for people who read a cache with zarr alone). It is pure numpy: the writer encodes
-with it, the reader and ``verify`` decode with it.
+This module and :mod:`selkd.cache.codecs` (the arrays each target mode adds, and how they are encoded)
+are the single source of truth for the on-store layout (docs/cache-format.md describes the same thing
+for people who read a cache with zarr alone). It is pure numpy.
 
 Per part ``parts/<name>/`` (a zarr group), with S sequences, P tokens and T = P - S target
 positions (a sequence of L tokens has L - 1 next-token targets; target j of sequence i sits at
-``seq_offsets[i] - i + j``):
+``seq_offsets[i] - i + j``), every mode stores:
 
 =================  ============  =========  ===============================================
 array              dtype         shape      meaning
@@ -17,21 +17,11 @@ input_ids          int32         [P]        the tokens
 doc_start          bool          [P]        True at the first token of a document
 teacher_entropy    float16       [T]        teacher entropy at T=1 (nats), full distribution
 teacher_logprob    float16       [T]        teacher log-prob (T=1) of the actual next token
--- sample:N --
-num_classes        uint8         [T]        unique ids kept at each position
-class_offsets      int64         [S+1]      entry offsets of each sequence's first target
-class_ids          int32         [E]        ids ascending within a position, delta-coded
-class_counts       uint8         [E]        draw counts (sum to N per position)
--- topk:K --
-class_ids          int32         [T, K]     ids in rank order (largest log-prob first)
-class_logprobs     uint16        [T, K]     float16 bit patterns, delta-coded along K mod 2^16
-tail_logmass       float16       [T]        log of the teacher mass outside the K ids
--- full --
-class_logprobs     float16       [T, V]     every log-prob
 =================  ============  =========  ===============================================
 
-Both delta codings are lossless and exist only because they compress: sorted ids become small
-gaps, and descending negative float16 values have increasing bit patterns.
+and then the arrays of its target mode (``sample:N``, ``topk:K``, ``full``: see each codec). An
+array's :class:`ArraySpec` says what its rows are (``per``), which is all the reader needs to find the
+rows of a range of sequences (:func:`range_rows`).
 
 Version 2 ends every inner chunk with a crc32c checksum of its compressed bytes (zarr v3's ``crc32c``
 codec after the compressor, inside the sharding codec), so every read, of a whole array or of a few
@@ -41,6 +31,7 @@ only the whole-array sha256 of the commit records covers its chunks. Both are re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,10 +58,15 @@ CHUNK_BYTES = 1 << 18
 
 @dataclass(frozen=True)
 class ArraySpec:
+    """One stored array. ``per`` says what its rows are: ``seq`` (one per sequence), ``seq+1`` (offsets:
+    S + 1 rows, the first 0), ``token``, ``target`` (target position) or ``entry`` (rows delimited per
+    sequence by the part's other ``seq+1`` array, e.g. sample mode's ``class_offsets``). ``width``: the
+    second dimension, None (none), ``k`` (the mode's K) or ``vocab``."""
+
     name: str
     dtype: str
-    per: str  # "seq", "seq+1", "token", "target", "entry"
-    width: str | None = None  # None, "k" or "vocab": second dimension
+    per: str
+    width: str | None = None
 
 
 COMMON_ARRAYS: tuple[ArraySpec, ...] = (
@@ -81,29 +77,11 @@ COMMON_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("teacher_entropy", "float16", "target"),
     ArraySpec("teacher_logprob", "float16", "target"),
 )
-MODE_ARRAYS: dict[str, tuple[ArraySpec, ...]] = {
-    "sample": (
-        ArraySpec("num_classes", "uint8", "target"),
-        ArraySpec("class_offsets", "int64", "seq+1"),
-        ArraySpec("class_ids", "int32", "entry"),
-        ArraySpec("class_counts", "uint8", "entry"),
-    ),
-    "topk": (
-        ArraySpec("class_ids", "int32", "target", "k"),
-        ArraySpec("class_logprobs", "uint16", "target", "k"),
-        ArraySpec("tail_logmass", "float16", "target"),
-    ),
-    "full": (ArraySpec("class_logprobs", "float16", "target", "vocab"),),
-}
 
 
 def chunk_checksums(version: int) -> bool:
     """Whether every inner chunk of a cache of this format version ends with a crc32c checksum."""
     return version >= 2
-
-
-def array_specs(mode: str) -> tuple[ArraySpec, ...]:
-    return COMMON_ARRAYS + MODE_ARRAYS[mode]
 
 
 def part_name(index: int) -> str:
@@ -117,6 +95,21 @@ def score_part_name(index: int) -> str:
 def chunk_rows(row_bytes: int, n_rows: int) -> int:
     """Rows per inner chunk: about CHUNK_BYTES uncompressed, at least 1, at most n_rows."""
     return max(1, min(max(n_rows, 1), CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def range_rows(
+    specs: tuple[ArraySpec, ...], heads: Mapping[str, np.ndarray], start: int, stop: int
+) -> dict[str, slice]:
+    """The rows of every array but the offsets that sequences ``start .. stop - 1`` of a part occupy.
+
+    ``heads``: rows ``start .. stop`` (inclusive) of every ``seq+1`` array of ``specs``, by name."""
+    seq = heads["seq_offsets"]
+    a, b = int(seq[0]), int(seq[-1])
+    rows = {"seq": slice(start, stop), "token": slice(a, b), "target": slice(a - start, b - stop)}
+    for name, offsets in heads.items():  # a mode has at most one entry offsets array (tests/test_codecs.py)
+        if name != "seq_offsets":
+            rows["entry"] = slice(int(offsets[0]), int(offsets[-1]))
+    return {spec.name: rows[spec.per] for spec in specs if spec.per != "seq+1"}
 
 
 # --- encodings ---------------------------------------------------------------------------------
@@ -149,36 +142,6 @@ def delta_decode_segments(deltas: np.ndarray, lengths: np.ndarray) -> np.ndarray
     has_prev = (starts > 0) & (lengths > 0)
     base[has_prev] = cs[starts[has_prev] - 1]
     return cs - np.repeat(base, lengths)
-
-
-def encode_f16_rows(logprobs: np.ndarray) -> np.ndarray:
-    """[T, K] log-probs -> uint16 float16 bit patterns, delta-coded along K modulo 2^16."""
-    bits = logprobs.astype(np.float16).view(np.uint16)
-    out = bits.copy()
-    out[:, 1:] = bits[:, 1:] - bits[:, :-1]  # uint16 arithmetic wraps: lossless
-    return out
-
-
-def decode_f16_rows(encoded: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`encode_f16_rows`: [T, K] float16."""
-    bits = np.cumsum(encoded, axis=1, dtype=np.uint16)
-    return bits.view(np.float16)
-
-
-def encode_sample(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Padded [T, U] ids (ascending within a row) and counts (0 = padding) -> (num_classes [T] uint8,
-    class_ids [E] int32 delta-coded, class_counts [E] uint8)."""
-    keep = counts > 0
-    num = keep.sum(axis=1).astype(np.uint8)
-    flat_ids = ids[keep]
-    flat_counts = counts[keep].astype(np.uint8)
-    deltas = delta_encode_segments(flat_ids, num.astype(np.int64))
-    return num, deltas.astype(np.int32), flat_counts
-
-
-def decode_sample(num: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
-    """Absolute ids [E] int64 from the stored delta-coded ids."""
-    return delta_decode_segments(class_ids, num.astype(np.int64))
 
 
 def pad_rows(values: np.ndarray, lengths: np.ndarray, fill: float | int, dtype: np.dtype | type) -> np.ndarray:

@@ -1,9 +1,10 @@
 """CacheReader: the trainer's only way into a cache.
 
 It reads the build header and the commit records, sees only committed parts, decodes a part's
-arrays in one read (verifying their checksums), and reads any run of a part's sequences by slicing
-(zarr then reads only the inner chunks that hold it): :meth:`CacheReader.read_range` is what
-training streams, :meth:`CacheReader.get` one sequence. All reading of part arrays goes through
+arrays in one read (verifying their checksums) with the target mode's codec
+(:mod:`selkd.cache.codecs`), and reads any run of a part's sequences by slicing (zarr then reads only
+the inner chunks that hold it): :meth:`CacheReader.read_range` is what training streams,
+:meth:`CacheReader.get` one sequence. All reading of part arrays goes through
 :meth:`CacheReader.read_slices`.
 
 Nothing in a cache's metadata is executed or followed outside the store: names that become store
@@ -34,12 +35,12 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 from zarr.api import asynchronous as zarr_async
 from zarr.core.array import AsyncArray
 from zarr.core.sync import sync
 
 from selkd.cache import format as fmt
+from selkd.cache.codecs import CODECS, TargetCodec
 from selkd.cache.errors import SelkdError
 from selkd.cache.scoring import committed_score_parts, sort_scores
 from selkd.cache.store import Storage, StoreError
@@ -221,6 +222,14 @@ class CacheReader:
         classes = self.header["classes"]
         self.mode: str = classes["mode"]
         self.k: int = int(classes["k"])
+        codec = CODECS.get(self.mode)
+        if codec is None:
+            raise _bad_metadata(
+                self.url,
+                "the build header",
+                f"unknown target mode {self.mode!r} (this selkd reads {', '.join(CODECS)})",
+            )
+        self.codec: TargetCodec = codec  # the mode's arrays, how they decode, what verify checks
         self.vocab_size: int = int(self.header["vocab_size"])
         self.max_seq_len: int = int(self.header["max_seq_len"])
         self.temperature: float = float(self.header["temperature"])
@@ -231,7 +240,7 @@ class CacheReader:
         present = set(self.storage.list_dir(fmt.PARTS_GROUP))
         self.lost_parts: list[str] = [p.name for p in committed if p.name not in present]
         self.parts: list[PartRecord] = [p for p in committed if p.name in present]
-        self._dtypes = {spec.name: spec.dtype for spec in fmt.array_specs(self.mode)}
+        self._dtypes = {spec.name: spec.dtype for spec in codec.specs}
         if require_complete and self.plan is None:
             raise CacheError(
                 f"{self.url}: incomplete cache: the build stopped before it wrote its part plan "
@@ -268,7 +277,7 @@ class CacheReader:
 
     def _committed_parts(self) -> list[PartRecord]:
         out = []
-        arrays_allowed = {spec.name for spec in fmt.array_specs(self.mode)} if self.mode in fmt.MODE_ARRAYS else set()
+        arrays_allowed = {spec.name for spec in self.codec.specs}
         for name in self.storage.list_dir(fmt.COMMITS_PREFIX):
             where = f"{fmt.COMMITS_PREFIX}/{name}"
             if not name.endswith(".json"):
@@ -369,31 +378,10 @@ class CacheReader:
             raise IndexError(f"{part.name}: range [{start}, {stop}) outside its {part.n_sequences} sequences")
         if arrays is None:
             arrays = self.open_part(part)
-        first = {"seq_offsets": slice(start, stop + 1)}
-        if self.mode == "sample":
-            first["class_offsets"] = slice(start, stop + 1)
-        head = self.read_slices(part, first, arrays)
-        offsets = head["seq_offsets"].astype(np.int64)
-        a, b = int(offsets[0]), int(offsets[-1])
-        ta, tb = a - start, b - stop  # target j of sequence i sits at seq_offsets[i] - i + j
-        slices = {
-            "seq_index": slice(start, stop),
-            "input_ids": slice(a, b),
-            "doc_start": slice(a, b),
-            "teacher_entropy": slice(ta, tb),
-            "teacher_logprob": slice(ta, tb),
-        }
-        out: dict[str, np.ndarray] = {"seq_offsets": offsets - a}
-        if self.mode == "sample":
-            coff = head["class_offsets"].astype(np.int64)
-            ca, cb = int(coff[0]), int(coff[-1])
-            out["class_offsets"] = coff - ca
-            slices.update(num_classes=slice(ta, tb), class_ids=slice(ca, cb), class_counts=slice(ca, cb))
-        elif self.mode == "topk":
-            slices.update({n: slice(ta, tb) for n in ("class_ids", "class_logprobs", "tail_logmass")})
-        else:
-            slices["class_logprobs"] = slice(ta, tb)
-        out.update(self.read_slices(part, slices, arrays))
+        specs = self.codec.specs
+        heads = self.read_slices(part, {s.name: slice(start, stop + 1) for s in specs if s.per == "seq+1"}, arrays)
+        out = {name: offsets.astype(np.int64) - int(offsets[0]) for name, offsets in heads.items()}
+        out.update(self.read_slices(part, fmt.range_rows(specs, heads, start, stop), arrays))
         return PartData(self, part, out)
 
     def read_part(self, part: str | PartRecord, verify: bool = True) -> PartData:
@@ -448,17 +436,13 @@ class CacheReader:
 
 
 class PartData:
-    """A part's decoded arrays; :meth:`sequence` slices one sequence out without further reads."""
+    """A part's (or a range's) arrays, decoded once by the mode's codec (``decoded``, by array name);
+    :meth:`sequence` slices one sequence out without further reads."""
 
     def __init__(self, reader: CacheReader, rec: PartRecord, arrays: Mapping[str, np.ndarray]) -> None:
         self.reader, self.rec, self.arrays = reader, rec, dict(arrays)
         self.offsets = self.arrays["seq_offsets"]
-        if reader.mode == "sample":
-            num = self.arrays["num_classes"]
-            self.abs_ids = fmt.decode_sample(num, self.arrays["class_ids"])
-            self.entry_starts = fmt.segment_starts(num.astype(np.int64))
-        elif reader.mode == "topk":
-            self.topk_logprobs = fmt.decode_f16_rows(self.arrays["class_logprobs"])
+        self.decoded = reader.codec.decode(self.arrays)
 
     def __len__(self) -> int:
         return int(self.arrays["seq_index"].shape[0])
@@ -466,32 +450,14 @@ class PartData:
     def sequence(self, j: int) -> CachedSequence:
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         ta, tb = a - j, b - j - 1
-        arrays, mode = self.arrays, self.reader.mode
-        if mode == "sample":
-            num = arrays["num_classes"][ta:tb].astype(np.int64)
-            ca, cb = int(arrays["class_offsets"][j]), int(arrays["class_offsets"][j + 1])
-            ids = fmt.pad_rows(self.abs_ids[ca:cb], num, 0, np.int64)
-            counts = fmt.pad_rows(arrays["class_counts"][ca:cb], num, 0, np.int64)
-            n = self.reader.k
-            logprobs = np.log(np.where(counts > 0, counts, 1) / n).astype(np.float32)
-            logprobs[counts == 0] = -np.inf
-            targets = SparseTargets("sample", torch.from_numpy(ids), torch.from_numpy(logprobs), None, n)
-        elif mode == "topk":
-            targets = SparseTargets(
-                "topk",
-                torch.from_numpy(arrays["class_ids"][ta:tb].astype(np.int64)),
-                torch.from_numpy(self.topk_logprobs[ta:tb].astype(np.float32)),
-                torch.from_numpy(arrays["tail_logmass"][ta:tb].astype(np.float32)),
-            )
-        else:
-            targets = SparseTargets("full", None, torch.from_numpy(arrays["class_logprobs"][ta:tb].astype(np.float32)))
+        arrays = self.arrays
         return CachedSequence(
             seq_index=int(arrays["seq_index"][j]),
             input_ids=arrays["input_ids"][a:b],
             doc_start=arrays["doc_start"][a:b],
             teacher_entropy=arrays["teacher_entropy"][ta:tb].astype(np.float32),
             teacher_logprob=arrays["teacher_logprob"][ta:tb].astype(np.float32),
-            targets=targets,
+            targets=self.reader.codec.targets(arrays, self.decoded, j, slice(ta, tb), self.reader.k),
         )
 
 

@@ -8,19 +8,18 @@ online mode makes it live, and every loss consumes it. Leading dimensions ``[...
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 
-Mode = Literal["sample", "topk", "full"]
-MODES: tuple[str, ...] = ("sample", "topk", "full")
+from selkd.cache.codecs import CODECS, codec_for
 
 
 @dataclass(frozen=True)
 class SparseTargets:
     """Teacher targets at a set of positions.
 
-    mode:          "sample" (RS-KD ids with counts), "topk" (k largest + tail), "full" (every class).
+    mode:          a target mode of :data:`selkd.cache.codecs.CODECS`: "sample" (RS-KD ids with counts),
+                   "topk" (k largest + tail), "full" (every class); its codec says which fields are given.
     ids:           [..., C] int64 class ids; None for "full", where class c is column c.
                    Padding slots (sample mode, fewer unique ids than C) have id 0 and logprob -inf.
     logprobs:      [..., C] float32. sample: log(count / num_draws); topk / full: the teacher's
@@ -30,21 +29,20 @@ class SparseTargets:
     num_draws:     N of ``sample:N``; 0 for other modes.
     """
 
-    mode: Mode
+    mode: str
     ids: torch.Tensor | None
     logprobs: torch.Tensor
     tail_logmass: torch.Tensor | None = None
     num_draws: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown target mode {self.mode!r}; expected one of {MODES}")
-        if (self.ids is None) != (self.mode == "full"):
-            raise ValueError("ids must be None exactly when mode == 'full'")
+        codec = codec_for(self.mode)
+        if (self.ids is not None) != codec.ids:
+            raise ValueError(f"ids must be {'given' if codec.ids else 'None'} for {self.mode} targets")
         if self.ids is not None and self.ids.shape != self.logprobs.shape:
             raise ValueError(f"ids {tuple(self.ids.shape)} and logprobs {tuple(self.logprobs.shape)} differ")
-        if (self.tail_logmass is None) != (self.mode != "topk"):
-            raise ValueError("tail_logmass must be given exactly when mode == 'topk'")
+        if (self.tail_logmass is not None) != codec.tail:
+            raise ValueError(f"tail_logmass must be {'given' if codec.tail else 'None'} for {self.mode} targets")
 
     @property
     def shape(self) -> torch.Size:
@@ -61,7 +59,7 @@ class SparseTargets:
 
     def counts(self) -> torch.Tensor:
         """[..., C] int64 draw counts (sample mode)."""
-        if self.mode != "sample":
+        if not CODECS[self.mode].draws:
             raise ValueError(f"counts() needs sample targets, these are {self.mode}")
         return torch.round(self.probs() * self.num_draws).long()
 
@@ -96,6 +94,21 @@ class SparseTargets:
         )
 
     @staticmethod
+    def concat(items: list[SparseTargets]) -> SparseTargets:
+        """Targets of consecutive position ranges ``[T_i, C_i]`` joined into ``[sum(T_i), max(C_i)]``;
+        narrower items (sample mode's) are padded with id 0 and logprob -inf."""
+        first = items[0]
+        width = max(t.num_classes for t in items)
+
+        def widen(t: torch.Tensor, fill: float) -> torch.Tensor:
+            return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=fill)
+
+        ids = None if first.ids is None else torch.cat([widen(t.ids, 0) for t in items])  # type: ignore[arg-type]
+        logprobs = torch.cat([widen(t.logprobs, float("-inf")) for t in items])
+        tail = None if first.tail_logmass is None else torch.cat([t.tail_logmass for t in items])  # type: ignore[misc]
+        return SparseTargets(first.mode, ids, logprobs, tail, first.num_draws)
+
+    @staticmethod
     def stack_padded(items: list[SparseTargets], length: int) -> SparseTargets:
         """Stack per-sequence targets ``[L_i, C_i]`` into ``[B, length, C_max]``; positions past
         ``L_i`` and classes past ``C_i`` are padding (id 0, logprob -inf, tail -inf)."""
@@ -105,8 +118,8 @@ class SparseTargets:
         c_max = max(t.num_classes for t in items)
         b = len(items)
         logprobs = torch.full((b, length, c_max), float("-inf"), dtype=torch.float32)
-        ids = None if first.mode == "full" else torch.zeros((b, length, c_max), dtype=torch.long)
-        tail = torch.full((b, length), float("-inf"), dtype=torch.float32) if first.mode == "topk" else None
+        ids = None if first.ids is None else torch.zeros((b, length, c_max), dtype=torch.long)
+        tail = None if first.tail_logmass is None else torch.full((b, length), float("-inf"), dtype=torch.float32)
         for i, t in enumerate(items):
             n, c = t.logprobs.shape
             logprobs[i, :n, :c] = t.logprobs

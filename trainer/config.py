@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from selkd.cache.classes import ClassSpec
+from selkd.cache.modes import ClassSpec
 from selkd.cache.options import (
     ConfigError,
     OptionParser,
@@ -45,6 +45,7 @@ from selkd.cache.options import (
 )
 from selkd.trainer.losses import LOSSES
 from selkd.trainer.selection import DEFAULT_GLOBAL_CAPACITY, POLICIES, SIGNALS, parse_select
+from selkd.trainer.targets_check import check_targets
 
 __all__ = [
     "DTYPES",
@@ -312,21 +313,11 @@ class TrainConfig:
             raise ConfigError("--kd-weight 0 with --ce-on selected trains on no position: use --ce-on all")
 
     def _check_targets(self) -> None:
-        """What can be checked here about the targets; in cache mode the trainer checks the same
-        things against the cache's header."""
-        if self.classes is None:
-            return
-        spec = ClassSpec.parse(self.classes)
-        if self.topk_renormalize and spec.mode != "topk":
-            raise ConfigError(f"--topk-renormalize needs --classes topk:K, got --classes {self.classes}")
-        if spec.mode == "sample":
-            if self.loss != "fkl":
-                raise ConfigError(
-                    f"--loss {self.loss} is not defined on sampled targets (--classes {self.classes}): only "
-                    "fkl is unbiased; use --classes topk:K or full"
-                )
-            if self.select_signal == "reverse-kl":
-                raise ConfigError(f"--select reverse-kl needs topk or full targets, got --classes {self.classes}")
+        """Online mode: --classes against the objective's options (cache mode checks the cache's header)."""
+        if self.classes is not None:
+            problem = check_targets(ClassSpec.parse(self.classes).mode, self, self.classes)
+            if problem:
+                raise ConfigError(problem)
 
     # ---------------------------------------------------------------- derived values
 

@@ -63,6 +63,7 @@ from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.run_dir import CONFIG_FILE, OutError, RunDir, claim, describe_kept
 from selkd.trainer.selection import make_policy_state
 from selkd.trainer.student import Objective, SelectiveStudent, StepOutput, eval_divergences, evaluate
+from selkd.trainer.targets_check import check_targets
 
 __all__ = ["METRICS_FILE", "TrainError", "lr_lambda", "train", "truncate_metrics"]
 
@@ -369,12 +370,8 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
             f"the student's vocabulary ({student_vocab:,}) is smaller than the teacher's ({teacher_vocab:,}): "
             "its LM head cannot represent every teacher class; use a student with at least as many"
         )
-    if mode == "sample" and cfg.loss != "fkl":
-        raise TrainError(f"--loss {cfg.loss} is not defined on sampled targets (the cache holds sample:N); use fkl")
-    if mode == "sample" and cfg.select_signal == "reverse-kl":
-        raise TrainError("--select reverse-kl needs topk or full targets; the cache holds sample:N")
-    if mode != "topk" and cfg.topk_renormalize:
-        raise TrainError(f"--topk-renormalize needs topk targets; the cache holds {mode} targets")
+    if problem := check_targets(mode, cfg):  # online mode: checked when the options were parsed
+        raise TrainError(problem)
 
     # --- the objective, the wrapped student, optimizer and schedule ----------------------------------
     objective = Objective(

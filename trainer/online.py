@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from selkd.cache.classes import ClassSpec, teacher_outputs
+from selkd.cache.classes import teacher_outputs
 from selkd.cache.corpus import PackedCorpus, eval_mask
+from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
-from selkd.cache.targets import SparseTargets
 from selkd.trainer.batch import Batch, collate
 
 
@@ -44,21 +44,13 @@ class OnlineTeacher:
             n = int(length) - 1
             for j, i in enumerate(rows):
                 sl = slice(j * n, (j + 1) * n)
-                t = res.targets
-                targets = SparseTargets(
-                    t.mode,
-                    None if t.ids is None else t.ids[sl].cpu(),
-                    t.logprobs[sl].float().cpu(),
-                    None if t.tail_logmass is None else t.tail_logmass[sl].float().cpu(),
-                    t.num_draws,
-                )
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
                     teacher_entropy=res.entropy[sl].float().cpu().numpy(),
                     teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
-                    targets=targets,
+                    targets=res.targets.select(sl).to("cpu"),  # float32, as the reader gives them
                 )
         return [s for s in out if s is not None]
 

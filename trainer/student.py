@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selkd.cache.modes import MODES
 from selkd.cache.targets import SparseTargets
 from selkd.trainer import head as H
 from selkd.trainer import losses as L
@@ -82,9 +83,10 @@ def eval_divergences(objective: Objective, mode: str) -> dict[str, str]:
     ``_topk_renormalized`` against the renormalised top-k target.
     """
     at = f" at temperature {objective.temperature:g}" if objective.temperature != 1.0 else ""
-    if mode == "topk":
+    kl = MODES[mode].kl  # how the forward KL on these targets is known: exact, a bound or an estimate
+    if kl == "bound":
         names = {"eval_kl_bound": f"forward KL{at} over the k stored classes and the tail, a lower bound of the KL"}
-    elif mode == "full":
+    elif kl == "exact":
         names = {"eval_kl": f"forward KL{at}, exact"}
     elif objective.temperature == 1.0:
         names = {"eval_kl": "forward KL, estimated from the sampled targets and the stored teacher entropy"}
@@ -94,7 +96,7 @@ def eval_divergences(objective: Objective, mode: str) -> dict[str, str]:
             "teacher's entropy at that temperature, which the cache does not store"
         }
     if objective.loss != "fkl" or objective.topk_renormalize:
-        suffix = "_topk_renormalized" if objective.topk_renormalize else "_bound" if mode == "topk" else ""
+        suffix = "_topk_renormalized" if objective.topk_renormalize else "_bound" if kl == "bound" else ""
         what = "against the renormalised top-k target" if suffix == "_topk_renormalized" else "on the stored targets"
         names[f"eval_{_STEMS[objective.loss]}{suffix}"] = f"the training divergence (--loss {objective.loss}) {what}"
     return names
@@ -105,7 +107,7 @@ def _forward_kl(
 ) -> torch.Tensor:
     """Forward KL per position as :func:`eval_divergences` names it. logits: [N, V]; targets: leading
     [N]; entropy: [N] the teacher's at temperature 1. Returns [N] float32."""
-    if targets.mode != "sample":
+    if MODES[targets.mode].kl != "estimate":
         return L.fkl(logits, targets, temperature=temperature)
     assert targets.ids is not None
     logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.ids)
