@@ -17,6 +17,7 @@ import argparse
 import multiprocessing
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPUs, {args.load} busy processes; {args.runs} runs of: {' '.join(args.tests)}",
         flush=True,
     )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the spinners and the pytest run too
     spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
     for p in spinners:
         p.start()

@@ -27,7 +27,6 @@ Distributed runs log global values: the losses are the mean over ranks, counts a
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -557,11 +556,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tb.close()
     elapsed = time.time() - t_start
     log(f"done: {step} steps in {elapsed:.1f} s; the student is in {final_dir}", main)
-    # Drop the DDP wrapper (its reducer holds the process group) before destroying the group: destroying
-    # the group first leaves gloo's destructor waiting forever at exit.
+    # Whatever holds the process group must go for cleanup() to free it (and join its threads) before the
+    # interpreter exits: the DDP wrapper (its reducer) now; FSDP's state on `model` when train() returns,
+    # collected by cleanup() at exit (see selkd.trainer.distributed).
     del student
-    if dist_info.distributed:
-        gc.collect()
     D.barrier()
     D.cleanup()
     return {"step": step, "total_steps": total, "elapsed_s": elapsed, "final": str(final_dir), **last, **ev}
