@@ -225,7 +225,9 @@ class Storage:
         rather than at the first write). Credentials, region and endpoint come from
         ``storage_options`` (s3fs arguments: ``key``, ``secret``, ``endpoint_url``, ...) or, failing
         that, from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-        ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles).
+        ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles). For every URL the first requests are
+        made here, so that rejected credentials, a policy that denies reading (or, in mode "w", writing)
+        and a server that cannot be reached fail now, each as one :class:`StoreError` saying what to check.
         """
         location = str(location)
         if mode not in ("r", "w"):
