@@ -56,7 +56,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import zarr
 from zarr.abc.store import Store
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 # Leases live at ``selkd/leases/<name>.json`` (format.LEASES_PREFIX).
 
 LeaseSafety = Literal["atomic", "in-process", "best-effort"]
+_T = TypeVar("_T")
 
 # Serialises this process's read-compare-write sequences where the backend has no conditional write
 # (lease updates on local disk and in-process stores, exclusive creates on stores without a native
@@ -97,6 +98,19 @@ _LEASE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._
 # S3 error codes meaning "your condition did not hold" (412) or "a concurrent conditional write is
 # in flight, you lost" (409): both mean another writer got there first.
 _S3_LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+# S3 error codes meaning "these credentials are not valid here" (unknown key, wrong secret, expired
+# session), as opposed to AccessDenied: "valid, but a policy does not allow this request".
+_S3_BAD_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+}
+# Exception class names (botocore, aiohttp, httpx, requests, urllib3) that mean "could not connect":
+# no network, a name that does not resolve, a refused connection, a timeout.
+_UNREACHABLE = re.compile(r"Connect|Timeout|NameResolution")
 _S3_PROTOCOLS = {"s3", "s3a"}
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _MAX_LEASE_ATTEMPTS = 8
@@ -154,14 +168,34 @@ def _s3_storage_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _s3_error_code(err: BaseException) -> str | None:
+    """The S3 error code (``AccessDenied``, ``412``, ...) of ``err`` as raised by s3fs, which translates
+    botocore's ClientError into an OSError raised from it; None if it carries none."""
+    for e in (err, err.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+    return None
+
+
 def _s3_lost_race(err: BaseException) -> bool:
     """True if ``err`` (as raised by s3fs, which wraps botocore's ClientError) is a failed condition."""
     if isinstance(err, FileExistsError):  # s3fs's translation of 412 for If-None-Match
         return True
-    for e in (err, err.__cause__):
-        response = getattr(e, "response", None)
-        if isinstance(response, dict) and str(response.get("Error", {}).get("Code", "")) in _S3_LOST_RACE:
+    return _s3_error_code(err) in _S3_LOST_RACE
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from, is a failure to connect to the server."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
             return True
+        if any(_UNREACHABLE.search(t.__name__) for t in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
     return False
 
 
@@ -192,7 +226,9 @@ class Storage:
         rather than at the first write). Credentials, region and endpoint come from
         ``storage_options`` (s3fs arguments: ``key``, ``secret``, ``endpoint_url``, ...) or, failing
         that, from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-        ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles).
+        ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles). For every URL the first requests are
+        made here, so that rejected credentials, a policy that denies reading (or, in mode "w", writing)
+        and a server that cannot be reached fail now, each as one :class:`StoreError` saying what to check.
         """
         location = str(location)
         if mode not in ("r", "w"):
@@ -236,17 +272,60 @@ class Storage:
             raise StoreError(f"{location}: cannot open ({type(err).__name__}: {err})") from err
         storage = cls(store, location)
         if is_s3:
-            storage._check_bucket(options.get("endpoint_url"))
-        if mode == "r" and not storage.exists("zarr.json"):
+            storage._check_bucket()
+        # One GET, not a HEAD: a failed GET says why (S3 error codes come in the body; fsspec's http
+        # ``exists`` turns an unreachable host into False). Every reader and writer needs this object.
+        read_root = (lambda: storage._s3_get("zarr.json")) if is_s3 else (lambda: storage.read_bytes("zarr.json"))
+        found = storage._first_request("reading zarr.json", read_root)
+        if mode == "r" and found is None:
             raise StoreError(f"{location}: no cache there (no zarr.json); check the URL and storage options")
+        if mode == "w" and is_s3:  # a writer's first write is this probe (PUT and DELETE), not a part's array
+            storage._first_request("writing a probe object", storage._s3_caps)
         return storage
 
-    def _check_bucket(self, endpoint: str | None) -> None:
+    def _first_request(self, doing: str, call: Callable[[], _T]) -> _T:
+        """``call()``, with a failure turned into one :class:`StoreError` that says what to do."""
+        try:
+            return call()
+        except StoreError:
+            raise
+        except Exception as err:
+            raise self._request_error(err, doing) from err
+
+    def _request_error(self, err: BaseException, doing: str) -> StoreError:
+        """What a failed request means for the user: rejected credentials, a request the credentials
+        may not make, a server that cannot be reached, or else the error itself."""
+        where = f" at {self._endpoint}" if self._endpoint else ""
+        code = _s3_error_code(err)
+        reason = f"{code or type(err).__name__}: {err}"
+        if code in _S3_BAD_CREDENTIALS:
+            return StoreError(
+                f"{self.url}: the S3 endpoint{where} rejected the credentials ({reason}); check the access key "
+                "and secret (storage options key/secret, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or the "
+                "profile (AWS_PROFILE)"
+            )
+        if code == "AccessDenied" or isinstance(err, PermissionError):
+            what = (
+                "the bucket policy and the IAM policy of these credentials (s3:GetObject, s3:PutObject, "
+                "s3:DeleteObject and s3:ListBucket on the bucket and prefix), or use other credentials "
+                "(key/secret, AWS_PROFILE)"
+                if self.is_s3
+                else "the credentials and permissions in the storage options"
+            )
+            return StoreError(f"{self.url}: access denied {doing}{where} ({reason}); check {what}")
+        if _unreachable(err):
+            return StoreError(
+                f"{self.url}: cannot reach the server{where} ({reason}); check the URL and the network "
+                "(no network, a proxy or firewall in the way, or the server is down)"
+            )
+        return StoreError(f"{self.url}: failed {doing}{where} ({reason})")
+
+    def _check_bucket(self) -> None:
         """One HEAD on the bucket: a missing bucket otherwise shows up as 'no such key' much later
         (or, in mode "r", as a misleading 'no cache there')."""
         fs = self._fs
         bucket = fs.split_path(self.store.path)[0]  # type: ignore[attr-defined]
-        where = f" at {endpoint}" if endpoint else ""
+        where = f" at {self._endpoint}" if self._endpoint else ""
         try:
             sync(fs._call_s3("head_bucket", Bucket=bucket))
         except FileNotFoundError as err:
@@ -255,8 +334,9 @@ class Storage:
                 "and the endpoint (storage option endpoint_url or AWS_ENDPOINT_URL)"
             ) from err
         except PermissionError:
-            # HeadBucket needs s3:ListBucket, which a reader limited to one prefix may lack; the bucket
-            # may well exist, so let the first real request decide.
+            # HeadBucket needs s3:ListBucket, which a reader limited to one prefix may lack, and a HEAD's
+            # 403 has no body to tell wrong credentials from a policy: the GET of zarr.json that follows
+            # (in _open_url) decides and says which.
             log.debug("%s: HeadBucket on %r denied; not checking that the bucket exists", self.url, bucket)
         except Exception as err:
             hint = ""
@@ -275,6 +355,13 @@ class Storage:
     @property
     def local_path(self) -> Path | None:
         return Path(self.store.root) if isinstance(self.store, LocalStore) else None
+
+    @property
+    def _endpoint(self) -> str | None:
+        """The server an fsspec URL talks to, where its filesystem says (s3fs: ``endpoint_url`` when
+        not AWS's default; Hugging Face: ``endpoint``), for error messages."""
+        fs = getattr(self._fs, "sync_fs", self._fs)  # zarr wraps synchronous filesystems
+        return getattr(fs, "endpoint_url", None) or getattr(fs, "endpoint", None)
 
     @property
     def _fs(self) -> Any:
@@ -515,6 +602,11 @@ class Storage:
         if not self._uses_conditional_s3():
             data = self.read_bytes(key)
             return None if data is None else (data, _digest(data))
+        return self._s3_get(key)
+
+    def _s3_get(self, key: str) -> tuple[bytes, str] | None:
+        """One GET of ``key``: its bytes and ETag, or None if absent. (s3fs's own read first sends a
+        HEAD, whose failure carries no S3 error code.)"""
         fs = self._fs
         bucket, s3_key, _ = fs.split_path(self._fs_path(key))
 

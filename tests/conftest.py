@@ -27,7 +27,7 @@ _TESTS = str(REPO_ROOT / "tests")
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from s3 import S3Endpoint, moto_s3, set_aws_env  # noqa: E402  (tests/s3.py)
+from s3 import AuthS3Endpoint, S3Endpoint, moto_s3, moto_s3_authenticated, set_aws_env  # noqa: E402  (tests/s3.py)
 
 TINY_VOCAB = 384
 OTHER_VOCAB = 320
@@ -211,3 +211,11 @@ def aws_env(s3_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpo
     """The same endpoint through the usual AWS environment variables only."""
     set_aws_env(monkeypatch, s3_endpoint)
     return s3_endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_auth() -> Iterator[AuthS3Endpoint]:
+    """An S3 endpoint that checks signatures and IAM policies (its own moto process): users "writer",
+    "reader" and "nobody"; ``s3_auth.options(user, secret="wrong")`` for a wrong secret."""
+    with moto_s3_authenticated() as endpoint:
+        yield endpoint

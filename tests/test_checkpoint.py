@@ -277,7 +277,7 @@ def test_save_final_loads_with_auto_model(tmp_path: Path, tiny_tokenizer) -> Non
 
 _DIST_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from pathlib import Path
 
     import torch
@@ -343,8 +343,12 @@ _DIST_SCRIPT = textwrap.dedent(
         barrier()
     if info.is_main:
         (out / "report.json").write_text(json.dumps(report))
+    del model, model2, opt, opt2, sched, sched2  # their DDP/FSDP state holds the process group
     barrier()  # nobody tears the group down while a peer still uses it
     cleanup()
+    # what is still running: the group's threads must be gone before the interpreter exits
+    threads = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    (out / f"threads-{info.rank}.json").write_text(json.dumps(threads))
     """
 )
 
@@ -366,6 +370,9 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads((out / "report.json").read_text()) == {"ddp": True, "fsdp": True}
+    for rank in range(2):  # cleanup() freed the gloo group: none of its threads outlives it into interpreter exit
+        threads = json.loads((out / f"threads-{rank}.json").read_text())
+        assert not [name for name in threads if "gloo" in name], threads
     for mode in ("ddp", "fsdp"):
         path = latest_checkpoint(out / mode)
         assert path is not None and path.name == "step-000003"

@@ -28,3 +28,14 @@ def test_local_links_and_images_exist() -> None:
             if not (doc.parent / target).exists():
                 missing.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not missing, missing
+
+
+def test_readme_set_up_is_two_commands_and_ci_runs_the_test_command() -> None:
+    """README's "Set up" shows two one-line commands (the demo, the tests), and CI (.ci/run) runs the
+    second exactly as written, so CI tests what a new user installs."""
+    readme = (ROOT / "README.md").read_text()
+    set_up = readme.split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^```\n(.*?)\n```$", set_up, flags=re.S | re.M)
+    assert len(commands) == 2 and all("\n" not in c for c in commands), commands
+    assert "selkd-demo" in commands[0] and "pytest" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()

@@ -8,12 +8,13 @@ usual AWS environment variables (``aws_env``). No mocks: requests go over HTTP.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import faults  # tools/faults.py
 import pytest
-from s3 import S3Endpoint  # tests/s3.py
+from s3 import AuthS3Endpoint, S3Endpoint, set_aws_env  # tests/s3.py
 
 from selkd.cache import CacheCorruptError, open_cache
 from selkd.cache import format as fmt
@@ -238,3 +239,118 @@ def test_s3_errors_name_the_problem(
     # a prefix with no cache
     code, _, err = run(cache_main, ["info", s3_endpoint.url("e2e/nothing-here"), *option_flags(opts)], capsys)
     assert code == 1 and "no cache there" in err
+
+
+def one_error_line(err: str, program: str) -> str:
+    """The single line a failed command printed: ``PROGRAM: error: ...``, nothing else, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def auth_cache(s3_auth: AuthS3Endpoint, tiny_teacher_dir: Path, text_corpus_dir: Path) -> str:
+    """A cache built on the authenticated endpoint by the "writer" user (whose key works)."""
+    url = s3_auth.url("e2e/auth")
+    argv = build_argv(tiny_teacher_dir, text_corpus_dir, url, *option_flags(s3_auth.options("writer")))
+    assert cache_main(argv) == 0
+    return url
+
+
+def test_wrong_credentials_are_one_line_for_every_command(
+    s3_auth: AuthS3Endpoint,
+    auth_cache: str,
+    tiny_teacher_dir: Path,
+    text_corpus_dir: Path,
+    tiny_student_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """moto with IAM authentication on: a wrong secret (403 SignatureDoesNotMatch), an unknown key (403
+    InvalidAccessKeyId) and a key no policy allows (403 AccessDenied) each give one line naming the
+    store, the endpoint, the code and what to check (exit 1) for build, info, verify and training."""
+    endpoint = s3_auth.endpoint_url
+    wrong_secret = option_flags(s3_auth.options("writer", secret="not-the-secret"))
+    unknown_key = option_flags(s3_auth.options("writer", key="AKIASELKDUNKNOWN0000"))
+    rejected = "the S3 endpoint at {} rejected the credentials ({}: "
+    new = s3_auth.url("e2e/never-written")
+
+    code, _, err = run(cache_main, build_argv(tiny_teacher_dir, text_corpus_dir, new, *wrong_secret), capsys)
+    line = one_error_line(err, "selkd-cache")
+    assert code == 1 and line.startswith(f"selkd-cache: error: {new}: ")
+    assert rejected.format(endpoint, "SignatureDoesNotMatch") in line and "AWS_PROFILE" in line
+    for command, flags, expected in [
+        ("info", unknown_key, rejected.format(endpoint, "InvalidAccessKeyId")),
+        ("verify", wrong_secret, rejected.format(endpoint, "SignatureDoesNotMatch")),
+        ("info", option_flags(s3_auth.options("nobody")), "access denied reading zarr.json at "),
+    ]:
+        code, _, err = run(cache_main, [command, auth_cache, *flags], capsys)
+        line = one_error_line(err, "selkd-cache")
+        assert code == 1 and f"{auth_cache}: " in line and expected in line, line
+    assert "(AccessDenied: " in line and "bucket policy" in line
+
+    # read-only credentials: reading works, building is refused before anything is written
+    code, out, _ = run(cache_main, ["info", auth_cache, "--json", *option_flags(s3_auth.options("reader"))], capsys)
+    assert code == 0 and json.loads(out)["parts_committed"] == 3
+    reader = option_flags(s3_auth.options("reader"))
+    code, _, err = run(cache_main, build_argv(tiny_teacher_dir, text_corpus_dir, new, *reader), capsys)
+    line = one_error_line(err, "selkd-cache")
+    assert code == 1 and "access denied writing a probe object" in line and "(AccessDenied: " in line
+
+    # training, with the credentials from the AWS environment
+    set_aws_env(monkeypatch, S3Endpoint(endpoint, s3_auth.bucket, {}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_auth.keys["writer"][0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    code, _, err = run(train_main, train_argv(auth_cache, tiny_student_dir, tmp_path / "run"), capsys)
+    line = one_error_line(err, "selkd-train")
+    assert code == 1 and rejected.format(endpoint, "SignatureDoesNotMatch") in line
+
+    # nothing was written under the new prefix by any refused build
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_auth.keys["writer"][1])
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False)
+    assert fs.find(new.removeprefix("s3://")) == []
+
+
+@pytest.mark.parametrize(
+    "url, options, expected",
+    [
+        # Hugging Face's fsspec filesystem (HfFileSystem); its endpoint made unreachable on purpose
+        (
+            "hf://datasets/selkd/cache",
+            {"endpoint": "http://127.0.0.1:1"},
+            "cannot reach the server at http://127.0.0.1:1",
+        ),
+        ("hf://datasets/selkd/cache", {"endpoint": "https://selkd.invalid"}, "cannot reach the server at https://"),
+        ("https://selkd.invalid/cache", {}, "cannot reach the server (ClientConnectorDNSError"),  # never resolves
+        ("http://127.0.0.1:1/cache", {}, "cannot reach the server (ClientConnectorError"),  # refused
+        ("oci://bucket@namespace/cache", {}, "the filesystem for this URL is not installed (Install ocifs"),
+    ],
+)
+def test_unreachable_url_is_one_line_and_fast(
+    url: str,
+    options: dict[str, str],
+    expected: str,
+    tiny_teacher_dir: Path,
+    text_corpus_dir: Path,
+    tiny_student_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A store URL this machine cannot reach (no network, a name that does not resolve, a refused
+    connection, a filesystem that is not installed): one line within seconds, not minutes of retries."""
+    flags = option_flags(options)
+    for program, main, argv in [
+        ("selkd-cache", cache_main, build_argv(tiny_teacher_dir, text_corpus_dir, url, *flags)),
+        ("selkd-cache", cache_main, ["info", url, *flags]),
+        ("selkd-cache", cache_main, ["verify", url, *flags]),
+        ("selkd-train", train_main, train_argv(url, tiny_student_dir, tmp_path / "run", *flags)),
+    ]:
+        start = time.monotonic()
+        code, _, err = run(main, argv, capsys)
+        seconds = time.monotonic() - start
+        line = one_error_line(err, program)
+        assert code == 1 and line.startswith(f"{program}: error: {url}: ") and expected in line, line
+        assert seconds < 10, f"{argv[0]} took {seconds:.1f} s"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,7 @@ import zarr
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from s3 import S3Endpoint  # tests/ is on sys.path (conftest)
+from s3 import AuthS3Endpoint, S3Endpoint  # tests/ is on sys.path (conftest)
 
 from selkd.cache.store import Storage, StoreError
 from selkd.cache.writer import write_array
@@ -439,6 +441,42 @@ def test_error_no_credentials(aws_env: S3Endpoint, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 1 s wait for an instance role
     with pytest.raises(StoreError, match="Unable to locate credentials.*AWS_ACCESS_KEY_ID"):
         Storage.open(aws_env.url("x"), storage_options={"skip_instance_cache": True}, mode="w")
+
+
+@pytest.mark.parametrize("mode", ["r", "w"])
+def test_error_rejected_or_denied_credentials(s3_auth: AuthS3Endpoint, mode: str) -> None:
+    """IAM authentication on: wrong keys are told from keys a policy denies, at open, in one StoreError."""
+    url = s3_auth.url(_unique("creds"))
+    Storage.open(url, storage_options=s3_auth.options("writer"), mode="w").write_json("zarr.json", {})
+    for options, expected in [
+        (s3_auth.options("writer", secret="wrong"), r"rejected the credentials \(SignatureDoesNotMatch: .*AWS_PROFILE"),
+        (s3_auth.options("writer", key="AKIASELKDUNKNOWN0000"), r"rejected the credentials \(InvalidAccessKeyId: "),
+        (s3_auth.options("nobody"), r"access denied reading zarr.json at http://\S+ \(AccessDenied: .*bucket policy"),
+    ]:
+        with pytest.raises(StoreError, match=rf"^{re.escape(url)}: .*{expected}"):
+            Storage.open(url, storage_options=options, mode=mode)
+    assert Storage.open(url, storage_options=s3_auth.options("reader"), mode="r").read_json("zarr.json") == {}
+    with pytest.raises(StoreError, match=r"access denied writing a probe object .*\(AccessDenied: "):
+        Storage.open(url, storage_options=s3_auth.options("reader"), mode="w")
+
+
+@pytest.mark.parametrize(
+    "url, options",
+    [
+        ("hf://datasets/selkd/cache", {"endpoint": "http://127.0.0.1:1"}),  # HfFileSystem, connection refused
+        ("hf://datasets/selkd/cache", {"endpoint": "https://selkd.invalid"}),  # a name that never resolves
+        ("https://selkd.invalid/cache", None),
+        ("http://127.0.0.1:1/cache", None),
+    ],
+)
+def test_error_unreachable_url(url: str, options: dict[str, str] | None) -> None:
+    for mode in ("r", "w"):
+        start = time.monotonic()
+        with pytest.raises(
+            StoreError, match=rf"^{re.escape(url)}: cannot reach the server.*check the URL and the network"
+        ):
+            Storage.open(url, storage_options=options, mode=mode)
+        assert time.monotonic() - start < 10
 
 
 def test_error_read_only_local(tmp_path: Path) -> None:

@@ -20,10 +20,22 @@ Wrapping (:func:`wrap_model`):
 Note for the selective head (``selkd.trainer.head``): under DDP, calling the inner decoder directly
 bypasses DDP's forward hooks; FSDP2 installs its hooks on the modules themselves, so it does not care.
 Use :func:`unwrap_model` to reach the Hugging Face model for ``save_pretrained`` or the head helpers.
+
+Teardown (:func:`cleanup`, which also runs at exit): the process group must be freed, and its
+threads joined, while the interpreter is still whole. ``destroy_process_group`` only forgets a group; it
+is freed when the last Python reference goes, and a group freed during interpreter finalization can
+abort the process after all its work is done (a gloo thread that takes the GIL to free a tensor is
+stopped inside a C++ destructor: "terminate called without an active exception", SIGABRT). Two
+references outlive ``destroy_process_group``: ``torch.distributed.nn``'s default arguments, bound to
+the default group when that module is first imported (DDP imports it), and the FSDP2 device mesh,
+which DTensor's sharding caches keep for the life of the process.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -97,12 +109,17 @@ def _env_int(name: str) -> int | None:
         raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+# Device meshes made for FSDP2 in this process; cleanup() drops the process groups they hold.
+_MESHES: list[Any] = []
+
+
 def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
 
     Under torchrun (even with one process, so FSDP2 can be tried on one GPU) a process group is created:
     NCCL for CUDA devices, gloo otherwise, and the CUDA device is set to the local rank's. Calling it
-    again when a group exists returns the same info without re-initialising.
+    again when a group exists returns the same info without re-initialising. :func:`cleanup` runs at
+    exit if the caller has not run it (a run that fails).
     """
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if rank is None or world is None:
@@ -116,7 +133,10 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL to this GPU (and initialises eagerly)
+        # Imported now, torch.distributed.nn's `group=group.WORLD` defaults are None, not this group (module doc).
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(**kwargs)
+        atexit.register(cleanup)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_rank() == 0, dev)
 
 
@@ -145,9 +165,13 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, fsdp: bool = False, mp_pol
     if not dist.is_initialized():
         return model
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        kwargs: dict[str, Any] = {}
+        # The mesh fully_shard would make by itself, made here so that cleanup() can reach it (module doc).
+        mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+        _MESHES.append(mesh)
+        kwargs: dict[str, Any] = {"mesh": mesh}
         if mp_policy is not None:
             kwargs["mp_policy"] = mp_policy
         for layer in decoder_layers(model):
@@ -249,6 +273,16 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group if there is one (call once, at exit)."""
+    """Destroy the process group and free it now, joining its threads, while the interpreter is whole
+    (see the module doc). Call it once every rank is done with collectives (after a :func:`barrier`),
+    with the wrapped models dropped: their DDP reducer or FSDP state holds the group, which is then
+    freed with them. Also runs at exit, where the models of a finished function are garbage; a call
+    without a group only collects that garbage."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        for mesh in _MESHES:  # torch 2.13/2.14 meshes hold their groups (older ones only their names)
+            registry = getattr(mesh, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
+        _MESHES.clear()
+    gc.collect()  # models in reference cycles (FSDP's state and hooks) go now, not at finalization

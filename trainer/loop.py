@@ -32,7 +32,6 @@ Distributed runs log global values: the losses are the mean over ranks, counts a
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -625,11 +624,10 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
         run_dir.mark_finished(step, total)
         kept = ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
         log(f"done: {step} steps in {elapsed:.1f} s; {describe_kept(final_dir, kept)}", main)
-    # Drop the DDP wrapper (its reducer holds the process group) before destroying the group: destroying
-    # the group first leaves gloo's destructor waiting forever at exit.
+    # Whatever holds the process group must go for cleanup() to free it (and join its threads) before the
+    # interpreter exits: the DDP wrapper (its reducer) now; FSDP's state on `model` when train() returns,
+    # collected by cleanup() at exit (see selkd.trainer.distributed).
     del student
-    if dist_info.distributed:
-        gc.collect()
     D.barrier()
     D.cleanup()
     return {"step": step, "total_steps": total, "elapsed_s": elapsed, "final": str(final_dir), **last, **ev}
