@@ -41,8 +41,9 @@ from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
 from selkd.trainer.config import TrainConfig
-from selkd.trainer.loop import lr_lambda, truncate_metrics
+from selkd.trainer.metrics import truncate_metrics
 from selkd.trainer.online import OnlineStream, OnlineTeacher
+from selkd.trainer.setup import lr_lambda
 from selkd.trainer.student import Objective, SelectiveStudent, eval_divergences, evaluate
 
 SEQ = 64
