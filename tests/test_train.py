@@ -40,10 +40,11 @@ from selkd.trainer import head as H
 from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
-from selkd.trainer.config import TrainConfig
-from selkd.trainer.metrics import truncate_metrics
+from selkd.trainer.config import TrainConfig, config_differences
+from selkd.trainer.metrics import WINDOW_KEYS, truncate_metrics
 from selkd.trainer.online import OnlineStream, OnlineTeacher
 from selkd.trainer.setup import lr_lambda
+from selkd.trainer.spec import SelectSpec
 from selkd.trainer.student import Objective, SelectiveStudent, eval_divergences, evaluate
 
 SEQ = 64
@@ -397,6 +398,22 @@ def test_final_student_metrics_and_config(finished_run: Path, tiny_student_dir: 
     ).to_dict()
     assert saved == expected
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir())[-1] == "step-000006"
+
+
+def test_saved_configs_keep_select_as_text(finished_run: Path, caches: dict[str, str], tiny_student_dir: Path) -> None:
+    """--select is parsed once (TrainConfig.select_spec), but config.json keeps the text, as runs saved before
+    did: their configs read back and compare equal, and the rank state keeps its form, so they resume."""
+    flags = dict(steps=6, save_every=2, eval_every=3)
+    now = TrainConfig.from_cli(args(caches["topk"], tiny_student_dir, finished_run, **flags))
+    latest = sorted((finished_run / "checkpoints").iterdir())[-1]
+    for path in (finished_run / "config.json", latest / "config.json"):
+        saved = json.loads(path.read_text())
+        assert saved["select"] == "student-entropy:0.2"
+        cfg = TrainConfig.from_dict(saved)
+        assert cfg.select_spec == SelectSpec("student-entropy", 0.2) and cfg.to_dict() == saved
+        assert config_differences(saved, now) == []
+    window = torch.load(latest / "rank-00000.pt", weights_only=True)["state"]["window"]
+    assert set(window) == {*WINDOW_KEYS, "steps"} and all(type(v) is float for v in window.values())
 
 
 # --------------------------------------------------------------------------- online = offline

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -56,6 +54,7 @@ from selkd.trainer.setup import (
     check_student_fits,
     claim_out,
     restore,
+    seed_everything,
     setup_data,
     setup_objective,
     setup_optimizer,
@@ -88,9 +87,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_start: float) -> dict[str, Any]:
     """:func:`train` once ``--out`` is claimed (``run_dir``: rank 0's, None on the other ranks)."""
     main, device, out = dist_info.is_main, dist_info.device, Path(cfg.out)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     # --- resume check: a checkpoint in --out must come from the same config --------------------------
     resume = check_resume(cfg, run_dir)
@@ -145,10 +142,8 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
     final_dir = ckpt.save_final(out, model, tokenizer)
     metrics.close()
     elapsed = time.time() - t_start
-    if run_dir is not None:  # rank 0: the run is finished; keep --keep-checkpoints of its checkpoints
-        run_dir.mark_finished(state.step, opt.total)
-        kept = ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
-        log(f"done: {state.step} steps in {elapsed:.1f} s; {describe_kept(final_dir, kept)}", main)
+    if run_dir is not None:  # rank 0
+        _mark_finished(run_dir, cfg, state.step, opt.total, final_dir, elapsed)
     # Drop the DDP wrapper (its reducer holds the process group) before destroying the group: destroying
     # the group first leaves gloo's destructor waiting forever at exit.
     del student
@@ -276,6 +271,13 @@ def _already_finished(out: Path, finished: dict[str, Any], main: bool) -> dict[s
     D.barrier()
     D.cleanup()
     return {"step": finished["step"], "total_steps": finished["total_steps"], "final": str(final_dir)}
+
+
+def _mark_finished(run_dir: RunDir, cfg: TrainConfig, step: int, total: int, final_dir: Path, elapsed: float) -> None:
+    """The run is finished: record it and keep ``--keep-checkpoints`` of its checkpoints."""
+    run_dir.mark_finished(step, total)
+    kept = ckpt.prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+    log(f"done: {step} steps in {elapsed:.1f} s; {describe_kept(final_dir, kept)}")
 
 
 def _log_start(

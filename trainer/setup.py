@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +48,7 @@ __all__ = [
     "claim_out",
     "lr_lambda",
     "restore",
+    "seed_everything",
     "setup_data",
     "setup_objective",
     "setup_optimizer",
@@ -57,6 +60,14 @@ __all__ = [
 
 class TrainError(Exception):
     """A user-facing training failure: names the thing and what to do."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (a --student-config student is initialised from
+    torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- --out and the resume check
