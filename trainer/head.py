@@ -10,7 +10,9 @@ Post-head transforms: a few architectures change logits after the head;
 :func:`selkd.cache.logits.logits_transform` returns the transform to apply on the selective path so
 that it equals ``model(...).logits`` (the builder's sample scorer applies the same one), and the
 entropy is :func:`selkd.cache.logits.softmax_entropy`'s, as everywhere in selkd.
-:func:`check_selective_head` compares both paths on a real batch (cheap insurance at start-up).
+:func:`check_selective_head` compares both paths on a short real text; the trainer runs it at start-up
+(:func:`selkd.trainer.setup.wrap_student`), so an architecture with a post-head transform nobody listed
+is refused instead of trained on other logits.
 
 Distributed wrappers: call these on the unwrapped ``PreTrainedModel``. Under DDP, calling the inner
 decoder bypasses DDP's ``forward`` (and its gradient-sync preparation), so the caller must either run

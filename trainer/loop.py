@@ -102,7 +102,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
 
     # --- the objective, the wrapped student, optimizer and schedule -----------------------------------
     objective = setup_objective(cfg, data.temperature)
-    student = wrap_student(model, cfg, dist_info)
+    student = wrap_student(model, cfg, dist_info, tokenizer)  # checks the selective head first
     opt = setup_optimizer(cfg, model, data.batches_per_epoch)
     state = RankState.start(cfg, dist_info, objective, data)
 

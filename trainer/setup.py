@@ -30,6 +30,7 @@ from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.config import TrainConfig, config_differences
 from selkd.trainer.data import CacheStream
+from selkd.trainer.head import check_selective_head
 from selkd.trainer.loader import make_loader
 from selkd.trainer.metrics import Window, log
 from selkd.trainer.online import OnlineStream, OnlineTeacher
@@ -38,6 +39,7 @@ from selkd.trainer.selection import GlobalQueue, make_policy_state
 from selkd.trainer.student import Objective, SelectiveStudent
 
 __all__ = [
+    "PROBE_TEXT",
     "Data",
     "Optimization",
     "RankState",
@@ -321,12 +323,21 @@ def setup_objective(cfg: TrainConfig, temperature: float) -> Objective:
     )
 
 
-def wrap_student(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo) -> nn.Module:
-    """The whole selective step as one module (:class:`SelectiveStudent`), wrapped in DDP or FSDP2
-    under torchrun."""
+# Real text for the start-up check of the selective head: a few dozen tokens with any tokenizer.
+PROBE_TEXT = "def mean(xs):\n    # the selective head gives what model(...).logits gives\n    return sum(xs) / len(xs)"
+
+
+def wrap_student(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any) -> nn.Module:
+    """The whole selective step as one module (:class:`SelectiveStudent`), wrapped in DDP or FSDP2 under
+    torchrun. First the selective head is checked against ``model(...).logits`` on :data:`PROBE_TEXT`
+    (:func:`selkd.trainer.head.check_selective_head`), so that an architecture whose forward changes the
+    logits in a way :func:`selkd.cache.logits.logits_transform` does not know is refused here instead of
+    trained on other logits. Its cost is one forward of a few dozen tokens (see docs/results.md)."""
     try:
-        wrapper = SelectiveStudent(model)
-    except ValueError as err:  # an architecture whose post-head logits transform is not replicated
+        wrapper = SelectiveStudent(model)  # refuses the known post-head transforms it cannot replicate
+        ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(dist_info.device)
+        check_selective_head(model, ids, torch.ones_like(ids))
+    except ValueError as err:
         raise TrainError(str(err)) from err
     return D.wrap_model(wrapper, dist_info, fsdp=cfg.fsdp)
 
