@@ -36,14 +36,8 @@ VOCAB = 64
 
 def tiny_llama(seed: int, tie: bool = True) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -70,27 +64,10 @@ def train(model: LlamaForCausalLM, opt: torch.optim.Optimizer, sched: object, st
         opt.zero_grad()
 
 
-def save(
-    out: Path,
-    step: int,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: object,
-    keep: int | None = 2,
-    **kw: object,
-) -> Path:
-    return save_checkpoint(
-        out,
-        step,
-        model,
-        opt,
-        sched,
-        {"epoch": 0, "index": step * 2},
-        {"lr": 1e-2},
-        {"loss": 1.25, "step_time": 0.5},
-        keep=keep,
-        **kw,
-    )  # type: ignore[arg-type]
+def save(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object,
+         keep: int | None = 2, **kw: object) -> Path:
+    return save_checkpoint(out, step, model, opt, sched, {"epoch": 0, "index": step * 2}, {"lr": 1e-2},
+                           {"loss": 1.25, "step_time": 0.5}, keep=keep, **kw)  # type: ignore[arg-type]
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -122,12 +99,7 @@ def test_round_trip(tmp_path: Path) -> None:
     path = save(tmp_path, 3, model, opt, sched, rank_state={"queue": queue.state_dict()})
     assert path == tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in path.iterdir()) == [
-        COMPLETE,
-        "config.json",
-        "loader.json",
-        "model.safetensors",
-        "optimizer.pt",
-        "rank-00000.pt",
+        COMPLETE, "config.json", "loader.json", "model.safetensors", "optimizer.pt", "rank-00000.pt",
         "state.json",
     ]
     expected = (torch.rand(4), random.random(), np.random.rand(3))
@@ -358,11 +330,9 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(out)],
+        env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads((out / "report.json").read_text()) == {"ddp": True, "fsdp": True}

@@ -315,7 +315,9 @@ def test_lone_surrogate_escape(tmp_path: Path, tok: Any) -> None:
 
 
 def test_invalid_json_counted(tmp_path: Path, tok: Any) -> None:
-    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "fox"}, "{not json", "", '{"text": "dog"', {"text": "dog"}])
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"text": "fox"}, "{not json", "", '{"text": "dog"', {"text": "dog"}]
+    )
     c = load(str(path), tok)
     assert c.tokens.tolist() == expected_stream(tok, ["fox", "dog"])
     assert c.stats.bad_json_rows == 2 and c.stats.first_bad_json == f"{path}:2"
@@ -366,14 +368,18 @@ def test_batches_join_correctly(tmp_path: Path, tok: Any, monkeypatch: pytest.Mo
     assert whole.fingerprint == split.fingerprint
 
 
-@pytest.mark.parametrize(("n_tokens", "seq_len", "n_seq", "last_len"), [(20, 8, 3, 4), (17, 8, 2, 8), (18, 8, 3, 2)])
+@pytest.mark.parametrize(
+    ("n_tokens", "seq_len", "n_seq", "last_len"), [(20, 8, 3, 4), (17, 8, 2, 8), (18, 8, 3, 2)]
+)
 def test_packing(n_tokens: int, seq_len: int, n_seq: int, last_len: int) -> None:
     tokens = np.arange(n_tokens, dtype=np.int32)
     c = PackedCorpus(tokens, np.zeros(n_tokens, bool), seq_len, "x", CorpusStats())
     assert c.n_sequences == n_seq
     assert [len(c.sequence(i)) for i in range(n_seq)] == [seq_len] * (n_seq - 1) + [last_len]
     assert c.sequence_bounds(1) == (seq_len, 2 * seq_len)
-    assert c.sequence(-1).tolist() == tokens[(n_seq - 1) * seq_len : (n_seq - 1) * seq_len + last_len].tolist()
+    assert (
+        c.sequence(-1).tolist() == tokens[(n_seq - 1) * seq_len : (n_seq - 1) * seq_len + last_len].tolist()
+    )
     assert np.shares_memory(c.sequence(0), c.tokens)
     got = c.sequences(np.array([n_seq - 1, 0]))
     assert [g.tolist() for g in got] == [c.sequence(n_seq - 1).tolist(), c.sequence(0).tolist()]

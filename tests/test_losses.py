@@ -91,7 +91,9 @@ def test_full_matches_reference() -> None:
     m = 0.5 * (p + q)
     assert torch.allclose(fkl(s_logits, targets).double(), _ref_kl(p, q), atol=1e-5)
     assert torch.allclose(rkl(s_logits, targets).double(), _ref_kl(q, p), atol=1e-5)
-    assert torch.allclose(jsd(s_logits, targets).double(), 0.5 * _ref_kl(p, m) + 0.5 * _ref_kl(q, m), atol=1e-5)
+    assert torch.allclose(
+        jsd(s_logits, targets).double(), 0.5 * _ref_kl(p, m) + 0.5 * _ref_kl(q, m), atol=1e-5
+    )
 
 
 def test_topk_hand_computed_k_plus_one_buckets() -> None:
@@ -172,7 +174,9 @@ def test_student_vocab_larger_than_teacher_full() -> None:
     assert torch.allclose(rkl(s_logits, targets).double(), _ref_kl(q_c, p[:, :c]), atol=1e-5)
     # jsd: one extra bucket with teacher mass 0 == JSD over all V columns with p padded by zeros
     m = 0.5 * (p + q)
-    assert torch.allclose(jsd(s_logits, targets).double(), 0.5 * _ref_kl(p, m) + 0.5 * _ref_kl(q, m), atol=1e-5)
+    assert torch.allclose(
+        jsd(s_logits, targets).double(), 0.5 * _ref_kl(p, m) + 0.5 * _ref_kl(q, m), atol=1e-5
+    )
 
 
 def test_student_vocab_larger_than_teacher_topk() -> None:
@@ -183,7 +187,9 @@ def test_student_vocab_larger_than_teacher_topk() -> None:
     p = t_logits.double().softmax(-1)
     ids = targets.ids
     p_b = torch.cat([p.gather(1, ids), 1 - p.gather(1, ids).sum(-1, keepdim=True)], -1)
-    q_b = torch.cat([q.gather(1, ids), 1 - q.gather(1, ids).sum(-1, keepdim=True)], -1)  # tail has the extra ids
+    q_b = torch.cat(
+        [q.gather(1, ids), 1 - q.gather(1, ids).sum(-1, keepdim=True)], -1
+    )  # tail has the extra ids
     assert torch.allclose(fkl(s_logits, targets).double(), _ref_kl(p_b, q_b), atol=1e-5)
     assert torch.allclose(rkl(s_logits, targets).double(), _ref_kl(q_b, p_b), atol=1e-5)
 

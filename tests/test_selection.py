@@ -279,7 +279,9 @@ def test_signals_compute_expected_scores() -> None:
 def test_signal_needs_and_missing_inputs() -> None:
     assert SIGNALS["student-entropy"].needs_student_entropy and SIGNALS["student-entropy"].needs_student_pass
     assert SIGNALS["ce-ratio"].needs_student_ce and SIGNALS["ce-ratio"].needs_teacher_logprob
-    assert SIGNALS["teacher-entropy"].needs_teacher_entropy and not SIGNALS["teacher-entropy"].needs_student_pass
+    assert (
+        SIGNALS["teacher-entropy"].needs_teacher_entropy and not SIGNALS["teacher-entropy"].needs_student_pass
+    )
     assert SIGNALS["kl"].needs_kl and SIGNALS["reverse-kl"].needs_reverse_kl
     assert not any(
         [

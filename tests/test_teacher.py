@@ -27,7 +27,9 @@ from selkd.cache.teacher import (
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def test_tokenizer_fingerprint_stable_across_save_and_reload(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_tokenizer_fingerprint_stable_across_save_and_reload(
+    tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
     tok = load_tokenizer(tiny_tokenizer_dir)
     fp = tokenizer_fingerprint(tok)
     assert fp.startswith("v2:") and len(fp) == 67 and int(fp[3:], 16) >= 0
@@ -39,7 +41,10 @@ def test_tokenizer_fingerprint_stable_across_save_and_reload(tiny_tokenizer_dir:
 def test_tokenizer_fingerprint_same_for_teacher_and_student(
     tiny_tokenizer_dir: Path, tiny_teacher_dir: Path, tiny_student_dir: Path
 ) -> None:
-    fps = {tokenizer_fingerprint(load_tokenizer(d)) for d in (tiny_tokenizer_dir, tiny_teacher_dir, tiny_student_dir)}
+    fps = {
+        tokenizer_fingerprint(load_tokenizer(d))
+        for d in (tiny_tokenizer_dir, tiny_teacher_dir, tiny_student_dir)
+    }
     assert len(fps) == 1
 
 
@@ -76,7 +81,9 @@ def test_config_hash_stable_across_loads_and_dtypes(tiny_teacher_dir: Path) -> N
     assert config_hash(m16) == h
     assert config_hash(m32.config) == h
     # a copy elsewhere (different _name_or_path) is the same model
-    copy = Path(shutil.copytree(tiny_teacher_dir, tiny_teacher_dir.parent / "teacher_copy", dirs_exist_ok=True))
+    copy = Path(
+        shutil.copytree(tiny_teacher_dir, tiny_teacher_dir.parent / "teacher_copy", dirs_exist_ok=True)
+    )
     assert config_hash(load_causal_lm(copy, device="cpu")) == h
 
 
@@ -98,7 +105,9 @@ def test_config_hash_rejects_non_configs() -> None:
 # ----------------------------------------------------------------------------- loading and logits
 
 
-def test_vocab_size_is_logits_dimension_not_tokenizer_size(big_vocab_teacher_dir: Path, tiny_teacher_dir: Path) -> None:
+def test_vocab_size_is_logits_dimension_not_tokenizer_size(
+    big_vocab_teacher_dir: Path, tiny_teacher_dir: Path
+) -> None:
     big = load_causal_lm(big_vocab_teacher_dir, device="cpu")
     tok = load_tokenizer(big_vocab_teacher_dir)
     assert vocab_size(big) == 151_936
@@ -265,7 +274,9 @@ def test_stdlib_texts_deterministic_and_bounded() -> None:
     assert a == make_tiny.stdlib_files(max_bytes=50_000)
     assert sum(len(t.encode()) for _, t in a) <= 50_000
     assert [p for p, _ in a] == sorted(p for p, _ in a)
-    assert not any(part in ("test", "tests", "idlelib", "site-packages") for p, _ in a for part in p.split("/"))
+    assert not any(
+        part in ("test", "tests", "idlelib", "site-packages") for p, _ in a for part in p.split("/")
+    )
     assert len(make_tiny.stdlib_texts(max_files=2)) == 2
 
 
@@ -311,7 +322,9 @@ def test_text_corpus_dir(text_corpus_dir: Path, tiny_tokenizer: PreTrainedTokeni
 
 def test_make_tiny_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tiny"
-    rc = make_tiny.main(["--out", str(out), "--vocab", "300", "--corpus-bytes", "20000", "--train-steps", "2"])
+    rc = make_tiny.main(
+        ["--out", str(out), "--vocab", "300", "--corpus-bytes", "20000", "--train-steps", "2"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "teacher/" in printed and "corpus.jsonl" in printed

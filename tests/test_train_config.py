@@ -46,29 +46,9 @@ def test_defaults_from_cli() -> None:
 
 def test_cli_values_and_bools() -> None:
     cfg = cli(
-        "--select",
-        "kl:0.05",
-        "--select-policy",
-        "global",
-        "--loss",
-        "jsd",
-        "--lr",
-        "3e-4",
-        "--steps",
-        "100",
-        "--resume",
-        "--progress",
-        "false",
-        "--storage-option",
-        "anon=true",
-        "--storage-option",
-        "key=abc",
-        "--ce-weight",
-        "1",
-        "--ce-on",
-        "selected",
-        "--warmup-ratio",
-        "0.1",
+        "--select", "kl:0.05", "--select-policy", "global", "--loss", "jsd", "--lr", "3e-4", "--steps", "100",
+        "--resume", "--progress", "false", "--storage-option", "anon=true", "--storage-option", "key=abc",
+        "--ce-weight", "1", "--ce-on", "selected", "--warmup-ratio", "0.1",
     )
     assert cfg.select_signal == "kl" and cfg.select_fraction == 0.05
     assert cfg.select_policy == "global" and cfg.loss == "jsd" and cfg.lr == 3e-4
@@ -80,21 +60,8 @@ def test_cli_values_and_bools() -> None:
 
 
 def test_online_mode_fills_defaults() -> None:
-    cfg = TrainConfig.from_cli(
-        [
-            "--teacher",
-            "t",
-            "--data",
-            "a.jsonl",
-            "b.jsonl",
-            "--student-config",
-            "c",
-            "--out",
-            "o",
-            "--max-seq-len",
-            "256",
-        ]
-    )
+    cfg = TrainConfig.from_cli(["--teacher", "t", "--data", "a.jsonl", "b.jsonl", "--student-config", "c",
+                                "--out", "o", "--max-seq-len", "256"])
     assert cfg.mode == "online" and cfg.data == ["a.jsonl", "b.jsonl"]
     assert cfg.classes == "full" and cfg.temperature == 1.0 and cfg.max_seq_len == 256
     assert cfg.text_field == "text" and cfg.eval_fraction == 0.01 and cfg.limit_tokens is None
@@ -302,61 +269,22 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in (
-        "--cache",
-        "--student-config",
-        "--select",
-        "--select-policy",
-        "--global-queue",
-        "--ce-on",
-        "--fsdp",
-        "--allow-missing-parts",
-        "--tensorboard",
-        "--config",
-    ):
+    for flag in ("--cache", "--student-config", "--select", "--select-policy", "--global-queue", "--ce-on",
+                 "--fsdp", "--allow-missing-parts", "--tensorboard", "--config"):
         assert flag in text
 
 
 def test_config_differences_ignores_mutable_keys() -> None:
     saved = json.loads(json.dumps(cli("--steps", "100").to_dict()))  # as read back from config.json
-    same = cli(
-        "--steps",
-        "300",
-        "--progress",
-        "false",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        "--save-every",
-        "7",
-        "--resume",
-        "--num-workers",
-        "0",
-        "--prefetch",
-        "4",
-        "--tensorboard",
-        "--out",
-        "elsewhere",
-        "--entropy-chunk",
-        "64",
-        "--fsdp",
-    )
+    same = cli("--steps", "300", "--progress", "false", "--log-every", "1", "--eval-every", "0",
+               "--save-every", "7", "--resume", "--num-workers", "0", "--prefetch", "4", "--tensorboard",
+               "--out", "elsewhere", "--entropy-chunk", "64", "--fsdp")
     assert config_differences(saved, same) == []
     changed = cli("--steps", "100", "--lr", "1e-3", "--select", "student-entropy:0.1")
     diffs = config_differences(saved, changed)
     assert diffs == ["--select: 'student-entropy:0.2' -> 'student-entropy:0.1'", "--lr: 0.0001 -> 0.001"]
-    assert {
-        "steps",
-        "progress",
-        "log_every",
-        "eval_every",
-        "save_every",
-        "resume",
-        "num_workers",
-        "prefetch",
-        "tensorboard",
-    } <= set(RESUME_MUTABLE)
+    assert {"steps", "progress", "log_every", "eval_every", "save_every", "resume", "num_workers", "prefetch",
+            "tensorboard"} <= set(RESUME_MUTABLE)
 
 
 def test_config_differences_old_checkpoint_and_removed_keys() -> None:
