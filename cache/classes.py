@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selkd.cache.logits import softmax_entropy
 from selkd.cache.modes import ClassSpec
 from selkd.cache.targets import SparseTargets
 
@@ -73,17 +74,7 @@ def _chunk_outputs(
     generator: torch.Generator | None,
 ) -> TeacherOutputs:
     x = logits.float()
-    # One fused pass instead of log_softmax + exp + product: H = logsumexp(x) - sum(p * x).
-    m = x.amax(-1, keepdim=True)
-    p1 = torch.exp(x - m)
-    z = p1.sum(-1, keepdim=True)
-    p1.div_(z)
-    lse = (m + z.log()).squeeze(-1)
-    entropy = (lse - torch.linalg.vecdot(p1, x)).clamp_(min=0)
-    bad = torch.isnan(entropy)
-    if bad.any():  # -inf logits (masked classes) make p * x = 0 * -inf: redo those rows safely
-        xb, pb = x[bad], p1[bad]
-        entropy[bad] = lse[bad] - (pb * torch.where(pb > 0, xb, torch.zeros_like(xb))).sum(-1)
+    p1, lse, entropy = softmax_entropy(x)  # one fused pass
     next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
     codec = spec.codec
     probs = p1 if codec.uses_probs and temperature == 1.0 else None

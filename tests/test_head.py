@@ -17,6 +17,8 @@ from transformers import (
 )
 
 from selkd.cache.classes import ClassSpec, teacher_outputs
+from selkd.cache.logits import softmax_entropy
+from selkd.cache.scoring import mean_entropy
 from selkd.trainer.head import (
     check_selective_head,
     chunked_divergence,
@@ -181,6 +183,41 @@ def test_gemma2_softcapping_is_replicated() -> None:
     h = hidden_states(model, ids, mask)
     sel = selected_logits(lm_head(model), h, mask.bool(), logits_transform(model))
     assert torch.allclose(sel, ref[mask.bool()], atol=1e-5)
+
+
+def test_sample_scorer_ranks_by_the_models_own_logits() -> None:
+    """The builder's sample scorer applies the post-head transform (here Gemma-2 soft-capping), so it ranks
+    sequences by the entropy of ``model(...).logits``, the entropy the trainer selects by."""
+    torch.manual_seed(7)
+    model = Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0)).float().eval()
+    ids, _ = _batch()
+    with torch.no_grad():
+        lm_head(model).weight.mul_(50)  # raw logits of several units, so the cap at 2 changes the entropy
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        raw = torch.log_softmax(lm_head(model)(hidden_states(model, ids))[:, :-1].float(), -1)
+    want = -(logp.exp() * logp).sum(-1).mean(-1)
+    assert not torch.allclose(-(raw.exp() * raw).sum(-1).mean(-1), want, atol=1e-3)  # the cap matters here
+    for chunk in (4, 128):
+        torch.testing.assert_close(mean_entropy(model, ids, chunk=chunk), want, atol=1e-5, rtol=1e-5)
+    h = hidden_states(model, ids)
+    torch.testing.assert_close(
+        chunked_entropy(lm_head(model), h, chunk=4, transform=logits_transform(model))[:, :-1].mean(-1), want
+    )
+
+
+def test_softmax_entropy_of_masked_classes() -> None:
+    """-inf logits (masked classes) have probability 0 and add nothing: the entropy is the finite classes'."""
+    logits = torch.randn(6, 40) * 4
+    masked = logits.clone()
+    masked[:, 25:] = float("-inf")
+    probs, lse, ent = softmax_entropy(masked)
+    logp = torch.log_softmax(logits[:, :25], -1)
+    torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits[:, :25], -1))
+    assert torch.all(probs[:, 25:] == 0) and torch.isfinite(ent).all()
+    half = softmax_entropy(logits.half())  # any float dtype, math in float32
+    assert half.entropy.dtype == torch.float32
+    torch.testing.assert_close(half.entropy, softmax_entropy(logits.half().float()).entropy)
 
 
 def test_granite_logits_scaling_is_replicated() -> None:

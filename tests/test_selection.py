@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from selkd.trainer import losses
 from selkd.trainer.selection import (
     POLICIES,
     SIGNALS,
@@ -16,10 +19,11 @@ from selkd.trainer.selection import (
     get_policy,
     get_signal,
     make_policy_state,
-    parse_select,
     select_positions,
     selection_budget,
 )
+from selkd.trainer.spec import LOSS_NAMES, POLICY_NAMES, SIGNAL_NAMES, parse_select
+from selkd.trainer.student import Objective
 
 
 def _batch(lengths: list[int], length: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +50,26 @@ def test_parse_select() -> None:
         parse_select("kl:abc")
     with pytest.raises(ValueError, match="SIGNAL:FRACTION"):
         parse_select("kl")
+
+
+def test_the_names_agree_with_the_registries() -> None:
+    """The CLI lists the names of selkd.trainer.spec (no torch); the registries hold the code by those names."""
+    assert tuple(SIGNALS) == SIGNAL_NAMES
+    assert tuple(POLICIES) == POLICY_NAMES
+    assert tuple(losses.LOSSES) == LOSS_NAMES
+    code = "import sys, selkd.trainer.spec; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_objective_resolves_its_names_when_made() -> None:
+    obj = Objective("kl", 0.2, "global", "jsd")
+    assert obj.scorer is SIGNALS["kl"] and obj.selector is POLICIES["global"] and obj.loss_fn is losses.jsd
+    assert Objective("none", 1.0, "none", "fkl").scorer is None
+    with pytest.raises(ValueError, match="unknown loss 'kl'"):
+        Objective("kl", 0.2, "sequence", "kl")
+    with pytest.raises(ValueError, match="unknown selection signal 'entropy'"):
+        Objective("entropy", 0.2, "sequence", "fkl")
 
 
 def test_budget_rounding() -> None:

@@ -36,13 +36,16 @@ from selkd.cache.classes import ClassSpec
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from selkd.trainer import distributed as D
 from selkd.trainer import head as H
 from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
-from selkd.trainer.config import TrainConfig
-from selkd.trainer.loop import lr_lambda, truncate_metrics
+from selkd.trainer.config import TrainConfig, config_differences
+from selkd.trainer.metrics import WINDOW_KEYS, truncate_metrics
 from selkd.trainer.online import OnlineStream, OnlineTeacher
+from selkd.trainer.setup import TrainError, lr_lambda, wrap_student
+from selkd.trainer.spec import SelectSpec
 from selkd.trainer.student import Objective, SelectiveStudent, eval_divergences, evaluate
 
 SEQ = 64
@@ -398,6 +401,22 @@ def test_final_student_metrics_and_config(finished_run: Path, tiny_student_dir: 
     assert sorted(p.name for p in (finished_run / "checkpoints").iterdir())[-1] == "step-000006"
 
 
+def test_saved_configs_keep_select_as_text(finished_run: Path, caches: dict[str, str], tiny_student_dir: Path) -> None:
+    """--select is parsed once (TrainConfig.select_spec), but config.json keeps the text, as runs saved before
+    did: their configs read back and compare equal, and the rank state keeps its form, so they resume."""
+    flags = dict(steps=6, save_every=2, eval_every=3)
+    now = TrainConfig.from_cli(args(caches["topk"], tiny_student_dir, finished_run, **flags))
+    latest = sorted((finished_run / "checkpoints").iterdir())[-1]
+    for path in (finished_run / "config.json", latest / "config.json"):
+        saved = json.loads(path.read_text())
+        assert saved["select"] == "student-entropy:0.2"
+        cfg = TrainConfig.from_dict(saved)
+        assert cfg.select_spec == SelectSpec("student-entropy", 0.2) and cfg.to_dict() == saved
+        assert config_differences(saved, now) == []
+    window = torch.load(latest / "rank-00000.pt", weights_only=True)["state"]["window"]
+    assert set(window) == {*WINDOW_KEYS, "steps"} and all(type(v) is float for v in window.values())
+
+
 # --------------------------------------------------------------------------- online = offline
 
 
@@ -591,6 +610,30 @@ def test_tokenizer_mismatch(
     rc, err = run(args(caches["topk"], other_tokenizer_model_dir, tmp_path / "out"), capsys)
     assert rc == 1
     assert "tokenizer" in err and "differs" in err
+
+
+def test_a_student_whose_logits_the_selective_head_cannot_give_is_refused_at_start(
+    tmp_path: Path, tiny_student_dir: Path
+) -> None:
+    """A student whose forward changes the logits after the head in a way selkd does not know (here: x 2) is
+    refused when the run starts, by comparing both paths on a probe text, instead of trained on other logits."""
+    model = load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32, frozen=False)
+
+    class Scaled(type(model)):  # type: ignore[misc, valid-type]
+        def forward(self, *a: Any, **kw: Any) -> Any:
+            out = super().forward(*a, **kw)
+            out.logits = out.logits * 2.0
+            return out
+
+    scaled = Scaled(model.config)
+    scaled.load_state_dict(model.state_dict())
+    cfg = TrainConfig(cache="c", student=str(tiny_student_dir), out=str(tmp_path / "out"))
+    cpu = D.DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, device=torch.device("cpu"))
+    tokenizer = load_tokenizer(str(tiny_student_dir))
+    with pytest.raises(TrainError, match=r"selective head differs from model\(...\).logits for model_type 'llama'"):
+        wrap_student(scaled, cfg, cpu, tokenizer)
+    assert scaled.training  # the check leaves the training flag as it was
+    assert isinstance(wrap_student(model, cfg, cpu, tokenizer), SelectiveStudent)
 
 
 def test_student_vocabulary_smaller_than_the_cache(

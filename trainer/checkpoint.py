@@ -40,13 +40,14 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -452,41 +453,54 @@ def save_checkpoint(
     model_sd = _gather_model(model)
     optim_sd = _gather_optimizer(model, optimizer) if optimizer is not None else None
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
-    root = _checkpoints_root(out_dir)
-    final = root / _step_dir_name(step)
+    final = _checkpoints_root(out_dir) / _step_dir_name(step)
     optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler is not None else None}
     state = {"format": FORMAT_VERSION, "step": int(step), "extra": dict(extra or {})}
 
     def write() -> Path:
         assert per_rank is not None
-        root.mkdir(parents=True, exist_ok=True)
-        clean_incomplete(out_dir)
-        tmp = root / f"{final.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        previous = latest_checkpoint(out_dir)
-        rerun = f"it resumes from {previous.name}" if previous else "it starts over (no checkpoint was complete yet)"
-        with _half_written(tmp, final, rerun):
-            _save_weights(tmp / MODEL_FILE, model_sd, aliases)
-            _torch_save(tmp / OPTIMIZER_FILE, optim)
-            for r, obj in enumerate(per_rank):
-                _torch_save(tmp / f"rank-{r:05d}.pt", obj)
-            _write_json(tmp / LOADER_FILE, dict(loader_state))
-            _write_json(tmp / CONFIG_FILE, dict(config))
-            _write_json(tmp / STATE_FILE, {**state, "world_size": len(per_rank), "saved_at": time.time()})
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            _write_json(tmp / COMPLETE, {"step": int(step), "files": files})
-            _fsync_dir(tmp)
-            if final.exists():
-                _discard(final)
-            tmp.rename(final)
-        _fsync_dir(root)
+        world = len(per_rank)
+        files = {
+            MODEL_FILE: lambda path: _save_weights(path, model_sd, aliases),
+            OPTIMIZER_FILE: lambda path: _torch_save(path, optim),
+            **{f"rank-{r:05d}.pt": functools.partial(_torch_save, obj=obj) for r, obj in enumerate(per_rank)},
+            LOADER_FILE: lambda path: _write_json(path, dict(loader_state)),
+            CONFIG_FILE: lambda path: _write_json(path, dict(config)),
+            STATE_FILE: lambda path: _write_json(path, {**state, "world_size": world, "saved_at": time.time()}),
+        }
+        _write_checkpoint_dir(out_dir, final, int(step), files)
         if keep is not None:
             prune_checkpoints(out_dir, keep)
         return final
 
     return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
+
+
+def _write_checkpoint_dir(
+    out_dir: str | Path, final: Path, step: int, files: Mapping[str, Callable[[Path], None]]
+) -> None:
+    """Write ``files`` ({name: writer(path)}, in order) into ``final`` atomically: a ``.tmp-<pid>``
+    directory, ``COMPLETE`` (the files and their sizes) last, fsynced, then renamed into place. Anything
+    that stops it removes the tmp directory (see :func:`_half_written`)."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    clean_incomplete(out_dir)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    previous = latest_checkpoint(out_dir)
+    rerun = f"it resumes from {previous.name}" if previous else "it starts over (no checkpoint was complete yet)"
+    with _half_written(tmp, final, rerun):
+        for name, write in files.items():
+            write(tmp / name)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
+        _fsync_dir(tmp)
+        if final.exists():
+            _discard(final)
+        tmp.rename(final)
+    _fsync_dir(root)
 
 
 def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
@@ -538,60 +552,19 @@ def load_checkpoint(
     loading. The scheduler is restored after the optimizer, so its ``last_epoch``/``base_lrs`` win.
     """
     path = Path(path)
-    distributed = D.is_distributed()
-    data: dict[str, Any] | None = None
-    error: str | None = None
-    if D.rank() == 0:
-        try:
-            data = _read_checkpoint(path, optimizer is not None, scheduler is not None)
-        except CheckpointError as err:
-            if not distributed:
-                raise
-            error = str(err)
-    if distributed:
-        error = D.broadcast_object(error)
-        if error is not None:
-            raise CheckpointError(error)
-    empty: dict[str, Any] = {}
-    if data is None:
-        data = {"model": empty, "optim": {"optimizer": empty, "scheduler": None}, "ranks": None}
-    opts = _sd_options(broadcast_from_rank0=distributed, strict=True)
-    model_sd = data["model"]
-    aliases = _tied_aliases(model)
-    for alias, name in aliases.items():  # a checkpoint written by other code may lack the alias
-        if name in model_sd and alias not in model_sd:
-            model_sd[alias] = model_sd[name]
-    try:
-        set_model_state_dict(model, model_sd, options=opts)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: the weights do not fit this model: {err}") from err
-    optim = data["optim"]
+    data = _read_on_rank0(path, optimizer is not None, scheduler is not None)
+    opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
+    _restore_model(path, model, data["model"], opts)
     if optimizer is not None:
-        tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
-        try:
-            set_optimizer_state_dict(model, optimizer, optim["optimizer"] or {}, options=opts)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer: {err}") from err
-        for group, keys in zip(optimizer.param_groups, tuples):  # DCP returns tuples (betas) as lists
-            for k in keys:
-                if isinstance(group.get(k), list):
-                    group[k] = tuple(group[k])
+        _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
     small = D.broadcast_object(
-        {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": optim.get("scheduler")}
+        {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": data["optim"].get("scheduler")}
         if D.rank() == 0
         else None
     )
     if scheduler is not None:
         scheduler.load_state_dict(small["scheduler"])
-    ranks = data["ranks"]
-    if distributed:
-        objs = None
-        if D.rank() == 0:
-            assert ranks is not None
-            objs = [ranks[r] if r < len(ranks) else None for r in range(D.world_size())]
-        mine = D.scatter_objects(objs)
-    else:
-        mine = ranks[0] if ranks else None
+    mine = _scatter_rank_states(data["ranks"])
     rng_restored = False
     if mine is not None and restore_rng:
         _set_rng_state(mine["rng"])
@@ -609,6 +582,64 @@ def load_checkpoint(
         saved_at=float(state.get("saved_at", 0.0)),
         files=small["files"],
     )
+
+
+def _read_on_rank0(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
+    """:func:`_read_checkpoint` on rank 0; a problem there raises on every rank (instead of hanging the
+    others in the next collective). The other ranks get empty state dicts to receive the broadcast into."""
+    distributed = D.is_distributed()
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    if D.rank() == 0:
+        try:
+            data = _read_checkpoint(path, need_optimizer, need_scheduler)
+        except CheckpointError as err:
+            if not distributed:
+                raise
+            error = str(err)
+    if distributed:
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
+    if data is None:
+        data = {"model": {}, "optim": {"optimizer": {}, "scheduler": None}, "ranks": None}
+    return data
+
+
+def _restore_model(path: Path, model: nn.Module, model_sd: dict[str, torch.Tensor], opts: StateDictOptions) -> None:
+    aliases = _tied_aliases(model)
+    for alias, name in aliases.items():  # a checkpoint written by other code may lack the alias
+        if name in model_sd and alias not in model_sd:
+            model_sd[alias] = model_sd[name]
+    try:
+        set_model_state_dict(model, model_sd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: the weights do not fit this model: {err}") from err
+
+
+def _restore_optimizer(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any], opts: StateDictOptions
+) -> None:
+    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
+    try:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer: {err}") from err
+    for group, keys in zip(optimizer.param_groups, tuples):  # DCP returns tuples (betas) as lists
+        for k in keys:
+            if isinstance(group.get(k), list):
+                group[k] = tuple(group[k])
+
+
+def _scatter_rank_states(ranks: list[Any] | None) -> Any:
+    """This rank's saved ``{"rng", "state"}`` (None when the checkpoint has no file for it)."""
+    if not D.is_distributed():
+        return ranks[0] if ranks else None
+    objs = None
+    if D.rank() == 0:
+        assert ranks is not None
+        objs = [ranks[r] if r < len(ranks) else None for r in range(D.world_size())]
+    return D.scatter_objects(objs)
 
 
 def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> Path:

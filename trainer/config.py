@@ -43,8 +43,15 @@ from selkd.cache.options import (
     opt,
     read_config_file,
 )
-from selkd.trainer.losses import LOSSES
-from selkd.trainer.selection import DEFAULT_GLOBAL_CAPACITY, POLICIES, SIGNALS, parse_select
+from selkd.trainer.spec import (
+    DEFAULT_GLOBAL_CAPACITY,
+    FULL_KD,
+    LOSS_NAMES,
+    POLICY_NAMES,
+    SIGNAL_NAMES,
+    SelectSpec,
+    parse_select,
+)
 from selkd.trainer.targets_check import check_targets
 
 __all__ = [
@@ -104,13 +111,12 @@ REDACTED = "<redacted>"
 _SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session")
 
 
-def _valid_select(text: str) -> str | None:
+def _parse_select(text: str) -> SelectSpec:
     try:
-        parse_select(text)
+        return parse_select(text)
     except ValueError as err:
-        # parse_select names the flag itself; check() adds it again, so keep only the rest.
-        return str(err).removeprefix("--select ")
-    return None
+        # parse_select names the flag as "--select 'TEXT': ..."; config errors read "--select: 'TEXT': ..."
+        raise ConfigError(f"--select: {str(err).removeprefix('--select ')}") from None
 
 
 def _valid_classes(text: str) -> str | None:
@@ -178,13 +184,12 @@ class TrainConfig:
     # ---------------------------------------------------------------- selection and loss
     select: str = opt(
         "student-entropy:0.2",
-        help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNALS)}) or none (full KD)",
-        validate=_valid_select,
+        help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNAL_NAMES)}) or none (full KD)",
         metavar="SIGNAL:FRACTION",
     )
-    select_policy: str = opt("sequence", help="how scores become a selection", choices=tuple(POLICIES))
+    select_policy: str = opt("sequence", help="how scores become a selection", choices=POLICY_NAMES)
     global_queue: int = opt(DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1)
-    loss: str = opt("fkl", help="divergence at the selected positions", choices=tuple(LOSSES))
+    loss: str = opt("fkl", help="divergence at the selected positions", choices=LOSS_NAMES)
     topk_renormalize: bool = opt(
         False,
         help="topk targets: the biased top-k baseline, the teacher's k probabilities renormalised (no tail) "
@@ -258,6 +263,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)  # also coerces file/JSON values to the declared types
+        # --select, parsed once; the field keeps the text (saved configs compare as strings)
+        self.select_spec: SelectSpec = _parse_select(self.select)
         self._check_sources()
         self._check_targets()
         if self.steps is not None and self.epochs is not None:
@@ -266,7 +273,7 @@ class TrainConfig:
             raise ConfigError("give --warmup-steps or --warmup-ratio, not both")
         if self.kd_weight == 0:
             self._check_ce_only()
-        if self.select_policy == "none" and self.select != "none":
+        if self.select_policy == FULL_KD and not self.select_spec.full_kd:
             raise ConfigError(
                 f"--select-policy none keeps every position, which contradicts --select {self.select}; "
                 "use --select none for full KD"
@@ -304,7 +311,7 @@ class TrainConfig:
         silently, so they are refused instead."""
         if self.ce_weight == 0:
             raise ConfigError("--kd-weight 0 with --ce-weight 0 leaves nothing to train: give --ce-weight 1")
-        if self.select != "none":
+        if not self.select_spec.full_kd:
             raise ConfigError(
                 f"--kd-weight 0 distils no position, so --select {self.select} would choose for nothing: "
                 "give --select none"
@@ -329,17 +336,17 @@ class TrainConfig:
     @property
     def select_signal(self) -> str:
         """The signal name of ``--select`` (``"none"`` for full KD)."""
-        return parse_select(self.select)[0]
+        return self.select_spec.signal
 
     @property
     def select_fraction(self) -> float:
         """The fraction of ``--select`` (1.0 for ``none``)."""
-        return parse_select(self.select)[1]
+        return self.select_spec.fraction
 
     @property
     def effective_policy(self) -> str:
         """The policy the loop should use: ``none`` when ``--select none``, else ``--select-policy``."""
-        return "none" if self.select_signal == "none" else self.select_policy
+        return FULL_KD if self.select_spec.full_kd else self.select_policy
 
     @property
     def class_spec(self) -> ClassSpec | None:

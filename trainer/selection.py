@@ -5,10 +5,12 @@ scores, the valid-position mask and a fraction into a selection mask (and, for t
 importance weights). Both are registries: :data:`SIGNALS` and :data:`POLICIES`.
 
 ``--select`` is ``SIGNAL:FRACTION`` (``student-entropy:0.2``, the SE-KD default) or ``none`` (full
-KD: every valid position). Signals declare which inputs they need (:class:`Signal`), so the training
-loop computes only those: student entropy / CE come from one chunked no-grad pass of the student's
-head, teacher entropy and teacher next-token log-prob come from the cache, KL / reverse KL are
-computed lazily by a callable the loop provides (e.g. ``head.chunked_divergence``).
+KD: every valid position), parsed by :func:`selkd.trainer.spec.parse_select`; the registries here are
+keyed by the names :mod:`selkd.trainer.spec` lists (the CLI reads those without torch). Signals
+declare which inputs they need (:class:`Signal`), so the training loop computes only those: student
+entropy / CE come from one chunked no-grad pass of the student's head, teacher entropy and teacher
+next-token log-prob come from the cache, KL / reverse KL are computed lazily by a callable the loop
+provides (e.g. ``head.chunked_divergence``).
 
 Policies (``fraction`` = f, ``n`` = number of valid positions of a sequence):
 
@@ -42,6 +44,8 @@ from typing import Any, Literal, overload
 
 import torch
 
+from selkd.trainer.spec import DEFAULT_GLOBAL_CAPACITY
+
 __all__ = [
     "DEFAULT_GLOBAL_CAPACITY",
     "POLICIES",
@@ -53,12 +57,10 @@ __all__ = [
     "get_policy",
     "get_signal",
     "make_policy_state",
-    "parse_select",
     "select_positions",
     "selection_budget",
 ]
 
-DEFAULT_GLOBAL_CAPACITY = 30_000
 _CE_EPS = 1e-6  # ce-ratio denominator floor (teacher CE can be ~0 where the teacher is certain)
 _MIN_WEIGHT = 1e-12  # stochastic policy: floor of the sampling weight
 
@@ -152,6 +154,15 @@ class Signal:
         """Whether the loop must run the chunked no-grad student head pass (entropy / CE)."""
         return self.needs_student_entropy or self.needs_student_ce
 
+    def scores(self, inputs: SignalInputs) -> torch.Tensor:
+        """Scores [B, L] float32; NaN becomes -inf (never preferred)."""
+        scores = self.fn(inputs).float()
+        if scores.shape != inputs.valid.shape:
+            raise ValueError(
+                f"signal {self.name!r} gave shape {tuple(scores.shape)}, expected {tuple(inputs.valid.shape)}"
+            )
+        return torch.nan_to_num(scores, nan=float("-inf"))
+
 
 SIGNALS: dict[str, Signal] = {
     s.name: s
@@ -176,31 +187,8 @@ def get_signal(name: str) -> Signal:
 
 
 def compute_scores(name: str, inputs: SignalInputs) -> torch.Tensor:
-    """Scores [B, L] float32 of signal ``name``; NaN becomes -inf (never preferred)."""
-    scores = get_signal(name).fn(inputs).float()
-    if scores.shape != inputs.valid.shape:
-        raise ValueError(f"signal {name!r} gave shape {tuple(scores.shape)}, expected {tuple(inputs.valid.shape)}")
-    return torch.nan_to_num(scores, nan=float("-inf"))
-
-
-def parse_select(text: str) -> tuple[str, float]:
-    """``"student-entropy:0.2"`` -> ``("student-entropy", 0.2)``; ``"none"`` -> ``("none", 1.0)``."""
-    text = text.strip()
-    if text == "none":
-        return "none", 1.0
-    name, sep, frac = text.partition(":")
-    name = name.strip()
-    if name not in SIGNALS:
-        raise ValueError(f"--select {text!r}: unknown signal {name!r}; valid signals: none, {', '.join(SIGNALS)}")
-    if not sep:
-        raise ValueError(f"--select {text!r}: expected SIGNAL:FRACTION (e.g. student-entropy:0.2) or none")
-    try:
-        fraction = float(frac)
-    except ValueError:
-        raise ValueError(f"--select {text!r}: {frac!r} is not a number") from None
-    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-        raise ValueError(f"--select {text!r}: fraction must be in (0, 1], got {frac}")
-    return name, fraction
+    """Scores [B, L] float32 of signal ``name`` (:meth:`Signal.scores`)."""
+    return get_signal(name).scores(inputs)
 
 
 # --------------------------------------------------------------------------- policies
@@ -362,7 +350,7 @@ def select_positions(
     scores: torch.Tensor,
     valid: torch.Tensor,
     fraction: float,
-    policy: str = ...,
+    policy: str | Policy = ...,
     *,
     state: Any = ...,
     progress: float = ...,
@@ -376,7 +364,7 @@ def select_positions(
     scores: torch.Tensor,
     valid: torch.Tensor,
     fraction: float,
-    policy: str = ...,
+    policy: str | Policy = ...,
     *,
     state: Any = ...,
     progress: float = ...,
@@ -389,7 +377,7 @@ def select_positions(
     scores: torch.Tensor,
     valid: torch.Tensor,
     fraction: float,
-    policy: str = "sequence",
+    policy: str | Policy = "sequence",
     *,
     state: Any = None,
     progress: float = 0.0,
@@ -399,13 +387,13 @@ def select_positions(
     """The position mask of one batch.
 
     scores: [B, L] float (higher = more important; ignored by ``none``); valid: [B, L] bool;
-    fraction in (0, 1]; policy: a name in :data:`POLICIES`; state: the policy's state
+    fraction in (0, 1]; policy: a name in :data:`POLICIES` or the policy itself; state: the policy's state
     (:func:`make_policy_state`); progress in [0, 1] (curriculum); generator (stochastic).
     Returns mask [B, L] bool (a subset of ``valid``), and with ``return_weights=True`` also weights
     [B, L] float32 (importance weights for ``stochastic``; 1.0 at selected positions otherwise;
     0 elsewhere).
     """
-    fn = get_policy(policy)
+    fn = get_policy(policy) if isinstance(policy, str) else policy
     if valid.dtype != torch.bool:
         raise ValueError(f"valid must be a bool mask, got {valid.dtype}")
     if scores.shape != valid.shape or valid.dim() != 2:

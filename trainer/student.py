@@ -21,11 +21,16 @@ from selkd.cache.targets import SparseTargets
 from selkd.trainer import head as H
 from selkd.trainer import losses as L
 from selkd.trainer import selection as S
+from selkd.trainer.spec import FULL_KD
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What a step optimises: signal and policy choose positions, ``loss`` compares there."""
+    """What a step optimises: signal and policy choose positions, ``loss`` compares there.
+
+    The fields name them (as the options do); the objects they name are looked up once, when the
+    objective is made, not in every step: ``scorer`` (the :class:`~selkd.trainer.selection.Signal`, None
+    for full KD), ``selector`` (the policy) and ``loss_fn`` (the divergence)."""
 
     signal: str  # a name in selection.SIGNALS, or "none" (full KD)
     fraction: float
@@ -38,9 +43,16 @@ class Objective:
     ce_on: str = "all"  # "all" valid positions or the "selected" ones
     chunk: int = 128
 
-    @property
-    def loss_fn(self) -> L.LossFn:
-        return L.get_loss(self.loss)
+    def __post_init__(self) -> None:
+        # Plain attributes, not fields: dataclasses.replace (which torch's wrappers may apply to forward's
+        # arguments) then makes the objective again from its names and resolves them again.
+        resolved = {
+            "scorer": None if self.signal == FULL_KD else S.get_signal(self.signal),
+            "selector": S.get_policy(self.policy),
+            "loss_fn": L.get_loss(self.loss),
+        }
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 @dataclass
@@ -150,66 +162,91 @@ class SelectiveStudent(nn.Module):
         head = H.lm_head(self.model)
         if evaluate:
             return self._evaluate(head, hidden, labels, valid, targets, teacher_entropy, obj)
-        loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
-
-        # --- which positions: scores from no-grad, chunked statistics ---------------------------
-        if obj.kd_weight == 0:
-            mask = torch.zeros_like(valid)  # nothing distilled: no head, no targets, no scores
-            weights = mask.float()
-        elif obj.signal == "none":
-            mask, weights = valid, valid.float()
-        else:
-            sig = S.get_signal(obj.signal)
-            inputs = S.SignalInputs(
-                valid=valid, teacher_entropy=teacher_entropy, teacher_logprob=teacher_logprob, generator=generator
-            )
-            if sig.needs_student_pass:
-                stats = H.chunked_token_stats(head, hidden, labels, obj.chunk, self.transform)
-                inputs.student_entropy, inputs.student_ce = stats.entropy, stats.ce
-            if sig.needs_kl:
-                inputs.kl = lambda: H.chunked_divergence(
-                    head, hidden, targets, L.fkl, valid, obj.chunk, self.transform, **loss_kw
-                )
-            if sig.needs_reverse_kl:
-                inputs.reverse_kl = lambda: H.chunked_divergence(
-                    head, hidden, targets, L.rkl, valid, obj.chunk, self.transform, **loss_kw
-                )
-            scores = S.compute_scores(obj.signal, inputs)
-            mask, weights = S.select_positions(
-                scores,
-                valid,
-                obj.fraction,
-                obj.policy,
-                state=policy_state,
-                progress=progress,
-                generator=generator,
-                return_weights=True,
-            )
+        signal_inputs = S.SignalInputs(
+            valid=valid, teacher_entropy=teacher_entropy, teacher_logprob=teacher_logprob, generator=generator
+        )
+        mask, weights = self._select(head, hidden, labels, targets, signal_inputs, obj, policy_state, progress)
 
         # --- the LM head with grad only at the selected positions --------------------------------
         logits = H.selected_logits(head, hidden, mask, self.transform)  # [N_sel, V]
+        loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
         kd_sel = L.chunked(obj.loss_fn, obj.chunk, checkpoint=True)(logits, targets.select(mask), **loss_kw)
         per_position = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         per_position = per_position.masked_scatter(mask, kd_sel.float())
         kd = L.sequence_mean(per_position, mask, weights)
 
-        # --- optional CE on the true next tokens -------------------------------------------------
-        ce = torch.zeros((), device=hidden.device)
+        ce = torch.zeros((), device=hidden.device)  # 0 unless the CE term is on
         if obj.ce_weight > 0:
-            if obj.ce_on == "selected":
-                ce = L.masked_mean(L.chunked(L.ce_per_position, obj.chunk, checkpoint=True)(logits, labels[mask]))
-            else:
-                # every valid position: head + CE a chunk at a time, recomputed in backward, so the
-                # [N_valid, V] logits never exist at once
-                def head_ce(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-                    z = head(h)
-                    return L.ce_per_position(z if self.transform is None else self.transform(z), lab)
-
-                ce = L.masked_mean(L.chunked(head_ce, obj.chunk, checkpoint=True)(hidden[valid], labels[valid]))
+            ce = self._ce(head, hidden, logits, labels, valid, mask, obj)
         loss = obj.kd_weight * kd + obj.ce_weight * ce  # ce is 0 when its weight is
         return StepOutput(
             loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
         )
+
+    def _select(
+        self,
+        head: nn.Module,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        targets: SparseTargets,
+        inputs: S.SignalInputs,
+        obj: Objective,
+        policy_state: Any,
+        progress: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which positions are distilled: (mask [B, L] bool, weights [B, L] float32). The signal's scores
+        come from no-grad, chunked statistics; only the ones it needs are computed."""
+        valid = inputs.valid
+        if obj.kd_weight == 0:
+            mask = torch.zeros_like(valid)  # nothing distilled: no head, no targets, no scores
+            return mask, mask.float()
+        sig = obj.scorer
+        if sig is None:  # full KD
+            return valid, valid.float()
+        loss_kw = {"temperature": obj.temperature, "topk_renormalize": obj.topk_renormalize}
+        if sig.needs_student_pass:
+            stats = H.chunked_token_stats(head, hidden, labels, obj.chunk, self.transform)
+            inputs.student_entropy, inputs.student_ce = stats.entropy, stats.ce
+        if sig.needs_kl:
+            inputs.kl = lambda: H.chunked_divergence(
+                head, hidden, targets, L.fkl, valid, obj.chunk, self.transform, **loss_kw
+            )
+        if sig.needs_reverse_kl:
+            inputs.reverse_kl = lambda: H.chunked_divergence(
+                head, hidden, targets, L.rkl, valid, obj.chunk, self.transform, **loss_kw
+            )
+        return S.select_positions(
+            sig.scores(inputs),
+            valid,
+            obj.fraction,
+            obj.selector,
+            state=policy_state,
+            progress=progress,
+            generator=inputs.generator,
+            return_weights=True,
+        )
+
+    def _ce(
+        self,
+        head: nn.Module,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        mask: torch.Tensor,
+        obj: Objective,
+    ) -> torch.Tensor:
+        """The next-token CE term (scalar): on the selected positions (their ``logits`` [N_sel, V] exist
+        already) or on every valid one (head + CE a chunk at a time, recomputed in backward, so the
+        [N_valid, V] logits never exist at once)."""
+        if obj.ce_on == "selected":
+            return L.masked_mean(L.chunked(L.ce_per_position, obj.chunk, checkpoint=True)(logits, labels[mask]))
+
+        def head_ce(h: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+            z = head(h)
+            return L.ce_per_position(z if self.transform is None else self.transform(z), lab)
+
+        return L.masked_mean(L.chunked(head_ce, obj.chunk, checkpoint=True)(hidden[valid], labels[valid]))
 
     def _evaluate(
         self,

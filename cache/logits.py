@@ -1,0 +1,170 @@
+"""A causal LM's logits by parts, and their entropy: one definition for the builder and the trainer.
+
+The builder's sample scorer (:mod:`selkd.cache.scoring`), the class selection (:mod:`selkd.cache.classes`)
+and the trainer's selective head (:mod:`selkd.trainer.head`) all read logits as the model's forward
+returns them and rank by the same entropy, so the sequences the builder keeps and the positions the
+trainer distils are chosen by one number:
+
+* :func:`hidden_states` and :func:`lm_head`: the decoder's final hidden states and the head, so that
+  logits can be made a chunk of positions at a time (``[B, L, V]`` is never built);
+* :func:`logits_transform`: what a few architectures do to ``lm_head(h)`` inside their forward
+  (Gemma-2-style final soft-capping, Granite's ``logits_scaling`` division, Cohere's ``logit_scale``
+  multiplication); architectures known to do something else are refused;
+* :func:`softmax_entropy`: softmax, log-normaliser and entropy in one fused pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SoftmaxEntropy",
+    "Transform",
+    "apply_head",
+    "hidden_states",
+    "lm_head",
+    "logits_transform",
+    "softmax_entropy",
+]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+# model_type -> how its CausalLM forward changes logits after the head, for the simple scalings.
+_DIVIDE_BY_LOGITS_SCALING = {
+    "granite",
+    "granitemoe",
+    "granitemoeshared",
+    "granitemoehybrid",
+    "granite_swa",
+    "granitemoe_swa",
+}
+_MULTIPLY_BY_LOGIT_SCALE = {"cohere", "cohere2", "cohere2_moe"}
+# Known post-head transforms this module does not replicate: refused.
+_UNSUPPORTED = {
+    "recurrent_gemma": "soft-caps with config.logits_soft_cap inside its forward",
+    "hyperclovax": "multiplies logits by config.logits_scaling",
+    "muse_glimmer": "pre-scales logits by output_multiplier before soft-capping",
+    "muse_spark": "pre-scales logits by output_multiplier before soft-capping",
+    "inkling": "slices logits to unpadded_vocab_size",
+    "inkling2": "applies a logit_softcap module",
+    "inkling2_loop": "applies a logit_softcap module",
+    "cohere_compass": "multiplies logits by an optional logit_scale",
+    "xlstm": "post-processes logits in its forward",
+}
+# Below this (relative to a row's largest logit) exp() is 0 in float32 anyway; flooring there keeps
+# masked (-inf) classes from turning 0 * -inf into NaN in the entropy's dot product.
+_LOGIT_FLOOR = -1e4
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        raise ValueError(
+            f"cannot find the decoder of {type(model).__name__}: expected model.get_decoder() or model.model"
+        )
+    return decoder
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> torch.Tensor:
+    """The final (already normed) hidden states of a causal LM, without computing logits.
+
+    input_ids: [B, L] int64; attention_mask: [B, L] or None; extra kwargs (``position_ids``, ...) go
+    to the decoder. Returns [B, L, H] in the model's dtype, with grad if grad is enabled.
+    """
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    h = getattr(out, "last_hidden_state", None)
+    return h if h is not None else out[0]
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """``model.get_output_embeddings()``: [..., H] -> [..., V] (tied to the input embedding when the
+    model ties them, so gradients through it reach that shared weight)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
+    return head
+
+
+def _softcap(cap: float) -> Transform:
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(logits / cap) * cap
+
+    return transform
+
+
+def logits_transform(model: nn.Module) -> Transform | None:
+    """The function the model's forward applies to ``lm_head(h)``, or None when it applies none.
+
+    Replicated: ``final_logit_softcapping`` (Gemma 2/3/4 and others: ``tanh(x / c) * c``), Granite's
+    ``x / logits_scaling``, Cohere's ``x * logit_scale``. Raises ValueError naming the model_type for
+    architectures known to apply something else.
+    """
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        return None
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    types = {getattr(hf_config, "model_type", None), getattr(text, "model_type", None)} - {None}
+    for t in sorted(types):
+        if t in _UNSUPPORTED:
+            raise ValueError(
+                f"model_type {t!r} {_UNSUPPORTED[t]} after the LM head; selkd does not replicate that on "
+                "logits it computes a chunk at a time, so this model cannot be a student or a sample scorer"
+            )
+    transforms: list[Transform] = []
+    if types & _DIVIDE_BY_LOGITS_SCALING:
+        scale = float(text.logits_scaling)
+        transforms.append(lambda x: x / scale)
+    if types & _MULTIPLY_BY_LOGIT_SCALE:
+        mult = float(text.logit_scale)
+        transforms.append(lambda x: x * mult)
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        transforms.append(_softcap(float(cap)))
+    if not transforms:
+        return None
+    if len(transforms) == 1:
+        return transforms[0]
+
+    def composed(x: torch.Tensor) -> torch.Tensor:
+        for f in transforms:
+            x = f(x)
+        return x
+
+    return composed
+
+
+def apply_head(head: nn.Module, hidden: torch.Tensor, transform: Transform | None) -> torch.Tensor:
+    """``model(...).logits`` at the given positions: hidden [..., H] -> logits [..., V] (head's dtype)."""
+    logits = head(hidden)
+    return transform(logits) if transform is not None else logits
+
+
+class SoftmaxEntropy(NamedTuple):
+    probs: torch.Tensor  # [..., V] float32, softmax(logits)
+    lse: torch.Tensor  # [...] float32, logsumexp(logits)
+    entropy: torch.Tensor  # [...] float32, nats (temperature 1)
+
+
+def softmax_entropy(logits: torch.Tensor) -> SoftmaxEntropy:
+    """Softmax, log-normaliser and entropy of logits [..., V] (any float dtype; math in float32), in one
+    fused pass instead of log_softmax + exp + product: ``H = log z - sum(p * (x - max))``. Masked
+    (``-inf``) classes are allowed; no host sync, so it can run per chunk inside a training step."""
+    x = logits.float()
+    m = x.amax(-1, keepdim=True)
+    shifted = (x - m).clamp_(min=_LOGIT_FLOOR)
+    p = torch.exp(shifted)
+    z = p.sum(-1, keepdim=True)
+    p.div_(z)
+    log_z = z.log().squeeze(-1)
+    entropy = (log_z - torch.linalg.vecdot(p, shifted)).clamp_(min=0)
+    return SoftmaxEntropy(p, m.squeeze(-1) + log_z, entropy)

@@ -1,0 +1,153 @@
+"""What a run reports: ``selkd-train:`` lines on stderr, ``metrics.jsonl`` and TensorBoard, and the
+logging window's sums.
+
+Resuming and ``metrics.jsonl``
+------------------------------
+A resumed run restores the logging window of the checkpoint (so a row that spans the checkpoint holds
+the same sums), and ``metrics.jsonl`` is **truncated to the resumed step**: rows with ``step`` greater
+than the checkpoint's step (written after the checkpoint by the interrupted run, and redone now) are
+dropped, as is a line torn by a kill; a fresh start (no checkpoint) drops every row. So the file always
+holds each step's row once, in order, as if the run had never stopped (only the timing fields of the
+first row after a resume are approximate: its window's time restarts with the process).
+
+Distributed runs log global values: the losses are the mean over ranks, counts and tokens the sum
+(``peak_memory_mb`` is rank 0's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from selkd.trainer import distributed as D
+
+__all__ = ["METRICS_FILE", "WINDOW_KEYS", "MetricsLog", "StepStats", "Window", "log", "truncate_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+# Sums a logging window accumulates (per rank; all-reduced when a row is written).
+WINDOW_KEYS = ("loss", "kd", "ce", "selected", "valid", "tokens")
+
+
+def log(msg: str, main: bool = True) -> None:
+    """One ``selkd-train: ...`` line on stderr (only where ``main``)."""
+    if main:
+        print(f"selkd-train: {msg}", file=sys.stderr, flush=True)
+
+
+class StepStats(NamedTuple):
+    """One optimizer step's statistics on this rank."""
+
+    losses: torch.Tensor  # [3] float64 on the device: loss, kd, ce, each the mean over the micro-batches
+    selected: int  # positions distilled
+    valid: int  # positions with a target
+    tokens: int  # real (non-padding) tokens
+    grad_norm: torch.Tensor  # scalar on the device: the gradient norm before clipping
+
+
+class Window:
+    """The sums of one logging window on this rank. The losses stay on the device until a row is
+    written (no host sync per step); the counts are host numbers already."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.losses = torch.zeros(3, dtype=torch.float64, device=device)
+        self.counts = [0.0, 0.0, 0.0]  # selected, valid, tokens
+        self.steps = 0.0
+        self.grad_norm: torch.Tensor | None = None  # the last step's
+        self.started = time.time()
+
+    def add(self, stats: StepStats) -> None:
+        self.losses += stats.losses
+        self.counts = [c + n for c, n in zip(self.counts, (stats.selected, stats.valid, stats.tokens))]
+        self.steps += 1
+        self.grad_norm = stats.grad_norm
+
+    def reset(self) -> None:
+        """Start the next window (now)."""
+        self.losses.zero_()
+        self.counts = [0.0, 0.0, 0.0]
+        self.steps = 0.0
+        self.started = time.time()
+
+    def global_sums(self) -> dict[str, float]:
+        """{WINDOW_KEYS: sum over ranks} (a collective under a process group)."""
+        device = self.losses.device
+        local = torch.cat([self.losses, torch.tensor(self.counts, dtype=torch.float64, device=device)])
+        return dict(zip(WINDOW_KEYS, D.all_reduce_sum(local).tolist()))
+
+    def state_dict(self) -> dict[str, float]:
+        """The checkpoint's form: {WINDOW_KEYS and "steps": float}."""
+        return {**dict(zip(WINDOW_KEYS, [*self.losses.tolist(), *self.counts])), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = [float(state[k]) for k in WINDOW_KEYS]
+        self.losses = torch.tensor(values[:3], dtype=torch.float64, device=self.losses.device)
+        self.counts = values[3:]
+        self.steps = float(state["steps"])
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` whose ``step`` is at most ``step`` (the resumed step; 0 for a
+    fresh start) and drop the rest, including unparsable lines (a row torn by a kill). The file is
+    rewritten atomically. Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl`` (truncated to the resumed step when opened) and, with ``--tensorboard``,
+    ``OUT/tensorboard``; written on rank 0 only (``main``), a no-op elsewhere."""
+
+    def __init__(self, out: Path, step: int, tensorboard: bool, main: bool) -> None:
+        self.file: Any = None
+        self.tb: Any = None
+        if not main:
+            return
+        path = out / METRICS_FILE
+        dropped = truncate_metrics(path, step)
+        if dropped:
+            log(f"{path}: dropped {dropped} row(s) after step {step} (those steps are redone)")
+        self.file = path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log("--tensorboard: tensorboard is not installed (pip install selkd[tensorboard]); skipping")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(("eval/" if row.get("eval") else "train/") + k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

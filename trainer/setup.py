@@ -1,0 +1,455 @@
+"""The pieces a training run is made of, one setup function each (as torchtune's recipes' ``_setup_*``).
+
+In the order :func:`selkd.trainer.loop.train` calls them: :func:`claim_out` and :func:`check_resume`
+(``--out``: a checkpoint there must come from the same config), :func:`setup_tokenizer` (checked
+against the cache's before any weights load), :func:`setup_student`, :func:`setup_data` (the cache, or
+the teacher in the loop) and :func:`check_student_fits`, :func:`setup_objective`,
+:func:`setup_optimizer` (AdamW and the LR schedule), :class:`RankState` (what each rank carries from
+step to step) and :func:`restore` (everything a checkpoint holds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from selkd.cache import open_cache
+from selkd.cache.corpus import load_corpus
+from selkd.cache.errors import SelkdError
+from selkd.cache.reader import CacheReader
+from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
+from selkd.trainer import checkpoint as ckpt
+from selkd.trainer import distributed as D
+from selkd.trainer.config import TrainConfig, config_differences
+from selkd.trainer.data import CacheStream
+from selkd.trainer.head import check_selective_head
+from selkd.trainer.loader import make_loader
+from selkd.trainer.metrics import Window, log
+from selkd.trainer.online import OnlineStream, OnlineTeacher
+from selkd.trainer.run_dir import CONFIG_FILE, OutError, RunDir, claim
+from selkd.trainer.selection import GlobalQueue, make_policy_state
+from selkd.trainer.student import Objective, SelectiveStudent
+from selkd.trainer.targets_check import check_targets
+
+__all__ = [
+    "PROBE_TEXT",
+    "Data",
+    "Optimization",
+    "RankState",
+    "Resume",
+    "TrainError",
+    "check_resume",
+    "check_student_fits",
+    "claim_out",
+    "lr_lambda",
+    "restore",
+    "seed_everything",
+    "setup_data",
+    "setup_objective",
+    "setup_optimizer",
+    "setup_student",
+    "setup_tokenizer",
+    "wrap_student",
+]
+
+
+class TrainError(SelkdError):
+    """A user-facing training failure: names the thing and what to do."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (a --student-config student is initialised from
+    torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- --out and the resume check
+
+
+def claim_out(cfg: TrainConfig, main: bool) -> RunDir | None:
+    """Rank 0 checks, creates and marks ``--out`` (:func:`selkd.trainer.run_dir.claim`); every rank
+    raises together when it cannot be used. Returns the run directory on rank 0, None elsewhere."""
+    run_dir, error = None, None
+    if main:
+        try:
+            run_dir = claim(cfg)
+        except OutError as err:
+            error = str(err)
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise OutError(error)
+    return run_dir
+
+
+class Resume(NamedTuple):
+    latest: Path | None  # the newest complete checkpoint in --out: resume from it
+    finished: dict[str, Any] | None  # the run record's "finished" entry (step, total_steps), when it has one
+
+
+def finished_problem(cfg: TrainConfig, out: Path, saved: dict[str, Any], finished: dict[str, Any]) -> str | None:
+    """What stops a rerun of a run that finished and kept no checkpoint (``--keep-checkpoints 0``) from
+    just saying it is complete, given the options it was run with (``saved``); None: nothing."""
+    if (saved.get("steps"), saved.get("epochs")) != (cfg.steps, cfg.epochs):
+        return (
+            f"{out}: the run finished at step {finished['step']} and kept no checkpoint (--keep-checkpoints 0), "
+            "so it cannot train on with other --steps/--epochs; use a new --out"
+        )
+    if not (out / ckpt.FINAL_DIR / CONFIG_FILE).is_file():
+        return (
+            f"{out}: the run finished, but {out / ckpt.FINAL_DIR} is gone and no checkpoint was kept to write it "
+            "again; use a new --out"
+        )
+    return None
+
+
+def check_resume(cfg: TrainConfig, run_dir: RunDir | None) -> Resume:
+    """What ``--out`` holds to go on from: a checkpoint of the same config, or a finished run of it that
+    kept no checkpoint (compared with its config.json). Rank 0 (``run_dir`` not None) decides, since only
+    it needs to see OUT, and every rank gets the answer, so all raise together."""
+    out = Path(cfg.out)
+    found: tuple[str | None, list[str], dict[str, Any] | None, str | None] = (None, [], None, None)
+    if run_dir is not None:
+        ckpt.clean_incomplete(out)  # half-written checkpoints of a killed run
+        latest_path = ckpt.latest_checkpoint(out)
+        finished = run_dir.record().get("finished")
+        if latest_path is not None:
+            saved_cfg = json.loads((latest_path / ckpt.CONFIG_FILE).read_text())
+            found = (str(latest_path), config_differences(saved_cfg, cfg), None, None)
+        elif finished:
+            saved = run_dir.saved_config() or {}
+            found = (None, config_differences(saved, cfg), finished, finished_problem(cfg, out, saved, finished))
+    latest_str, diffs, finished, problem = D.broadcast_object(found)
+    latest = Path(latest_str) if latest_str is not None else None
+    if diffs:
+        what = (
+            f"a checkpoint of another configuration ({latest.name})"
+            if latest
+            else "a finished run of another configuration (it kept no checkpoint)"
+        )
+        raise TrainError(
+            f"{out} holds {what}; use a new --out or the saved options (only --steps/--epochs may be raised). "
+            "Differences (saved -> now):\n  " + "\n  ".join(diffs)
+        )
+    if problem is not None:
+        raise TrainError(problem)
+    if cfg.resume and latest is None and not finished:
+        raise TrainError(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINTS_DIR}")
+    return Resume(latest, finished)
+
+
+# --------------------------------------------------------------------------- the student and its data
+
+
+def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
+    """The student's tokenizer and, in cache mode, the cache, checked against each other before any
+    weights are loaded (an incomplete cache is refused unless ``--allow-missing-parts``)."""
+    student_src = cfg.student or cfg.student_config
+    tokenizer = load_tokenizer(student_src, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+    if cfg.cache is None:
+        return tokenizer, None
+    reader = open_cache(cfg.cache, cfg.storage_option or None, require_complete=False)
+    missing = reader.missing_parts
+    if missing and not cfg.allow_missing_parts:
+        raise TrainError(
+            f"{cfg.cache}: incomplete cache: {len(missing)} of {reader.expected_parts} parts are not committed "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); finish it by rerunning its "
+            "`selkd-cache build` command, or train on the committed parts with --allow-missing-parts"
+        )
+    if not same_tokenizer(reader.header["tokenizer_fingerprint"], tokenizer):
+        raise TrainError(
+            f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
+            "with (fingerprints differ); use a student that shares the teacher's tokenizer"
+        )
+    return tokenizer, reader
+
+
+def setup_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The student in float32 and training mode: ``--student`` weights, or ``--student-config`` at random
+    (initialised from the global torch RNG, so after the seeds are set)."""
+    if cfg.student is not None:
+        model = load_causal_lm(cfg.student, device, torch.float32, cfg.trust_remote_code, frozen=False)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(cfg.student_config, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code).to(device)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+@dataclass
+class Data:
+    """Where batches come from and what their targets are."""
+
+    loader: Any  # the training batches; its cursor is in every checkpoint
+    eval_source: Any | None  # the held-out batches (unshuffled), None without a held-out split
+    batches_per_epoch: int  # this rank's training batches per epoch
+    mode: str  # the targets' mode: sample, topk or full
+    temperature: float  # the teacher temperature of the targets
+    teacher_vocab: int
+    teacher_generator: torch.Generator | None = None  # online sample:N draws; checkpointed per rank
+
+
+def setup_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, reader: CacheReader | None) -> Data:
+    """The cache's streams (offline) or the teacher in the loop over ``--data`` (online)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if reader is not None:
+        return _cache_data(cfg, dist_info, reader, pad_id)
+    return _online_data(cfg, dist_info, tokenizer, pad_id)
+
+
+def _cache_data(cfg: TrainConfig, dist_info: D.DistInfo, reader: CacheReader, pad_id: int) -> Data:
+    device = dist_info.device
+
+    def stream(split: str, train: bool) -> CacheStream:
+        try:
+            return CacheStream(
+                cfg.cache,  # type: ignore[arg-type]
+                split=split,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                rank=dist_info.rank if train else 0,
+                world_size=dist_info.world_size if train else 1,
+                storage_options=cfg.storage_option or None,
+                sample_ratio=cfg.sample_ratio if train else None,
+                allow_missing_parts=cfg.allow_missing_parts,
+                pad_id=pad_id,
+                shuffle=train,
+                drop_last=train,
+            )
+        except ValueError as err:  # e.g. --sample-ratio on a cache without sample scores
+            raise TrainError(str(err)) from err
+
+    header = reader.header
+    train_stream = stream("train", True)
+    return Data(
+        loader=make_loader(train_stream, cfg.num_workers, cfg.prefetch, pin_memory=device.type == "cuda"),
+        eval_source=stream("eval", False) if reader.num_sequences("eval") else None,
+        batches_per_epoch=train_stream.steps_per_epoch(),
+        mode=header["classes"]["mode"],
+        temperature=float(header["temperature"]),
+        teacher_vocab=int(header["vocab_size"]),
+    )
+
+
+def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id: int) -> Data:
+    device = dist_info.device
+    teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(tokenizer):
+        student_src = cfg.student or cfg.student_config
+        raise TrainError(f"the student's tokenizer ({student_src}) differs from the teacher's ({cfg.teacher})")
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = load_causal_lm(cfg.teacher, device, teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
+    teacher_vocab = vocab_size(teacher)
+    spec = cfg.class_spec
+    assert spec is not None and cfg.temperature is not None and cfg.eval_fraction is not None
+    try:
+        spec.check_vocab(teacher_vocab)
+    except ValueError as err:
+        raise TrainError(str(err)) from err
+    corpus = load_corpus(
+        cfg.data,
+        teacher_tok,
+        cfg.max_seq_len or 512,
+        cfg.text_field or "text",
+        cfg.limit_tokens,
+        progress=cfg.progress and dist_info.is_main,
+    )
+    live = OnlineTeacher(teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank)
+    common: dict[str, Any] = dict(
+        eval_fraction=cfg.eval_fraction,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        split_seed=cfg.split_seed,
+        pad_id=pad_id,
+    )
+    loader = OnlineStream(corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common)
+    eval_source = OnlineStream(corpus, live, split="eval", shuffle=False, drop_last=False, **common)
+    return Data(
+        loader=loader,
+        eval_source=eval_source if eval_source.num_sequences else None,
+        batches_per_epoch=loader.steps_per_epoch(),
+        mode=spec.mode,
+        temperature=cfg.temperature,
+        teacher_vocab=teacher_vocab,
+        teacher_generator=live.generator,  # sample:N draws; checkpointed with the rank's state
+    )
+
+
+def check_student_fits(cfg: TrainConfig, data: Data, student_vocab: int) -> None:
+    """Refuse a student whose head cannot hold the teacher's classes, and options the targets do not
+    support, before any training."""
+    teacher_vocab, mode = data.teacher_vocab, data.mode
+    if student_vocab < teacher_vocab:
+        raise TrainError(
+            f"the student's vocabulary ({student_vocab:,}) is smaller than the teacher's ({teacher_vocab:,}): "
+            "its LM head cannot represent every teacher class; use a student with at least as many"
+        )
+    if problem := check_targets(mode, cfg):  # online mode: checked when the options were parsed
+        raise TrainError(problem)
+
+
+# --------------------------------------------------------------------------- objective and optimisation
+
+
+def setup_objective(cfg: TrainConfig, temperature: float) -> Objective:
+    """What each step optimises, from the options (its signal, policy and loss are looked up here)."""
+    return Objective(
+        signal=cfg.select_signal,
+        fraction=cfg.select_fraction,
+        policy=cfg.effective_policy,
+        loss=cfg.loss,
+        temperature=temperature,
+        topk_renormalize=cfg.topk_renormalize,
+        kd_weight=cfg.kd_weight,
+        ce_weight=cfg.ce_weight,
+        ce_on=cfg.ce_on,
+        chunk=cfg.entropy_chunk,
+    )
+
+
+# Real text for the start-up check of the selective head: a few dozen tokens with any tokenizer.
+PROBE_TEXT = "def mean(xs):\n    # the selective head gives what model(...).logits gives\n    return sum(xs) / len(xs)"
+
+
+def wrap_student(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any) -> nn.Module:
+    """The whole selective step as one module (:class:`SelectiveStudent`), wrapped in DDP or FSDP2 under
+    torchrun. First the selective head is checked against ``model(...).logits`` on :data:`PROBE_TEXT`
+    (:func:`selkd.trainer.head.check_selective_head`), so that an architecture whose forward changes the
+    logits in a way :func:`selkd.cache.logits.logits_transform` does not know is refused here instead of
+    trained on other logits. Its cost is one forward of a few dozen tokens (see docs/results.md)."""
+    try:
+        wrapper = SelectiveStudent(model)  # refuses the known post-head transforms it cannot replicate
+        ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(dist_info.device)
+        check_selective_head(model, ids, torch.ones_like(ids))
+    except ValueError as err:
+        raise TrainError(str(err)) from err
+    return D.wrap_model(wrapper, dist_info, fsdp=cfg.fsdp)
+
+
+def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    """The LR multiplier for step index ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    ``cosine`` or ``linear`` decay to ``min_ratio`` at ``total``, or ``constant``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return f
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Callable[[int], float]  # the scheduler's multiplier of step index (lr_lambda)
+    total: int  # optimizer steps of the whole run
+    steps_per_epoch: int  # optimizer steps per epoch (after --grad-accum)
+
+
+def setup_optimizer(cfg: TrainConfig, model: nn.Module, batches_per_epoch: int) -> Optimization:
+    """AdamW over the student's parameters and the warm-up + decay schedule over the run's steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    total = cfg.total_steps(steps_per_epoch)
+    schedule = lr_lambda(total, cfg.resolved_warmup_steps(total), cfg.schedule, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Optimization(optimizer, scheduler, schedule, total, steps_per_epoch)
+
+
+# --------------------------------------------------------------------------- per-rank state and restore
+
+
+@dataclass
+class RankState:
+    """What each rank carries from step to step besides weights, optimizer and data cursor; all of it is
+    in every checkpoint (``rank-NNNNN.pt``), so a resumed run takes the same steps."""
+
+    step: int  # optimizer steps done
+    generator: torch.Generator  # the random signal's and the stochastic policy's draws
+    policy_state: GlobalQueue | None  # the global policy's queue
+    teacher_generator: torch.Generator | None  # online sample:N draws
+    window: Window  # the logging window so far
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, dist_info: D.DistInfo, objective: Objective, data: Data) -> RankState:
+        generator = torch.Generator(device=dist_info.device).manual_seed(cfg.seed * 7919 + dist_info.rank)
+        policy_state = make_policy_state(objective.policy, cfg.global_queue)
+        return cls(0, generator, policy_state, data.teacher_generator, Window(dist_info.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self.generator.get_state(), "window": self.window.state_dict()}
+        if self.policy_state is not None:
+            state["policy"] = self.policy_state.state_dict()
+        if self.teacher_generator is not None:
+            state["teacher_generator"] = self.teacher_generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint's rank state; what it lacks (a rank the saving run did not have) stays as it is."""
+        if self.policy_state is not None and "policy" in state:
+            self.policy_state.load_state_dict(state["policy"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if self.teacher_generator is not None and "teacher_generator" in state:
+            self.teacher_generator.set_state(state["teacher_generator"])
+        if "window" in state:
+            self.window.load_state_dict(state["window"])
+
+
+def restore(
+    latest: Path, out: Path, model: nn.Module, opt: Optimization, data: Data, state: RankState, main: bool
+) -> None:
+    """Resume from checkpoint ``latest`` (in ``out``): weights, optimizer, schedule, data cursor, RNG, the rank state.
+    ``--steps``/``--epochs`` may have been raised (the schedule then follows the new total), not lowered."""
+    saved = ckpt.load_checkpoint(latest, model, opt.optimizer, opt.scheduler)
+    state.step = saved.step
+    saved_total = int(saved.extra.get("total_steps", opt.total))
+    if opt.total < saved_total:
+        raise TrainError(
+            f"{latest} belongs to a run of {saved_total} steps; a rerun may raise --steps/--epochs but not "
+            f"lower them (now {opt.total} steps); use a new --out for a shorter run"
+        )
+    try:
+        data.loader.load_state_dict(saved.loader_state)
+    except ValueError as err:
+        raise TrainError(f"{latest}: {err}") from err
+    state.load_state_dict(saved.rank_state if isinstance(saved.rank_state, dict) else {})
+    if opt.total != saved_total:
+        # The restored LambdaLR keeps its step count; its multiplier is now the new schedule's, and the
+        # LR of the next step (set by the old schedule at the end of the last one) is recomputed.
+        for group, base in zip(opt.optimizer.param_groups, opt.scheduler.base_lrs):
+            group["lr"] = base * opt.schedule(opt.scheduler.last_epoch)
+        log(
+            f"training longer: {saved_total} -> {opt.total} steps (--steps/--epochs raised); the learning-rate "
+            f"schedule now follows the new total of {opt.total} steps from step {state.step}",
+            main,
+        )
+    log(f"resumed from {latest} at step {state.step} of {opt.total}", main)
+    if state.step >= opt.total:
+        what = f"{state.step} of {opt.total} steps"
+        log(f"the run is already complete ({what}); only re-saving {out / ckpt.FINAL_DIR}", main)
