@@ -356,7 +356,7 @@ def test_eos_and_doc_start(tmp_path: Path, tok: Any) -> None:
 
 
 def test_batches_join_correctly(tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import selkd.cache.corpus as corpus
+    import selkd.cache.tokenizing as corpus
 
     docs = many_docs(40)
     write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
@@ -400,7 +400,7 @@ def test_packing_real_corpus(tmp_path: Path, tok: Any) -> None:
 
 
 def test_limit_tokens_exact(tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import selkd.cache.corpus as corpus
+    import selkd.cache.tokenizing as corpus
 
     monkeypatch.setattr(corpus, "_BATCH_DOCS", 2)
     for i in range(5):
