@@ -31,8 +31,9 @@ from selkd.cache import __version__
 from selkd.cache import format as fmt
 from selkd.cache.classes import teacher_outputs
 from selkd.cache.config import SETTINGS_KEYS, BuildConfig
-from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
+from selkd.cache.corpus import eval_mask
 from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
+from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheError, read_header
 from selkd.cache.scoring import (
     commit_scores,
@@ -54,6 +55,7 @@ from selkd.cache.teacher import (
     tokenizer_fingerprint,
     vocab_size,
 )
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX, FINGERPRINT_VERSION, Packing
 
 
 class BuildError(Exception):
@@ -123,7 +125,9 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ):
         if saved.get(key) != current[key]:
             out.append(f"{label}: {saved.get(key)} -> {current[key]}")
-    if saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
+    if saved.get("data", {}).get("fingerprint_version", 1) != current["data"]["fingerprint_version"]:
+        out.append("data: the cache was started by an older selkd (another corpus fingerprint); use a new --out")
+    elif saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
         out.append("data: the corpus (its token stream) is not the same")
     if saved.get("sample_selection") != current["sample_selection"]:
         out.append(f"sample selection: {saved.get('sample_selection')} -> {current['sample_selection']}")
@@ -135,12 +139,12 @@ def open_output(cfg: BuildConfig) -> tuple[Storage, dict[str, Any] | None]:
     storage = Storage.open(cfg.out, cfg.storage_option, mode="w")
     if storage.is_empty():
         return storage, None
-    if not storage.exists("zarr.json"):
+    if not storage.exists("zarr.json") and set(storage.list_dir("")) != {CACHE_TOKENS_PREFIX}:
         raise BuildError(
             f"{storage.url}: holds files that are not a selkd cache; choose an empty or new location for --out"
         )
     try:
-        return storage, read_header(storage)
+        return storage, read_header(storage) if storage.exists("zarr.json") else None
     except CacheError as err:
         raise BuildError(f"{err}; choose an empty or new location for --out") from err
 
@@ -206,7 +210,7 @@ class _Overlap:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _batches(corpus: PackedCorpus, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def _batches(corpus: Packing, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Batches of sequence indices with one length each (only the corpus's last sequence is short)."""
     out = []
     lengths = np.array([corpus.sequence_bounds(int(i))[1] - corpus.sequence_bounds(int(i))[0] for i in index])
@@ -243,18 +247,24 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         spec.check_vocab(vocab)
     except ValueError as err:
         raise BuildError(str(err)) from err
-    corpus = load_corpus(
-        cfg.data,
-        tokenizer,
-        cfg.max_seq_len,
-        cfg.text_field,
-        cfg.limit_tokens,
+    tokens = corpus_tokens(
+        tokens=cfg.tokens,
+        data=cfg.data,
+        prepare_into=f"{cfg.out.rstrip('/')}/{CACHE_TOKENS_PREFIX}",
+        tokenizer=tokenizer,
+        tokenizer_name=cfg.teacher,
+        text_field=cfg.text_field,
+        limit_tokens=cfg.limit_tokens,
+        storage_options=cfg.storage_option,
+        rank=rank,
+        world=world,
         progress=cfg.progress and rank == 0,
     )
+    corpus = tokens.packed(cfg.max_seq_len)
     for warning in corpus.stats.warnings():
         log(f"warning: {warning}")
-    if corpus.tokens.size and int(corpus.tokens.max()) >= vocab:
-        raise BuildError(f"token id {int(corpus.tokens.max())} >= the teacher's vocabulary ({vocab})")
+    if corpus.max_token_id >= vocab:
+        raise BuildError(f"token id {corpus.max_token_id} >= the teacher's vocabulary ({vocab})")
 
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
@@ -284,11 +294,11 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
         "temperature": cfg.temperature,
         "max_seq_len": cfg.max_seq_len,
         "data": {
-            "specs": list(cfg.data),
-            "text_field": cfg.text_field,
-            "limit_tokens": cfg.limit_tokens,
+            **tokens.header["data"],  # specs, text_field, limit_tokens
+            "tokens": tokens.url,
             "fingerprint": corpus.fingerprint,
-            "n_tokens": int(corpus.tokens.size),
+            "fingerprint_version": FINGERPRINT_VERSION,
+            "n_tokens": corpus.n_tokens,
             "n_sequences": n_seq,
             "documents": corpus.stats.documents,
         },
@@ -406,13 +416,11 @@ def build_cache(cfg: BuildConfig, argv: Sequence[str] | None = None) -> BuildRes
             for b in _batches(corpus, plan.members[i], cfg.batch_size):
                 leases.renew(name, due_only=True)
                 b = np.sort(b)
-                seqs = corpus.sequences(b)
+                seqs, doc = corpus.read(b)
                 x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(device)
                 with torch.no_grad():
                     logits = teacher(input_ids=x).logits[:, :-1]
                 nxt = x[:, 1:]
-                starts = [corpus.sequence_bounds(int(s)) for s in b]
-                doc = [corpus.doc_start[a:e] for a, e in starts]
 
                 def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
                     # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch

@@ -21,6 +21,7 @@ be, and are then unused), and the summary cuts the last unit used.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
 import sys
 import time
@@ -81,16 +82,23 @@ def prepare_tokens(
     if sources is None:
         sources = resolve_specs(cfg.data, cfg.storage_option or None)
     storage = storage if storage is not None else Storage.open(cfg.out, cfg.storage_option, mode="w")
-    header = _claim(storage, _header(cfg, tokenizer, argv), tokenizer, rank)
-    units = _units(storage, sources, rank, cfg.storage_option or None)
-    mine = [u for u in range(len(units)) if u % world == rank]
-    _tokenize(storage, cfg, tokenizer, units, mine, progress=cfg.progress and rank == 0)
-    if rank == 0:
-        records = _wait_for_units(storage, len(units), cfg.limit_tokens)
-        summary = storage.read_json(SUMMARY_KEY) or _finalize(storage, header, records, cfg)
-    else:
-        wait_for(lambda: storage.exists(SUMMARY_KEY), "rank 0 to finish the token store")
-        summary = storage.read_json(SUMMARY_KEY)
+    header, created = _claim(storage, _header(cfg, tokenizer, argv), tokenizer, rank)
+    try:
+        units = _units(storage, sources, rank, cfg.storage_option or None)
+        mine = [u for u in range(len(units)) if u % world == rank]
+        _tokenize(storage, cfg, tokenizer, units, mine, progress=cfg.progress and rank == 0)
+        if rank == 0:
+            records = _wait_for_units(storage, len(units), cfg.limit_tokens)
+            summary = storage.read_json(SUMMARY_KEY) or _finalize(storage, header, records, cfg)
+        else:
+            wait_for(lambda: storage.exists(SUMMARY_KEY), "rank 0 to finish the token store")
+            summary = storage.read_json(SUMMARY_KEY)
+    except DataError:
+        if created and world == 1:  # a store of data that cannot be read is no use: leave nothing behind
+            storage.delete("zarr.json")
+            for name in storage.list_dir(""):
+                storage.delete_prefix(name)
+        raise
     return TokenStore(storage, header, summary)
 
 
@@ -125,9 +133,12 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], tokenizer: PreT
     return out
 
 
-def _claim(storage: Storage, header: dict[str, Any], tokenizer: PreTrainedTokenizerBase, rank: int) -> dict[str, Any]:
-    """The store's header: written by rank 0 into an empty store, else the stored one if it asks for
-    the same token stream (TokenStoreError listing the differences otherwise)."""
+def _claim(
+    storage: Storage, header: dict[str, Any], tokenizer: PreTrainedTokenizerBase, rank: int
+) -> tuple[dict[str, Any], bool]:
+    """The store's header and whether this call created the store: written by rank 0 into an empty
+    store, else the stored one if it asks for the same token stream (TokenStoreError listing the
+    differences otherwise)."""
     existing = read_header(storage)
     if existing is None and rank == 0:
         if not storage.is_empty():
@@ -136,7 +147,7 @@ def _claim(storage: Storage, header: dict[str, Any], tokenizer: PreTrainedTokeni
             )
         root = {"zarr_format": 3, "node_type": "group", "attributes": {ROOT_ATTR: header}}
         if storage.create_exclusive("zarr.json", _json_bytes(root)):
-            return header
+            return header, True
         existing = read_header(storage)  # another rank 0 was first
     elif existing is None:
         wait_for(lambda: read_header(storage) is not None, "rank 0 to create the token store")
@@ -148,7 +159,7 @@ def _claim(storage: Storage, header: dict[str, Any], tokenizer: PreTrainedTokeni
             f"{storage.url} was prepared with other settings; rerun with the original settings or choose a new "
             "location. Differences (stored -> now):\n  " + "\n  ".join(diffs)
         )
-    return existing
+    return existing, False
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -305,9 +316,16 @@ def _tokenize_in_pool(
     prefix: _Prefix,
     done: Any,
 ) -> None:
-    """``cfg.workers`` spawned processes, at most one unit each in flight, submitted in unit order (so
-    that the token limit stops the submissions). Each opens the store ``cfg.out`` itself."""
-    context = multiprocessing.get_context("spawn")  # s3fs and tokenizer thread pools are not fork-safe
+    """``cfg.workers`` processes, at most one unit each in flight, submitted in unit order (so that the
+    token limit stops the submissions). Each opens the store ``cfg.out`` itself (fsspec and zarr make
+    new clients and event loops in a forked child). Forked where the platform can: a spawned worker
+    would import torch and transformers again, tens of seconds on a busy machine. The tokenizer's own
+    thread pool is turned off first (TOKENIZERS_PARALLELISM=false, as the tokenizers library asks
+    before a fork): with several workers, the processes are the parallelism."""
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if fork:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(
         cfg.workers,
         mp_context=context,
@@ -428,3 +446,43 @@ def _finalize(
     }
     storage.write_json(SUMMARY_KEY, summary)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The token store of a build or an online run
+
+
+def corpus_tokens(
+    *,
+    tokens: str | None,
+    data: list[str],
+    prepare_into: str,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_name: str,
+    text_field: str | None,
+    limit_tokens: int | None,
+    storage_options: dict[str, Any],
+    rank: int,
+    world: int,
+    progress: bool,
+) -> TokenStore:
+    """The finished token store a consumer reads: ``tokens`` (prepared before) opened and checked to
+    hold ``tokenizer``'s ids, or ``data`` prepared into ``prepare_into`` (resumed when it is there)."""
+    if tokens is not None:
+        store = TokenStore.open(tokens, storage_options or None)
+        if not same_tokenizer(store.tokenizer_fingerprint, tokenizer):
+            raise TokenStoreError(
+                f"{store.url} holds ids of another tokenizer ({store.header['tokenizer']}) than {tokenizer_name}'s "
+                "(fingerprints differ); prepare the data with this model's tokenizer"
+            )
+        return store
+    cfg = PrepareConfig(
+        data=data,
+        tokenizer=tokenizer_name,
+        out=prepare_into,
+        text_field=text_field or "text",
+        limit_tokens=limit_tokens,
+        storage_option=storage_options,
+        progress=progress,
+    )
+    return prepare_tokens(cfg, tokenizer, rank, world)

@@ -17,12 +17,23 @@ from selkd.cache.options import ConfigError
 from selkd.cache.reader import CacheError
 from selkd.cache.store import StoreError
 from selkd.cache.teacher import ModelError
+from selkd.cache.tokens import TokenStoreError
 from selkd.trainer.checkpoint import CheckpointError
 from selkd.trainer.config import TrainConfig
 from selkd.trainer.loop import TrainError, train
 from selkd.trainer.run_dir import OutError
 
-USER_ERRORS = (TrainError, OutError, CacheError, DataError, ModelError, StoreError, CheckpointError, BuildError)
+USER_ERRORS = (
+    TrainError,
+    OutError,
+    CacheError,
+    DataError,
+    ModelError,
+    StoreError,
+    CheckpointError,
+    BuildError,
+    TokenStoreError,
+)
 # What rerunning the command does after the disk filled up outside a checkpoint write (metrics, logs).
 DISK_FULL_RERUN = "it resumes from the last complete checkpoint in --out (with none, it starts over)"
 

@@ -50,8 +50,9 @@ from torch import nn
 from tqdm import tqdm
 
 from selkd.cache import open_cache
-from selkd.cache.corpus import load_corpus
+from selkd.cache.prepare import corpus_tokens
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.batch import Batch
@@ -340,14 +341,19 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
         except ValueError as err:
             raise TrainError(str(err)) from err
         mode, temperature = spec.mode, cfg.temperature
-        corpus = load_corpus(
-            cfg.data,
-            teacher_tok,
-            cfg.max_seq_len or 512,
-            cfg.text_field or "text",
-            cfg.limit_tokens,
+        corpus = corpus_tokens(  # every rank tokenizes its share into OUT/tokens (or opens --tokens)
+            tokens=cfg.tokens,
+            data=cfg.data,
+            prepare_into=str(out / CACHE_TOKENS_PREFIX),
+            tokenizer=teacher_tok,
+            tokenizer_name=cfg.teacher,  # type: ignore[arg-type]
+            text_field=cfg.text_field,
+            limit_tokens=cfg.limit_tokens,
+            storage_options=cfg.storage_option,
+            rank=dist_info.rank,
+            world=dist_info.world_size,
             progress=cfg.progress and main,
-        )
+        ).packed(cfg.max_seq_len or 512)
         live = OnlineTeacher(teacher, spec, temperature, seed=cfg.seed + dist_info.rank)
         teacher_generator = live.generator  # sample:N draws; checkpointed with the rank's state
         common = dict(
