@@ -44,7 +44,7 @@ class PrepareConfig:
     text_field: str = opt("text", help="field of .jsonl/.parquet/datasets rows that holds the text")
     limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
     shard_tokens: int = opt(
-        1 << 24, help="tokens per shard: a worker holds about 5 bytes per token of one shard", lo=1024
+        1 << 24, help="tokens per shard (a unit's last shard holds the rest); a worker holds one shard", lo=1024
     )
     workers: int = opt(1, help="tokenizer processes on this machine (each takes whole input units)", lo=1)
     rank: int | None = opt(help="this preparer's rank (default: torchrun's RANK, else 0)", lo=0)

@@ -194,6 +194,40 @@ def _units(storage: Storage, sources: list[Source], rank: int, options: dict[str
 # Tokenizing units
 
 
+class _ShardWriter:
+    """Cuts one unit's token chunks into shards of exactly ``shard_tokens`` tokens (the unit's last
+    shard holds the rest) and writes each whole: tokens int32 [n] and doc_start bool [n]."""
+
+    def __init__(self, storage: Storage, unit: int, shard_tokens: int) -> None:
+        self.storage, self.unit, self.shard_tokens = storage, unit, shard_tokens
+        self.tokens: list[np.ndarray] = []
+        self.starts: list[np.ndarray] = []  # document starts, offsets from the buffer's first token
+        self.buffered = 0
+        self.shards: list[list[Any]] = []  # [name, n_tokens] in order
+
+    def add(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        self.tokens.append(tokens)
+        self.starts.append(starts + self.buffered)
+        self.buffered += len(tokens)
+        while self.buffered >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        tokens, starts = np.concatenate(self.tokens), np.concatenate(self.starts)
+        doc_start = np.zeros(n, dtype=np.bool_)
+        doc_start[starts[starts < n]] = True
+        name = shard_name(self.unit, len(self.shards))
+        write_array(self.storage, shard_array(name, "tokens"), tokens[:n])
+        write_array(self.storage, shard_array(name, "doc_start"), doc_start)
+        self.shards.append([name, n])
+        self.tokens, self.starts = [tokens[n:]], [starts[starts >= n] - n]
+        self.buffered -= n
+
+
 def tokenize_unit(
     storage: Storage,
     unit: int,
@@ -203,36 +237,20 @@ def tokenize_unit(
     cap: int | None,
     shard_tokens: int,
 ) -> dict[str, Any]:
-    """Tokenize one unit into shards of about ``shard_tokens`` tokens, then commit it; returns the
-    commit record. Memory: one shard's tokens plus one tokenizer batch."""
+    """Tokenize one unit (at most ``cap`` tokens of it) into shards of ``shard_tokens`` tokens, then
+    commit it; returns the commit record. Memory: one shard's tokens plus one tokenizer batch."""
     t0 = time.time()
     stats = CorpusStats(text_field=text_field)
     stream = StreamHash()
-    shards: list[list[Any]] = []
-    chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    writer = _ShardWriter(storage, unit, shard_tokens)
     max_token = -1
-
-    def write_shard() -> None:
-        tokens = np.concatenate([t for t, _ in chunks])
-        doc_start = np.zeros(len(tokens), dtype=np.bool_)
-        offsets = np.cumsum([0] + [len(t) for t, _ in chunks[:-1]])
-        doc_start[np.concatenate([s + o for (_, s), o in zip(chunks, offsets)])] = True
-        name = shard_name(unit, len(shards))
-        write_array(storage, shard_array(name, "tokens"), tokens)
-        write_array(storage, shard_array(name, "doc_start"), doc_start)
-        shards.append([name, len(tokens)])
-        chunks.clear()
-
     docs = source_documents(source, text_field, tokenizer, stats)
     for tokens, starts in tokenize_documents(docs, tokenizer, stats, cap):
         stream.update(tokens, starts)
+        writer.add(tokens, starts)
         if len(tokens):
             max_token = max(max_token, int(tokens.max()))
-        chunks.append((tokens, starts))
-        if sum(len(t) for t, _ in chunks) >= shard_tokens:
-            write_shard()
-    if chunks:
-        write_shard()
+    writer.close()
     record = {
         "unit": unit,
         "path": str(source.path),
@@ -241,7 +259,7 @@ def tokenize_unit(
         "n_documents": stream.n_documents,
         "sha256": stream.digest(),
         "max_token": max_token,
-        "shards": shards,
+        "shards": writer.shards,
         "stats": stats_record(stats),
         "seconds": round(time.time() - t0, 3),
         "host": socket.gethostname(),

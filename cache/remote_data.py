@@ -73,12 +73,23 @@ def _collect_remote_dir(fs: Any, root: str, spec: str, options: dict[str, Any]) 
     return [source for _, source in found]
 
 
+def _hidden_match(pattern: str, match: str) -> bool:
+    """Whether a wildcard matched a hidden name (as Python's glob never lets it): a component starting
+    with "." after the pattern's fixed leading directories."""
+    fixed = 0
+    for part in pattern.split("/"):
+        if _GLOB_CHARS.intersection(part):
+            break
+        fixed += 1
+    return any(p.startswith(".") for p in match.split("/")[fixed:])
+
+
 def expand_url(spec: str, options: dict[str, Any]) -> list[Source]:
     """The sources of one URL spec: a file, a directory (recursive) or a glob, in a deterministic order."""
     fs, root = filesystem(spec, options)
     try:
         if _GLOB_CHARS.intersection(root):
-            matches = sorted(fs.glob(root))
+            matches = [m for m in sorted(fs.glob(root)) if not _hidden_match(root, m)]
             if not matches:
                 raise DataError(f"{spec}: the pattern matches nothing; check the URL (and quote it in the shell)")
             found: list[Source] = []
