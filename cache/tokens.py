@@ -13,7 +13,7 @@ Layout (a zarr v3 group, local or behind an fsspec URL, through :class:`~selkd.c
 - ``selkd/units.json``: the sources found and the units of work (see :mod:`selkd.cache.units`).
 - ``shards/u<unit>-<j>/tokens`` (int32 [n]) and ``.../doc_start`` (bool [n], True at a document's
   first token): the j-th shard of a unit's tokens, each document followed by EOS. Written whole, once,
-  like a cache part's arrays (one zarr shard object of ~1 MiB crc32c-checked inner chunks).
+  like a cache part's arrays (one zarr shard object of 256 KiB crc32c-checked inner chunks).
 - ``selkd/unit-commits/unit-<i>.json``: the unit is done; its shards, token and document counts, the
   sha256 of its stream, its data-problem counters. Absent: the unit is redone on a rerun.
 - ``selkd/summary.json``: written once every unit the corpus needs is committed: the shards in stream
