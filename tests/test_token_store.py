@@ -131,6 +131,8 @@ def test_rerun_resumes_and_refuses_other_settings(
     # a killed run: one unit and the summary are not committed; the rerun redoes only that unit
     (out / unit_commit_key(1)).unlink()
     (out / SUMMARY_KEY).unlink()
+    with pytest.raises(TokenStoreError, match="the token store is not finished.*rerun its `selkd-cache prepare`"):
+        TokenStore.open(str(out))
     kept = {u: (out / unit_commit_key(u)).stat().st_mtime_ns for u in (0, 2)}
     again = prepare([str(data_dir)], out, tok, tiny_tokenizer_dir)
     assert again.summary == first.summary
@@ -246,6 +248,13 @@ def test_s3_data_and_token_store(tmp_path: Path, tok: Any, tiny_tokenizer_dir: P
         resolve_specs([s3_endpoint.url("prep/nothing-here")], options)
     with pytest.raises(DataError, match="the pattern matches nothing"):
         resolve_specs([remote + "/*.txt"], options)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    fs.put(str(tmp_path / "saved") + "/", s3_endpoint.url("prep/saved/ds").removeprefix("s3://") + "/", recursive=True)
+    with pytest.raises(
+        DataError, match=r"prep/saved/ds is a directory saved by datasets.save_to_disk.*local disk only"
+    ):
+        resolve_specs([s3_endpoint.url("prep/saved")], options)
 
 
 def test_s3_data_through_the_aws_environment(tmp_path: Path, tok: Any, aws_env: Any, capsys: Any) -> None:
