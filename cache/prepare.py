@@ -21,7 +21,6 @@ be, and are then unused), and the summary cuts the last unit used.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 import sys
 import time
@@ -337,12 +336,10 @@ def _tokenize_in_pool(
     """``cfg.workers`` processes, at most one unit each in flight, submitted in unit order (so that the
     token limit stops the submissions). Each opens the store ``cfg.out`` itself (fsspec and zarr make
     new clients and event loops in a forked child). Forked where the platform can: a spawned worker
-    would import torch and transformers again, tens of seconds on a busy machine. The tokenizer's own
-    thread pool is turned off first (TOKENIZERS_PARALLELISM=false, as the tokenizers library asks
-    before a fork): with several workers, the processes are the parallelism."""
+    would import torch and transformers again, tens of seconds on a busy machine. The parent has not
+    tokenized anything, so each worker keeps the tokenizer's own thread pool (the tokenizers library
+    turns it off in a child forked after the parent used it, and says so)."""
     fork = "fork" in multiprocessing.get_all_start_methods()
-    if fork:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     context = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(
         cfg.workers,
