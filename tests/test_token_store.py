@@ -23,12 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig, PrepareConfig
 from selkd.cache.corpus import PackedCorpus, load_corpus
 from selkd.cache.documents import DataError, resolve_specs
+from selkd.cache.info import cache_info
 from selkd.cache.prepare import prepare_tokens
+from selkd.cache.store import Storage
 from selkd.cache.teacher import load_tokenizer
 from selkd.cache.tokens import (
     SUMMARY_KEY,
@@ -291,6 +294,10 @@ def test_build_from_token_store_equals_build_from_data(
                                 rank=rank, world_size=2, **common))  # fmt: skip
     digest = faults.cache_digest(tmp_path / "a")
     assert digest and faults.cache_digest(tmp_path / "b") == digest
+    # info counts the cache, not the token store build --data keeps in it
+    sizes = [cache_info(open_cache(str(tmp_path / name))).bytes_on_disk for name in ("a", "b")]
+    tokens_bytes = Storage.open(str(tmp_path / "a" / "tokens")).size_bytes("")
+    assert abs(sizes[0] - sizes[1]) < 1000 < tokens_bytes
     header = json.loads((tmp_path / "b" / "zarr.json").read_text())["attributes"]["selkd"]
     reference = load_corpus([str(text_corpus_dir)], tok, SEQ, limit_tokens=limit, progress=False)
     assert header["data"]["fingerprint"] == reference.fingerprint and header["data"]["fingerprint_version"] == 2

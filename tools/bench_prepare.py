@@ -2,7 +2,9 @@
 
 The corpus is made from files every machine has: the ``.py``, ``.pyi``, ``.txt`` and ``.md`` files of
 the running interpreter's standard library and of this environment's site-packages, sorted by path,
-one file per ``{"text": ...}`` row, written to ``--files`` jsonl files (one input unit each). The
+cut at line ends into ``{"text": ...}`` rows of at most ``--max-doc-chars`` characters (peak memory
+grows with the longest document, not with the corpus: the cap keeps the small and the large corpus
+alike in that), written to ``--files`` jsonl files (one input unit each). The
 tokenizer is a byte-level BPE trained here on the rows of the first 4 corpus files
 (``tools/make_tiny.py``, ``--vocab`` tokens). Each measurement runs ``selkd-cache prepare
 --limit-tokens N --workers W`` in a fresh process and reports its wall time, tokens/s and peak RSS
@@ -35,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import faults
-from make_tiny import make_llama, save_model, train_bpe_tokenizer
+from make_tiny import chunk_text, make_llama, save_model, train_bpe_tokenizer
 
 SUFFIXES = (".py", ".pyi", ".txt", ".md")
 
@@ -53,9 +55,10 @@ def text_files() -> list[Path]:
     return found
 
 
-def write_corpus(out: Path, n_files: int, max_chars: int) -> int:
-    """Up to ``max_chars`` characters of text files as jsonl rows, dealt in order into ``n_files`` files
-    of about equal size; returns the characters written."""
+def write_corpus(out: Path, n_files: int, max_chars: int, max_doc_chars: int) -> int:
+    """Up to ``max_chars`` characters of text files as jsonl rows of at most ``max_doc_chars`` characters
+    (longer lines stay whole), dealt in order into ``n_files`` files of about equal size; returns the
+    characters written."""
     out.mkdir(parents=True, exist_ok=True)
     per_file = max_chars // n_files
     written, index, in_file = 0, 0, 0
@@ -67,7 +70,8 @@ def write_corpus(out: Path, n_files: int, max_chars: int) -> int:
             continue
         if not text.strip():
             continue
-        fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        for piece in chunk_text(text, max_doc_chars):
+            fh.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
         written += len(text)
         in_file += len(text)
         if written >= max_chars:
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--workers values to measure")
     ap.add_argument("--files", type=int, default=128, help="jsonl files (input units) of the corpus")
     ap.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary of the tokenizer")
+    ap.add_argument("--max-doc-chars", type=int, default=200_000, help="longest document (row) of the corpus")
     ap.add_argument("--build-tokens", type=int, default=300_000, help="tokens of the build check (0: skip it)")
     ap.add_argument("--work", type=Path, help="work directory (default: a temporary one, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     corpus = work / "corpus"
     if not corpus.is_dir():
-        chars = write_corpus(corpus, args.files, max_chars=int(max(args.sizes) * 4.5))
+        chars = write_corpus(corpus, args.files, int(max(args.sizes) * 4.5), args.max_doc_chars)
         print(f"corpus: {chars:,} characters in {args.files} files under {corpus}", file=sys.stderr)
     tok_dir = work / "tokenizer"
     if not tok_dir.is_dir():

@@ -131,7 +131,8 @@ selkd-cache finalize STORE [--storage-option KEY=VALUE ...]
 ```
 
 `info` reads metadata only and prints what the cache holds and costs (sequences, positions, bytes
-per stored and per corpus position, the saving against full fp16 logits, mean teacher entropy,
+per stored and per corpus position (not counting the token store `build --data` keeps in
+`STORE/tokens`), the saving against full fp16 logits, mean teacher entropy,
 mean unique ids or kept mass, committed and incomplete parts); `--json` prints the same as one
 object. `verify` reads every committed part and checks the checksums and the contents (offsets,
 ids < vocab, counts summing to N, log-probs <= 0, kept + tail mass = 1); it exits 1 naming the part
