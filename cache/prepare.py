@@ -4,7 +4,8 @@ Every preparer (a torchrun rank, or ``--rank``/``--world-size``) resolves the sa
 the units (:mod:`selkd.cache.units`) and stores the plan; rank r tokenizes units r, r + W, ... in order,
 alone or with ``--workers`` local processes, each unit by exactly one worker, written as whole shards
 and committed by one atomic record (:mod:`selkd.cache.tokens` has the layout). Memory per worker is
-bounded by one shard (``--shard-tokens``), never by the corpus. A rerun skips committed units; once
+one shard (``--shard-tokens``) plus one tokenizer batch, whose size is bounded too (but includes the
+longest document whole), never the corpus. A rerun skips committed units; once
 every unit the corpus needs is committed, rank 0 writes the summary the readers need, and every rank
 returns the finished store.
 

@@ -3,9 +3,9 @@
 Documents are tokenized in batches (one call into the Rust tokenizer per batch, no per-token Python)
 and every document is followed by EOS, so document boundaries survive packing. What comes out is a
 stream of chunks, one per batch: ``(tokens int32 [n], starts int64 [d])`` with ``starts`` the offsets
-(within the chunk) of the first token of each document. Both the token store's preparation
-(:mod:`selkd.cache.prepare`) and nothing else call this, so a cache, an online run and ``load_corpus``
-all see the same stream.
+(within the chunk) of the first token of each document. Only the token store's preparation
+(:mod:`selkd.cache.prepare`) calls this, so a cache, an online run and ``load_corpus`` all see the
+same stream.
 """
 
 from __future__ import annotations
