@@ -55,7 +55,7 @@ from selkd.cache.teacher import (
     tokenizer_fingerprint,
     vocab_size,
 )
-from selkd.cache.tokens import CACHE_TOKENS_PREFIX, FINGERPRINT_VERSION, Packing
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX, FINGERPRINT_VERSION, Packing, store_options
 
 
 class BuildError(Exception):
@@ -136,7 +136,7 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def open_output(cfg: BuildConfig) -> tuple[Storage, dict[str, Any] | None]:
     """The output store and its existing header (None if new); refuses foreign contents."""
-    storage = Storage.open(cfg.out, cfg.storage_option, mode="w")
+    storage = Storage.open(cfg.out, store_options(cfg.out, cfg.storage_option), mode="w")
     if storage.is_empty():
         return storage, None
     if not storage.exists("zarr.json") and set(storage.list_dir("")) != {CACHE_TOKENS_PREFIX}:

@@ -54,6 +54,7 @@ from selkd.cache.tokens import (
     shard_array,
     shard_name,
     stats_record,
+    store_options,
     stream_hash_of,
     unit_commit_key,
     unit_name,
@@ -81,7 +82,8 @@ def prepare_tokens(
     eos_id(tokenizer)  # no EOS: refused before anything is written
     if sources is None:
         sources = resolve_specs(cfg.data, cfg.storage_option or None)
-    storage = storage if storage is not None else Storage.open(cfg.out, cfg.storage_option, mode="w")
+    if storage is None:
+        storage = Storage.open(cfg.out, store_options(cfg.out, cfg.storage_option), mode="w")
     header, created = _claim(storage, _header(cfg, tokenizer, argv), tokenizer, rank)
     try:
         units = _units(storage, sources, rank, cfg.storage_option or None)
@@ -346,7 +348,7 @@ def _tokenize_in_pool(
         cfg.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(cfg.out, cfg.storage_option or None, tokenizer),
+        initargs=(cfg.out, store_options(cfg.out, cfg.storage_option), tokenizer),
     )
     inflight: dict[Future[dict[str, Any]], int] = {}
     pending = iter(todo)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from selkd.cache.documents import CorpusStats
-from selkd.cache.store import Storage, StoreError
+from selkd.cache.store import Storage, StoreError, is_url
 from selkd.cache.tokenizing import StreamHash
 
 TOKENS_FORMAT = "selkd-tokens"
@@ -54,6 +54,12 @@ FINGERPRINT_VERSION = 2
 
 class TokenStoreError(Exception):
     """A user-facing token store problem: names the store and what to do."""
+
+
+def store_options(location: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options that apply to the store at ``location``: one ``--storage-option`` list serves
+    both the data URLs and the stores, and a local store takes none."""
+    return (options or None) if is_url(location) else None
 
 
 def unit_name(unit: int) -> str:
@@ -123,7 +129,7 @@ class TokenStore:
     def open(cls, location: str, storage_options: dict[str, Any] | None = None) -> TokenStore:
         """Open a finished token store (TokenStoreError naming it if it is not one, or not finished)."""
         try:
-            storage = Storage.open(location, storage_options, mode="r")
+            storage = Storage.open(location, store_options(location, storage_options), mode="r")
         except StoreError as err:
             raise TokenStoreError(f"{err}; prepare one with `selkd-cache prepare --out {location}`") from err
         return cls.from_storage(storage)

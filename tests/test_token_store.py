@@ -245,6 +245,9 @@ def test_s3_data_and_token_store(tmp_path: Path, tok: Any, tiny_tokenizer_dir: P
     store = prepare([remote + "/"], s3_endpoint.url("prep/tokens"), tok, tiny_tokenizer_dir, storage_option=options)
     assert_same_stream(TokenStore.open(s3_endpoint.url("prep/tokens"), options).packed(SEQ), reference)
     assert store.stats.files == 3
+    # the same options serve the data; a local store takes none
+    local_store = prepare([remote], tmp_path / "local", tok, tiny_tokenizer_dir, storage_option=options)
+    assert local_store.summary == store.summary
     globbed = resolve_specs([remote + "/*.jsonl", remote + "/**/*.gz"], options)
     assert [str(s.path) for s in globbed] == [f"{remote}/a.jsonl", f"{remote}/sub/b.jsonl.gz"]
     with pytest.raises(DataError, match="no such file or directory"):
