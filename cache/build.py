@@ -30,9 +30,10 @@ from selkd.cache import __version__
 from selkd.cache import format as fmt
 from selkd.cache.classes import ClassSpec, teacher_outputs
 from selkd.cache.config import SETTINGS_KEYS, BuildConfig
-from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
+from selkd.cache.corpus import eval_mask
 from selkd.cache.errors import SelkdError
 from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
+from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheError, read_header
 from selkd.cache.scoring import (
     commit_scores,
@@ -54,6 +55,7 @@ from selkd.cache.teacher import (
     tokenizer_fingerprint,
     vocab_size,
 )
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX, FINGERPRINT_VERSION, Packing, TokenStore, store_options
 
 
 class BuildError(SelkdError):
@@ -123,7 +125,9 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ):
         if saved.get(key) != current[key]:
             out.append(f"{label}: {saved.get(key)} -> {current[key]}")
-    if saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
+    if saved.get("data", {}).get("fingerprint_version", 1) != current["data"]["fingerprint_version"]:
+        out.append("data: the cache was started by an older selkd (another corpus fingerprint); use a new --out")
+    elif saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
         out.append("data: the corpus (its token stream) is not the same")
     if saved.get("sample_selection") != current["sample_selection"]:
         out.append(f"sample selection: {saved.get('sample_selection')} -> {current['sample_selection']}")
@@ -132,15 +136,15 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def open_output(cfg: BuildConfig) -> tuple[Storage, dict[str, Any] | None]:
     """The output store and its existing header (None if new); refuses foreign contents."""
-    storage = Storage.open(cfg.out, cfg.storage_option, mode="w")
+    storage = Storage.open(cfg.out, store_options(cfg.out, cfg.storage_option), mode="w")
     if storage.is_empty():
         return storage, None
-    if not storage.exists("zarr.json"):
+    if not storage.exists("zarr.json") and set(storage.list_dir("")) != {CACHE_TOKENS_PREFIX}:
         raise BuildError(
             f"{storage.url}: holds files that are not a selkd cache; choose an empty or new location for --out"
         )
     try:
-        return storage, read_header(storage)
+        return storage, read_header(storage) if storage.exists("zarr.json") else None
     except CacheError as err:
         raise BuildError(f"{err}; choose an empty or new location for --out") from err
 
@@ -206,7 +210,7 @@ class _Overlap:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _batches(corpus: PackedCorpus, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def _batches(corpus: Packing, index: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Batches of sequence indices with one length each (only the corpus's last sequence is short)."""
     out = []
     lengths = np.array([corpus.sequence_bounds(int(i))[1] - corpus.sequence_bounds(int(i))[0] for i in index])
@@ -240,7 +244,7 @@ class _Build:
     dtype: torch.dtype
     teacher: Any  # the teacher causal LM, frozen
     vocab: int  # the teacher's logits width
-    corpus: PackedCorpus
+    corpus: Packing  # the packed sequences of the token store
     is_eval: np.ndarray  # [n_sequences] bool: the held-out split
     leases: PartLeases
     seqs_per_part: int
@@ -307,7 +311,7 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
         spec.check_vocab(vocab)
     except ValueError as err:
         raise BuildError(str(err)) from err
-    corpus = _load_corpus(cfg, tokenizer, vocab, progress=cfg.progress and rank == 0)
+    tokens, corpus = _load_corpus(cfg, tokenizer, vocab, rank, world)
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
         if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(tokenizer):
@@ -316,7 +320,7 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
                 "differ); sample selection needs a student that shares the teacher's tokenizer"
             )
     is_eval = eval_mask(corpus.n_sequences, cfg.eval_fraction, cfg.seed)
-    header = make_header(cfg, argv, teacher, dtype, tokenizer, vocab, corpus, is_eval)
+    header = make_header(cfg, argv, teacher, dtype, tokenizer, vocab, tokens, corpus, is_eval)
     _agree_header(storage, existing, header, tokenizer, rank, world)
     leases = PartLeases(storage, cfg.lease_ttl)
     seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
@@ -325,14 +329,29 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
     )
 
 
-def _load_corpus(cfg: BuildConfig, tokenizer: Any, vocab: int, progress: bool) -> PackedCorpus:
-    """The packed corpus; its warnings are logged, and a token id the teacher has no logit for refused."""
-    corpus = load_corpus(cfg.data, tokenizer, cfg.max_seq_len, cfg.text_field, cfg.limit_tokens, progress=progress)
+def _load_corpus(cfg: BuildConfig, tokenizer: Any, vocab: int, rank: int, world: int) -> tuple[TokenStore, Packing]:
+    """The token store (``--tokens``, or ``--data`` prepared into STORE/tokens by every rank's share) and
+    its packed sequences; the corpus's warnings are logged, and a token id the teacher has no logit for
+    is refused."""
+    tokens = corpus_tokens(
+        tokens=cfg.tokens,
+        data=cfg.data,
+        prepare_into=f"{cfg.out.rstrip('/')}/{CACHE_TOKENS_PREFIX}",
+        tokenizer=tokenizer,
+        tokenizer_name=cfg.teacher,
+        text_field=cfg.text_field,
+        limit_tokens=cfg.limit_tokens,
+        storage_options=cfg.storage_option,
+        rank=rank,
+        world=world,
+        progress=cfg.progress and rank == 0,
+    )
+    corpus = tokens.packed(cfg.max_seq_len)
     for warning in corpus.stats.warnings():
         log(f"warning: {warning}")
-    if corpus.tokens.size and int(corpus.tokens.max()) >= vocab:
-        raise BuildError(f"token id {int(corpus.tokens.max())} >= the teacher's vocabulary ({vocab})")
-    return corpus
+    if corpus.max_token_id >= vocab:
+        raise BuildError(f"token id {corpus.max_token_id} >= the teacher's vocabulary ({vocab})")
+    return tokens, corpus
 
 
 def make_header(
@@ -342,7 +361,8 @@ def make_header(
     dtype: torch.dtype,
     tokenizer: Any,
     vocab: int,
-    corpus: PackedCorpus,
+    tokens: TokenStore,
+    corpus: Packing,
     is_eval: np.ndarray,
 ) -> dict[str, Any]:
     """The cache header (the root's ``selkd`` attribute): the format, the settings and the identity of
@@ -365,11 +385,11 @@ def make_header(
         "temperature": cfg.temperature,
         "max_seq_len": cfg.max_seq_len,
         "data": {
-            "specs": list(cfg.data),
-            "text_field": cfg.text_field,
-            "limit_tokens": cfg.limit_tokens,
+            **tokens.header["data"],  # specs, text_field, limit_tokens
+            "tokens": tokens.url,
             "fingerprint": corpus.fingerprint,
-            "n_tokens": int(corpus.tokens.size),
+            "fingerprint_version": FINGERPRINT_VERSION,
+            "n_tokens": corpus.n_tokens,
             "n_sequences": corpus.n_sequences,
             "documents": corpus.stats.documents,
         },
@@ -526,13 +546,11 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
         for b in _batches(corpus, plan.members[i], cfg.batch_size):
             ctx.leases.renew(name, due_only=True)
             b = np.sort(b)
-            seqs = corpus.sequences(b)
+            seqs, doc = corpus.read(b)
             x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
             with torch.no_grad():
                 logits = ctx.teacher(input_ids=x).logits[:, :-1]
             nxt = x[:, 1:]
-            starts = [corpus.sequence_bounds(int(s)) for s in b]
-            doc = [corpus.doc_start[a:e] for a, e in starts]
 
             def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
                 # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch

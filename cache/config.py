@@ -1,4 +1,4 @@
-"""BuildConfig: every option of `selkd-cache build`, declared once."""
+"""BuildConfig and PrepareConfig: every option of `selkd-cache build` and `selkd-cache prepare`, declared once."""
 
 from __future__ import annotations
 
@@ -20,13 +20,62 @@ def _valid_classes(text: str) -> str | None:
     return None
 
 
+_DATA_HELP = (
+    "corpus: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs (local or fsspec URLs such as "
+    "s3://bucket/corpus/), `datasets` save_to_disk directories, or datasets:DIR[?name=CONFIG&split=SPLIT]"
+)
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `selkd-cache prepare`: tokenize a corpus into a token store (see selkd.cache.prepare)."""
+
+    data: list[str] = opt(help=_DATA_HELP, required=True, metavar="SPEC")
+    tokenizer: str = opt(
+        help="the teacher's tokenizer: a model directory or hub id (the teacher itself will do)",
+        required=True,
+        metavar="MODEL",
+    )
+    out: str = opt(
+        help="the token store: a local directory or an fsspec URL such as s3://bucket/tokens",
+        required=True,
+        metavar="TOKENS",
+    )
+    text_field: str = opt("text", help="field of .jsonl/.parquet/datasets rows that holds the text")
+    limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
+    shard_tokens: int = opt(
+        1 << 24, help="tokens per shard (a unit's last shard holds the rest); a worker holds one shard", lo=1024
+    )
+    workers: int = opt(1, help="tokenizer processes on this machine (each takes whole input units)", lo=1)
+    rank: int | None = opt(help="this preparer's rank (default: torchrun's RANK, else 0)", lo=0)
+    world_size: int | None = opt(help="number of preparers (default: torchrun's WORLD_SIZE, else 1)", lo=1)
+    storage_option: dict[str, Any] = opt(
+        {}, help="fsspec storage option for --out and for --data URLs, repeatable", metavar="KEY=VALUE"
+    )
+    trust_remote_code: bool = opt(False, help="allow tokenizer code from the model's repository to run")
+    progress: bool = opt(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        check(self)
+        _check_rank(self.rank, self.world_size)
+
+
+def _check_rank(rank: int | None, world_size: int | None) -> None:
+    if rank is not None and world_size is not None and rank >= world_size:
+        from selkd.cache.options import ConfigError
+
+        raise ConfigError(f"--rank {rank} must be < --world-size {world_size}")
+
+
 @dataclass
 class BuildConfig:
     teacher: str = opt(help="teacher model: a local Hugging Face directory or a hub id", required=True, metavar="MODEL")
     data: list[str] = opt(
-        help="corpus: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, or a `datasets` save_to_disk directory",
-        required=True,
-        metavar="SPEC",
+        [], help=_DATA_HELP + "; tokenized into STORE/tokens first (exclusive with --tokens)", metavar="SPEC"
+    )
+    tokens: str | None = opt(
+        help="instead of --data: a token store made by `selkd-cache prepare` with the teacher's tokenizer",
+        metavar="TOKENS",
     )
     out: str = opt(
         help="the cache: a local directory or an fsspec URL such as s3://bucket/prefix",
@@ -41,7 +90,7 @@ class BuildConfig:
     )
     temperature: float = opt(1.0, help="teacher temperature of the stored targets", lo=0.0, lo_open=True)
     max_seq_len: int = opt(512, help="tokens per packed sequence", lo=2)
-    text_field: str = opt("text", help="field of .jsonl/.parquet/datasets rows that holds the text")
+    text_field: str | None = opt(help="field of .jsonl/.parquet/datasets rows that holds the text (default: text)")
     limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
     eval_fraction: float = opt(
         0.01, help="fraction of sequences held out for evaluation (never trained on)", lo=0.0, hi=0.5
@@ -67,7 +116,9 @@ class BuildConfig:
     trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
     rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0)
     world_size: int | None = opt(help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1)
-    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --out, repeatable", metavar="KEY=VALUE")
+    storage_option: dict[str, Any] = opt(
+        {}, help="fsspec storage option for --out, --tokens and --data URLs, repeatable", metavar="KEY=VALUE"
+    )
     lease_ttl: float = opt(
         600.0,
         help="seconds a builder's claim (lease) on a part lasts unless renewed; another builder takes the part "
@@ -78,14 +129,23 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        from selkd.cache.options import ConfigError
+
         if self.sample_ratio is not None and self.student is None and self.sample_signal == "student-entropy":
-            from selkd.cache.options import ConfigError
-
             raise ConfigError("--sample-ratio with --sample-signal student-entropy needs --student MODEL")
-        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
-            from selkd.cache.options import ConfigError
-
-            raise ConfigError(f"--rank {self.rank} must be < --world-size {self.world_size}")
+        _check_rank(self.rank, self.world_size)
+        if bool(self.data) == (self.tokens is not None):
+            which = "both were given" if self.data else "neither was given"
+            raise ConfigError(f"give either --data SPEC [SPEC ...] or --tokens TOKENS (prepared); {which}")
+        if self.tokens is not None:
+            given = [f for f, v in (("--text-field", self.text_field), ("--limit-tokens", self.limit_tokens)) if v]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: fixed when the token store was prepared (see `selkd-cache info "
+                    f"{self.tokens}`); prepare another one to change them"
+                )
+        elif self.text_field is None:
+            self.text_field = "text"
 
     @property
     def class_spec(self) -> ClassSpec:

@@ -1,5 +1,14 @@
-"""Data specs -> documents: files, directories, globs and saved ``datasets`` directories, read in a
-deterministic order as plain text (chat rows rendered with the tokenizer's chat template).
+"""Data specs -> documents: files, directories, globs, saved ``datasets`` directories and ``datasets``
+dataset directories, local or behind an fsspec URL (``s3://``), read in a deterministic order as plain
+text (chat rows rendered with the tokenizer's chat template). Everything is streamed: a file is read
+line by line or in Arrow batches, never held whole (except a ``.txt`` file, which is one document).
+
+A spec is a local path, directory or glob; an fsspec URL (``s3://bucket/corpus/``, a glob such as
+``s3://bucket/corpus/*.jsonl.gz``; options such as ``endpoint_url`` come from ``--storage-option``); or
+``datasets:PATH[?name=CONFIG&split=SPLIT&data_dir=DIR&data_files=GLOB]``, a dataset directory (a
+downloaded Hub dataset repository, a directory of data files) or a packaged builder (``json``,
+``parquet``, ``text`` ... with ``data_files``) loaded by ``datasets.load_dataset(..., streaming=True)``
+from local files only.
 
 Problems in the data that are common and harmless in bulk (a row without the text field, a line of
 broken JSON, undecodable bytes) are counted in :class:`CorpusStats` and reported instead of stopping
@@ -40,6 +49,11 @@ SUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = (
 )
 #: Kind of a directory written by ``datasets.Dataset.save_to_disk``.
 HF_DATASET = "hf_dataset"
+#: Kind of a ``datasets:`` spec, read with ``datasets.load_dataset(..., streaming=True)``.
+DATASETS = "datasets"
+DATASETS_PREFIX = "datasets:"
+#: What a ``datasets:`` spec may pass to ``load_dataset`` after ``?``.
+DATASETS_QUERY = ("name", "split", "data_dir", "data_files")
 #: The key of a chat row's message list.
 MESSAGES_KEY = "messages"
 
@@ -64,13 +78,36 @@ def _one_line(err: BaseException | str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """One readable input: a file or a saved ``datasets`` directory, with its kind."""
+    """One readable input, or one unit of it (see :mod:`selkd.cache.units`): a file, a saved ``datasets``
+    directory or a ``datasets:`` spec; ``part`` narrows it to a parquet row group or to shard ``part`` of
+    ``n_parts`` of a dataset. ``path`` is a local ``Path``, the URL of a remote file, or the spec of a
+    ``datasets:`` source; ``options`` are the fsspec storage options of a URL."""
 
-    path: Path
-    kind: str  # "txt" | "jsonl" | "jsonl.gz" | "parquet" | HF_DATASET
+    path: Path | str
+    kind: str  # "txt" | "jsonl" | "jsonl.gz" | "parquet" | HF_DATASET | DATASETS
+    part: int | None = None
+    n_parts: int | None = None
+    first_row: int = 0  # rows of the file before this unit: messages count rows from 1 per file
+    size: int | None = field(default=None, compare=False)  # bytes of a file, to notice a changed input
+    options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return str(self.path)
+
+    @property
+    def label(self) -> str:
+        """What messages call it: the path, and which shard of a dataset."""
+        if self.n_parts is not None and self.n_parts > 1:
+            return f"{self.path} (shard {self.part} of {self.n_parts})"
+        return str(self.path)
+
+    def open(self) -> Any:
+        """The file as a binary file object (local, or through fsspec for a URL)."""
+        if isinstance(self.path, Path):
+            return open(self.path, "rb")
+        from selkd.cache.remote_data import open_url
+
+        return open_url(self.path, self.options)
 
 
 @dataclass
@@ -173,9 +210,17 @@ def _collect_dir(root: Path) -> list[Source]:
                 continue
             kind = _kind_of(name)
             if kind is not None:
-                found.append(Source(here / name, kind))
-    found.sort(key=lambda s: s.path.relative_to(root).parts)
+                found.append(_file_source(here / name, kind))
+    found.sort(key=lambda s: Path(s.path).relative_to(root).parts)
     return found
+
+
+def _file_source(path: Path, kind: str) -> Source:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None  # reading it says what is wrong
+    return Source(path, kind, size=size)
 
 
 def _expand(spec: str) -> list[Source]:
@@ -191,7 +236,7 @@ def _expand(spec: str) -> list[Source]:
         kind = _kind_of(path.name)
         if kind is None:
             raise DataError(f"{spec}: unsupported file type; use {_SUPPORTED_TEXT}")
-        return [Source(path, kind)]
+        return [_file_source(path, kind)]
     if _GLOB_CHARS.intersection(spec):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         if not matches:
@@ -202,7 +247,7 @@ def _expand(spec: str) -> list[Source]:
             if p.is_dir():
                 found.extend(_collect_dir(p))
             elif (kind := _kind_of(p.name)) is not None:
-                found.append(Source(p, kind))
+                found.append(_file_source(p, kind))
         if not found:
             raise DataError(
                 f"{spec}: the pattern matches {len(matches)} path(s) but no supported files "
@@ -212,9 +257,57 @@ def _expand(spec: str) -> list[Source]:
     raise DataError(f"{spec}: no such file or directory; check the path")
 
 
-def resolve_specs(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Source]:
-    """Expand files, directories and globs into sources in a deterministic order: the order of the
-    specs, sorted within each directory or glob. A source reached twice is kept once (first place)."""
+def _datasets_spec(spec: str) -> Source:
+    """A ``datasets:PATH[?query]`` spec, checked without loading it: PATH must be a local directory or
+    file, or a packaged builder name (``json``, ``parquet`` ...), so that nothing is fetched from the Hub."""
+    path, query = parse_datasets_spec(spec)
+    if not Path(path).expanduser().exists():
+        _datasets_module(f"{spec}: reading a {DATASETS_PREFIX} spec")
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as packaged
+
+        if path not in packaged:
+            raise DataError(
+                f"{spec}: {path} is neither a local directory nor a packaged builder (json, parquet, text, ...); "
+                "datasets are read offline: download the dataset first (e.g. huggingface-cli download --repo-type "
+                f"dataset NAME --local-dir DIR) and pass {DATASETS_PREFIX}DIR"
+            )
+        if "data_files" not in query:
+            raise DataError(f"{spec}: the packaged builder {path!r} needs ?data_files=GLOB")
+    return Source(spec, DATASETS)
+
+
+def parse_datasets_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``datasets:PATH?k=v&...`` -> (PATH, {k: v}); only the keys of :data:`DATASETS_QUERY` are taken."""
+    from urllib.parse import parse_qsl
+
+    path, _, query = spec.removeprefix(DATASETS_PREFIX).partition("?")
+    if not path:
+        raise DataError(f"{spec}: name a dataset directory after {DATASETS_PREFIX!r}")
+    args = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(args) - set(DATASETS_QUERY))
+    if unknown:
+        raise DataError(f"{spec}: unknown key(s) {', '.join(unknown)}; use {', '.join(DATASETS_QUERY)}")
+    return path, args
+
+
+def _expand_spec(spec: str, storage_options: dict[str, Any] | None) -> list[Source]:
+    if spec.startswith(DATASETS_PREFIX):
+        return [_datasets_spec(spec)]
+    from selkd.cache.store import is_url
+
+    if is_url(spec):
+        from selkd.cache.remote_data import expand_url
+
+        return expand_url(spec, storage_options or {})
+    return _expand(spec)
+
+
+def resolve_specs(
+    specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> list[Source]:
+    """Expand files, directories, globs, URLs and ``datasets:`` specs into sources in a deterministic
+    order: the order of the specs, sorted within each directory or glob. A source reached twice is kept
+    once (first place). ``storage_options`` are fsspec options for URLs (s3: ``endpoint_url``, ``key``...)."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     if not specs:
@@ -222,8 +315,8 @@ def resolve_specs(specs: Sequence[str | os.PathLike[str]] | str | os.PathLike[st
     out: list[Source] = []
     seen: set[str] = set()
     for spec in specs:
-        for src in _expand(os.fspath(spec)):
-            key = os.path.realpath(src.path)
+        for src in _expand_spec(os.fspath(spec), storage_options):
+            key = os.path.realpath(src.path) if isinstance(src.path, Path) else src.path
             if key not in seen:
                 seen.add(key)
                 out.append(src)
@@ -289,7 +382,7 @@ def _row_text(
 def _read_txt(
     source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
 ) -> Iterator[_Doc]:
-    with open(source.path, "rb") as fh:
+    with source.open() as fh:
         data = fh.read()
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
@@ -301,8 +394,7 @@ def _read_jsonl(
     source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
 ) -> Iterator[_Doc]:
     path = source.path
-    opener = gzip.open if source.kind == "jsonl.gz" else open
-    with opener(path, "rb") as fh:
+    with source.open() as raw_fh, gzip.GzipFile(fileobj=raw_fh) if source.kind == "jsonl.gz" else raw_fh as fh:
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
@@ -323,7 +415,7 @@ def _read_jsonl(
                 yield doc, replaced, lineno
 
 
-def _columns_for(names: Sequence[str], text_field: str, path: Path) -> list[str]:
+def _columns_for(names: Sequence[str], text_field: str, path: Path | str) -> list[str]:
     cols = list(dict.fromkeys(c for c in (text_field, MESSAGES_KEY) if c in names))
     if not cols:
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
@@ -338,7 +430,7 @@ def _column_rows(
     batch: dict[str, list[Any]],
     text_field: str,
     start_row: int,
-    path: Path,
+    path: Path | str,
     tokenizer: PreTrainedTokenizerBase,
     stats: CorpusStats,
 ) -> Iterator[_Doc]:
@@ -357,38 +449,58 @@ def _column_rows(
             yield doc, False, start_row + i + 1
 
 
+def parquet_row_groups(source: Source) -> list[int]:
+    """Rows of each row group of a parquet file (from its footer); DataError if it is not parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with source.open() as fh:
+            meta = pq.ParquetFile(fh).metadata
+            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    except pa.ArrowException as err:
+        raise DataError(
+            f"{source.path}: cannot read the parquet file ({_one_line(err)}); check that it is not corrupt"
+        ) from err
+
+
 def _read_parquet(
     source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
 ) -> Iterator[_Doc]:
+    """The whole file, or row group ``source.part`` (rows numbered from ``source.first_row + 1``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = source.path
     try:
-        pf = pq.ParquetFile(path)
-        columns = _columns_for(pf.schema_arrow.names, text_field, path)
-        row = 0
-        for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=columns):
-            cols = {c: batch.column(c).to_pylist() for c in columns}
-            yield from _column_rows(cols, text_field, row, path, tokenizer, stats)
-            row += batch.num_rows
+        with source.open() as fh:
+            pf = pq.ParquetFile(fh)
+            columns = _columns_for(pf.schema_arrow.names, text_field, path)
+            row = source.first_row
+            groups = None if source.part is None else [source.part]
+            for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=columns, row_groups=groups):
+                cols = {c: batch.column(c).to_pylist() for c in columns}
+                yield from _column_rows(cols, text_field, row, path, tokenizer, stats)
+                row += batch.num_rows
     except pa.ArrowException as err:
         raise DataError(
             f"{path}: cannot read the parquet file ({_one_line(err)}); check that it is not corrupt"
         ) from err
 
 
-def _read_saved_dataset(
-    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
-) -> Iterator[_Doc]:
-    path = source.path
+def _datasets_module(what: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            f"{path}: reading a directory saved by datasets.save_to_disk needs the datasets package: "
-            "pip install selkd[datasets]"
-        ) from None
+        raise DataError(f"{what} needs the datasets package: pip install selkd[datasets]") from None
+    return datasets
+
+
+def load_saved_dataset(source: Source) -> Any:
+    """The ``datasets.Dataset`` of a ``save_to_disk`` directory (memory-mapped, not read), a
+    DatasetDict's only split; DataError naming the directory otherwise."""
+    path = source.path
+    datasets = _datasets_module(f"{path}: reading a directory saved by datasets.save_to_disk")
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:
@@ -398,15 +510,74 @@ def _read_saved_dataset(
         if len(splits) != 1:
             raise DataError(
                 f"{path}: is a DatasetDict with splits {', '.join(splits) or '(none)'}; "
-                f"pass one split directory instead, e.g. {path / (splits[0] if splits else 'train')}"
+                f"pass one split directory instead, e.g. {Path(path) / (splits[0] if splits else 'train')}"
             )
         ds = ds[splits[0]]
+    return ds
+
+
+def _read_saved_dataset(
+    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
+) -> Iterator[_Doc]:
+    """The whole dataset, or contiguous shard ``source.part`` of ``source.n_parts``."""
+    path = source.path
+    ds = load_saved_dataset(source)
     columns = _columns_for(ds.column_names, text_field, path)
     ds = ds.select_columns(columns).with_format(None)
-    row = 0
+    if source.part is not None:
+        ds = ds.shard(num_shards=source.n_parts, index=source.part, contiguous=True)
+    row = source.first_row
     for batch in ds.iter(batch_size=_ROW_BATCH):
         yield from _column_rows(batch, text_field, row, path, tokenizer, stats)
         row += len(batch[columns[0]])
+
+
+def load_streaming_dataset(source: Source) -> Any:
+    """The ``datasets.IterableDataset`` of a ``datasets:`` spec (one split), loaded from local files."""
+    spec = str(source.path)
+    datasets = _datasets_module(f"{spec}: reading a {DATASETS_PREFIX} spec")
+    path, args = parse_datasets_spec(spec)
+    split = args.pop("split", None)
+    try:
+        ds = datasets.load_dataset(
+            str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
+            split=split,
+            streaming=True,
+            **args,
+        )
+    except Exception as err:
+        raise DataError(f"{spec}: cannot load the dataset ({_one_line(err)})") from err
+    if isinstance(ds, datasets.IterableDatasetDict):
+        splits = sorted(ds)
+        if len(splits) != 1:
+            raise DataError(
+                f"{spec}: the dataset has splits {', '.join(splits) or '(none)'}; choose one with "
+                f"?split={splits[0] if splits else 'train'}"
+            )
+        ds = ds[splits[0]]
+    return ds
+
+
+def _read_datasets(
+    source: Source, text_field: str, tokenizer: PreTrainedTokenizerBase, stats: CorpusStats
+) -> Iterator[_Doc]:
+    """Rows of a ``datasets:`` spec streamed in batches, or of its shard ``source.part`` of ``n_parts``
+    (rows numbered from 1 within the shard)."""
+    ds = load_streaming_dataset(source)
+    if source.part is not None:
+        ds = ds.shard(num_shards=source.n_parts, index=source.part)
+    where = source.label
+    row = 0
+    try:
+        for batch in ds.iter(batch_size=_ROW_BATCH):
+            if row == 0:
+                _columns_for(list(batch), text_field, where)
+            yield from _column_rows(batch, text_field, row, where, tokenizer, stats)
+            row += len(next(iter(batch.values()), []))
+    except DataError:
+        raise
+    except Exception as err:  # errors of the dataset's builder while reading its files
+        raise DataError(f"{where}: cannot read the dataset ({_one_line(err)})") from err
 
 
 _READERS = {
@@ -415,6 +586,7 @@ _READERS = {
     "jsonl.gz": _read_jsonl,
     "parquet": _read_parquet,
     HF_DATASET: _read_saved_dataset,
+    DATASETS: _read_datasets,
 }
 
 
@@ -446,9 +618,9 @@ class _FileCheck:
         if 2 * self.not_text <= self.documents:
             return
         what = " or ".join(PROBLEMS[p][2] for p in PROBLEMS if p in self.problems)
-        place = f" (first at {self.first})" if self.first != str(self.source.path) else ""
+        place = f" (first at {self.first})" if self.first != self.source.label else ""
         raise DataError(
-            f"{self.source.path}: not a text file: {self.not_text} of {self.documents} document(s) are {what}"
+            f"{self.source.label}: not a text file: {self.not_text} of {self.documents} document(s) are {what}"
             f"{place}; a file is refused when more than half of its documents are: convert it to UTF-8 text or "
             "leave it out of --data"
         )
@@ -468,7 +640,7 @@ def source_documents(
             check.documents += 1
             problem = _problem(text, replaced)
             if problem is not None:
-                where = str(source.path) if row is None else f"{source.path}:{row}"
+                where = source.label if row is None else f"{source.label}:{row}"
                 check.bad(problem, where)
                 stats.note(problem, where)
             if text:
@@ -476,7 +648,7 @@ def source_documents(
                 yield text
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(
-            f"{source.path}: cannot read the file ({_one_line(err)}); check that it is readable and not corrupt"
+            f"{source.label}: cannot read the file ({_one_line(err)}); check that it is readable and not corrupt"
         ) from err
     except GeneratorExit:
         check.judge()

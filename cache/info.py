@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from selkd.cache.reader import CacheReader
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def cache_info(reader: CacheReader) -> CacheInfo:
     recs = [p.record for p in reader.parts]
     positions = sum(r["n_targets"] for r in recs)
     corpus_positions = int(h["data"]["n_tokens"]) - int(h["data"]["n_sequences"])
-    on_disk = reader.storage.size_bytes("")
+    on_disk = reader.storage.size_bytes("") - reader.storage.size_bytes(CACHE_TOKENS_PREFIX)  # not its input
     full = 2 * int(h["vocab_size"]) * corpus_positions
 
     def mean(key: str) -> float | None:

@@ -317,8 +317,10 @@ def test_bad_options(tmp_path, tiny_teacher_dir, text_corpus_dir, capsys, extra,
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["build"], "--teacher, --data and --out are required"),
-        (["build", "--teacher", "T", "--out", "O"], "--data is required"),
+        (["build"], "--teacher and --out are required"),
+        (["build", "--teacher", "T", "--out", "O"], "give either --data SPEC [SPEC ...] or --tokens TOKENS"),
+        (["build", "--teacher", "T", "--out", "O", "--data", "D", "--tokens", "X"], "give either --data"),
+        (["build", "--teacher", "T", "--out", "O", "--tokens", "X", "--limit-tokens", "9"], "--limit-tokens: fixed"),
         (["build", "--data", "D", "--out", "O"], "--teacher is required"),
         (["build", "--teacher", "T", "--data", "D"], "--out is required"),
         (["build", "--teacher", "T", "--data"], "argument --data: expected at least one argument"),

@@ -353,8 +353,19 @@ def test_eos_and_doc_start(tmp_path: Path, tok: Any) -> None:
     assert c.stats.documents == len(docs)
 
 
+def test_truncation_configured_in_the_tokenizer_cuts_nothing(tmp_path: Path, tok: Any) -> None:
+    """A tokenizer.json may carry truncation (or padding) settings; documents are still tokenized whole
+    (the direct Rust path is taken only when the tokenizer has none)."""
+    docs = many_docs(5)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    want = expected_stream(tok, docs)
+    truncating = build_tokenizer(tmp_path / "tok")
+    truncating.backend_tokenizer.enable_truncation(max_length=3)
+    assert load(str(tmp_path / "a.jsonl"), truncating).tokens.tolist() == want
+
+
 def test_batches_join_correctly(tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import selkd.cache.corpus as corpus
+    import selkd.cache.tokenizing as corpus
 
     docs = many_docs(40)
     write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
@@ -394,7 +405,7 @@ def test_packing_real_corpus(tmp_path: Path, tok: Any) -> None:
 
 
 def test_limit_tokens_exact(tmp_path: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import selkd.cache.corpus as corpus
+    import selkd.cache.tokenizing as corpus
 
     monkeypatch.setattr(corpus, "_BATCH_DOCS", 2)
     for i in range(5):

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.classes import ClassSpec
+from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
@@ -511,6 +512,20 @@ def test_online_mode_trains(
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train_rows(out))
     assert eval_rows(out) and (out / "final" / "config.json").is_file()
+    assert (out / "tokens" / "selkd" / "summary.json").is_file()  # --data was tokenized into OUT/tokens
+
+    # the same run from a token store prepared beforehand: the same losses; --out inside it is refused
+    tokens = tmp_path / "tokens"
+    prepare = ["prepare", "--data", str(text_corpus_dir), "--tokenizer", str(tiny_teacher_dir), "--out", str(tokens)]
+    assert cache_main([*prepare, "--limit-tokens", str(LIMIT_TOKENS), "--no-progress"]) == 0
+    from_tokens = [a if a != str(text_corpus_dir) else str(tokens) for a in extra]
+    from_tokens[from_tokens.index("--data")] = "--tokens"
+    del from_tokens[from_tokens.index("--limit-tokens") : from_tokens.index("--limit-tokens") + 2]
+    rc, err = run(args(None, tiny_student_dir, tmp_path / "t", *from_tokens, steps=3, save_every=2), capsys)
+    assert rc == 0, err
+    assert_same_rows(train_rows(tmp_path / "t"), train_rows(out), ("loss", "kd", "ce"))
+    rc, err = run(args(None, tiny_student_dir, tokens / "run", *from_tokens, steps=1), capsys)
+    assert rc == 1 and "is inside the --tokens path" in one_error_line(err)
 
 
 # --------------------------------------------------------------------------- memory: no [B, L, V] logits

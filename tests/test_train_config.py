@@ -136,6 +136,7 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
         (["--select-policy", "none"], r"--select-policy none keeps every position"),
         (["--classes", "topk:4"], r"--classes: online-mode option"),
         (["--data", "x.jsonl"], r"--data is for online mode"),
+        (["--tokens", "t"], r"--tokens is for online mode"),
         (["--teacher", "t"], r"--cache .* or --teacher .*both were given"),
         (["--student-config", "c"], r"--student MODEL .* or --student-config .*both were given"),
         (["--progress", "maybe"], r"--progress: expected true or false"),
@@ -249,6 +250,11 @@ def test_python_construction_errors() -> None:
         TrainConfig(cache="c", student="s")
     with pytest.raises(ConfigError, match="--teacher .* needs --data"):
         TrainConfig(teacher="t", student="s", out="o")
+    with pytest.raises(ConfigError, match=r"needs --data SPEC \[SPEC ...\] or --tokens TOKENS; both were given"):
+        TrainConfig(teacher="t", data=["d"], tokens="k", student="s", out="o")
+    with pytest.raises(ConfigError, match="--text-field, --limit-tokens: fixed when the token store k was prepared"):
+        TrainConfig(teacher="t", tokens="k", student="s", out="o", text_field="body", limit_tokens=9)
+    assert TrainConfig(teacher="t", tokens="k", student="s", out="o").mode == "online"
 
 
 def test_online_target_checks() -> None:

@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from selkd.cache.config import BuildConfig
+from selkd.cache.config import BuildConfig, PrepareConfig
 from selkd.cache.options import flag_name, negated_flag
 from selkd.trainer.config import TrainConfig
 
@@ -47,7 +47,7 @@ def option_table(config_cls: type) -> str:
 
 TEMPLATE = """# Command-line guide
 
-Three commands: `selkd-cache` builds, inspects and verifies caches of teacher outputs;
+Three commands: `selkd-cache` tokenizes corpora and builds, inspects and verifies caches of teacher outputs;
 `selkd-train` distils a student from a cache (or from a teacher in the loop); `selkd-demo` runs
 the whole pipeline on a corpus every machine has. `python -m selkd.cache` and
 `python -m selkd.trainer` work like the first two, which is what `torchrun -m` needs.
@@ -61,17 +61,52 @@ is turned on by `--x` (or `--x true`) and off by `--no-x` (or `--x false`); in a
 flag gets the nearest known ones as a hint). Exit codes: 0 success, 1 a run-time problem the message
 explains, 2 bad usage or configuration (one line naming the flag or the `--config` file and line).
 
+## Data specs
+
+`--data` takes one or more specs, read in the order given (sorted within a directory or glob):
+
+- a `.txt` file (one document), `.jsonl` / `.jsonl.gz` (one row per line; the text in `--text-field`,
+  or a chat `messages` list rendered with the tokenizer's chat template), `.parquet`;
+- a directory (read recursively, hidden entries skipped) or a glob (quote it: `'corpus/*.jsonl.gz'`);
+- the same behind an fsspec URL: `s3://bucket/corpus/`, `s3://bucket/corpus/*.parquet`, `gs://...`
+  (credentials and endpoint from `--storage-option` or the AWS environment), streamed, never copied;
+- a directory written by `datasets.save_to_disk` (local);
+- `datasets:DIR[?name=CONFIG&split=SPLIT&data_dir=SUB&data_files=GLOB]`: a dataset directory (a Hub
+  dataset repository downloaded with `huggingface-cli download --repo-type dataset NAME --local-dir
+  DIR`, or any directory `datasets.load_dataset` understands) or a packaged builder with local files
+  (`datasets:json?data_files=/data/*.jsonl.gz`), streamed by `load_dataset(..., streaming=True)` from
+  local files only (nothing is fetched from the Hub).
+
+## selkd-cache prepare
+
+```
+selkd-cache prepare --data SPEC [SPEC ...] --tokenizer MODEL --out TOKENS [--workers N] [options]
+```
+
+Tokenizes the corpus once into a sharded token store ([token-store.md](token-store.md)): the inputs
+are cut into units (a file, a parquet row group, a dataset shard), each tokenized by exactly one
+worker, in parallel over ranks (torchrun, or `--rank`/`--world-size`) and `--workers` processes per
+rank, and committed one by one. Memory per process is one shard (`--shard-tokens`), whatever the
+corpus size. Rerunning the same command resumes (committed units are kept); a rerun with other
+settings, or after the data changed, is refused. `selkd-cache build --tokens TOKENS` and
+`selkd-train --tokens TOKENS` read it; `selkd-cache info TOKENS` says what it holds.
+
+{prepare}
+
 ## selkd-cache build
 
 ```
+selkd-cache build --teacher MODEL --tokens TOKENS --out STORE [--classes MODE] [options]
 selkd-cache build --teacher MODEL --data SPEC [SPEC ...] --out STORE [--classes MODE] [options]
 ```
 
-Tokenizes the corpus with the teacher's tokenizer, packs it into sequences, optionally scores every
-training sequence with a frozen student and keeps the best `--sample-ratio`, runs the teacher, and
-writes the sparse targets into parts of a sharded Zarr store. Rerunning the same command on the
-same `--out` skips committed parts and redoes the rest; a rerun with other settings is refused
-with the settings that differ.
+Reads the token store (`--tokens`, or `--data` tokenized first into `STORE/tokens`, as `prepare`
+would), packs it into sequences, optionally scores every training sequence with a frozen student and
+keeps the best `--sample-ratio`, runs the teacher, and writes the sparse targets into parts of a
+sharded Zarr store. Every builder derives the eval split and the part plan from the token store's
+counts and reads only the sequences of its own parts. Rerunning the same command on the same `--out`
+skips committed parts and redoes the rest; a rerun with other settings is refused with the settings
+that differ.
 
 {build}
 
@@ -90,24 +125,27 @@ selkd-cache build --teacher Qwen/Qwen3-8B --student Qwen/Qwen3-1.7B --sample-rat
 ## selkd-cache info | verify | finalize
 
 ```
-selkd-cache info STORE [--json] [--storage-option KEY=VALUE ...]
+selkd-cache info STORE|TOKENS [--json] [--storage-option KEY=VALUE ...]
 selkd-cache verify STORE [--storage-option KEY=VALUE ...]
 selkd-cache finalize STORE [--storage-option KEY=VALUE ...]
 ```
 
 `info` reads metadata only and prints what the cache holds and costs (sequences, positions, bytes
-per stored and per corpus position, the saving against full fp16 logits, mean teacher entropy,
+per stored and per corpus position (not counting the token store `build --data` keeps in
+`STORE/tokens`), the saving against full fp16 logits, mean teacher entropy,
 mean unique ids or kept mass, committed and incomplete parts); `--json` prints the same as one
 object. `verify` reads every committed part and checks the checksums and the contents (offsets,
 ids < vocab, counts summing to N, log-probs <= 0, kept + tail mass = 1); it exits 1 naming the part
 and the array at fault. `finalize` writes the root summary once every part is committed (the last
-builder does this by itself).
+builder does this by itself). `info TOKENS` shows what a token store holds (tokenizer, data, tokens,
+documents, shards, data warnings).
 
 ## selkd-train
 
 ```
 selkd-train --cache STORE --student MODEL --out DIR [options]                  # offline: the main mode
-selkd-train --teacher MODEL --data SPEC [SPEC ...] --student MODEL --out DIR   # online teacher, same loop
+selkd-train --teacher MODEL --tokens TOKENS --student MODEL --out DIR         # online teacher, same loop
+selkd-train --teacher MODEL --data SPEC [SPEC ...] --student MODEL --out DIR   # (tokenized into OUT/tokens)
 ```
 
 {train}
@@ -134,7 +172,7 @@ against the checkpoint's config is refused, naming the keys.
 
 `--out` must be a new or empty directory or an earlier run (it holds `selkd-run.json`); a directory
 with other files in it, or one that is, contains or lies inside an input (`--student`, `--teacher`,
-`--data`, a local `--cache`), is refused before anything is written. A run that fails before its
+`--data`, a local `--cache` or `--tokens`), is refused before anything is written. A run that fails before its
 first complete checkpoint removes what it created. A finished run keeps `OUT/final` (a Hugging Face
 model directory) and the newest `--keep-checkpoints` checkpoints (each about 3x the fp32 model: the
 optimizer state is in it); its last log line says what is kept, where, and how large.
@@ -152,27 +190,44 @@ does not apply and the metric is the cross-entropy, `eval_kl_plus_teacher_entrop
 
 ## GPU-cluster recipe
 
-1. **Build the cache on teacher nodes** (one builder per GPU; parts are split disjointly by rank;
+1. **Tokenize the corpus once** (CPU nodes will do; every rank takes its share of the input units and
+   runs `--workers` tokenizer processes; memory per process stays at one shard):
+
+   ```
+   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+       -m selkd.cache prepare --data s3://bucket/corpus/ --tokenizer Qwen/Qwen3-8B \\
+       --out s3://bucket/tokens/corpus-qwen3 --workers 4
+   ```
+
+   Rank 0 writes the summary once every unit is committed; a killed preparer is resumed by
+   rerunning the same command. `selkd-cache info s3://bucket/tokens/corpus-qwen3` says what it holds.
+2. **Build the cache on teacher nodes** (one builder per GPU; parts are split disjointly by rank;
    each part is written by exactly one process, so builders never touch the same object):
 
    ```
    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-       -m selkd.cache build --teacher Qwen/Qwen3-8B --data s3://bucket/corpus/ \\
+       -m selkd.cache build --teacher Qwen/Qwen3-8B --tokens s3://bucket/tokens/corpus-qwen3 \\
        --out s3://bucket/caches/qwen3-8b-s50 --classes sample:50 --batch-size 16
    ```
 
-   Every rank reads the corpus and derives the same plan; rank r writes parts r, r + W, ...; the
-   last rank to finish writes the root summary (or run `selkd-cache finalize`). A killed builder is
-   resumed by rerunning the same command: committed parts are skipped.
-2. **Check it**: `selkd-cache info s3://bucket/caches/qwen3-8b-s50` and `selkd-cache verify ...`.
-3. **Train on student nodes** (DDP; `--fsdp` shards students that do not fit one GPU; rank 0 logs
+   Every rank derives the same eval split and plan from the token store's counts and reads only the
+   sequences of its own parts; rank r writes parts r, r + W, ...; the last rank to finish writes the
+   root summary (or run `selkd-cache finalize`). A killed builder is resumed by rerunning the same
+   command: committed parts are skipped. (`--data` instead of `--tokens` tokenizes into
+   `STORE/tokens` first, split over the builders the same way.)
+3. **Check it**: `selkd-cache info s3://bucket/caches/qwen3-8b-s50` and `selkd-cache verify ...`.
+4. **Train on student nodes** (DDP; `--fsdp` shards students that do not fit one GPU; rank 0 logs
    and writes checkpoints to `--out`, which must be on storage rank 0 can write):
 
    ```
    torchrun --nnodes 2 --nproc-per-node 8 ... -m selkd.trainer --cache s3://bucket/caches/qwen3-8b-s50 \\
        --student Qwen/Qwen3-1.7B --out /shared/runs/sekd --batch-size 4 --grad-accum 4 --lr 1e-5
    ```
-4. **Resume** after a preemption by rerunning the same command.
+
+   Online distillation reads the same token store: `--teacher Qwen/Qwen3-8B --tokens
+   s3://bucket/tokens/corpus-qwen3` instead of `--cache` (with `--data`, every rank tokenizes its share
+   into `OUT/tokens`, so `--out` must then be on storage every rank can reach).
+5. **Resume** after a preemption by rerunning the same command.
 
 S3 credentials and the endpoint come from `--storage-option key=... secret=... endpoint_url=...` or
 from the usual AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -181,7 +236,9 @@ from the usual AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCES
 
 
 def render() -> str:
-    return TEMPLATE.format(build=option_table(BuildConfig), train=option_table(TrainConfig))
+    return TEMPLATE.format(
+        prepare=option_table(PrepareConfig), build=option_table(BuildConfig), train=option_table(TrainConfig)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

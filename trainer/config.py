@@ -140,9 +140,13 @@ class TrainConfig:
     teacher: str | None = opt(help="teacher model run during training (online mode, with --data)", metavar="MODEL")
     data: list[str] = opt(
         [],
-        help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, "
-        "globs or a `datasets` save_to_disk directory",
+        help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs (local or fsspec URLs), "
+        "a `datasets` save_to_disk directory or datasets:DIR; tokenized into OUT/tokens first",
         metavar="SPEC",
+    )
+    tokens: str | None = opt(
+        help="online mode, instead of --data: a token store made by `selkd-cache prepare` with the teacher's tokenizer",
+        metavar="TOKENS",
     )
     student: str | None = opt(
         help="student to distil into: a local Hugging Face directory or a hub id", metavar="MODEL"
@@ -157,7 +161,9 @@ class TrainConfig:
         required=True,
         metavar="DIR",
     )
-    storage_option: dict[str, Any] = opt({}, help="fsspec storage option for --cache, repeatable", metavar="KEY=VALUE")
+    storage_option: dict[str, Any] = opt(
+        {}, help="fsspec storage option for --cache, --tokens and --data URLs, repeatable", metavar="KEY=VALUE"
+    )
     # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
     text_field: str | None = opt(
         help="online mode: field of .jsonl/.parquet/datasets rows that holds the text (default: text)"
@@ -285,11 +291,20 @@ class TrainConfig:
             raise ConfigError(
                 f"give either --cache STORE (offline targets) or --teacher MODEL --data SPEC (online); {which}"
             )
-        if self.teacher is not None and not self.data:
-            raise ConfigError("--teacher (online mode) needs --data SPEC [SPEC ...]")
+        if self.teacher is not None and bool(self.data) == (self.tokens is not None):
+            which = "both were given" if self.data else "neither was given"
+            raise ConfigError(f"--teacher (online mode) needs --data SPEC [SPEC ...] or --tokens TOKENS; {which}")
+        if self.tokens is not None:
+            given = [flag_name(k) for k in ("text_field", "limit_tokens") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: fixed when the token store {self.tokens} was prepared; prepare another one "
+                    "to change them"
+                )
         if self.cache is not None:
-            if self.data:
-                raise ConfigError("--data is for online mode (--teacher); --cache already holds the data")
+            if self.data or self.tokens is not None:
+                flag = "--data" if self.data else "--tokens"
+                raise ConfigError(f"{flag} is for online mode (--teacher); --cache already holds the data")
             given = [flag_name(k) for k in _ONLINE_ONLY if getattr(self, k) is not None]
             if given:
                 raise ConfigError(

@@ -1,6 +1,6 @@
 """Online mode: the teacher runs in the loop and makes the same SparseTargets a cache would hold.
 
-The corpus is read and packed exactly as `selkd-cache build` does (selkd.cache.corpus) and the
+The corpus is read and packed exactly as `selkd-cache build` does (a token store, selkd.cache.tokens) and the
 targets come from the same class selection (selkd.cache.classes), so the only difference between
 online and offline training is where a batch's targets come from.
 """
@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from selkd.cache.classes import teacher_outputs
-from selkd.cache.corpus import PackedCorpus, eval_mask
+from selkd.cache.corpus import eval_mask
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
+from selkd.cache.tokens import Packing
 from selkd.trainer.batch import Batch, collate
 
 
@@ -63,7 +64,7 @@ class OnlineStream:
 
     def __init__(
         self,
-        corpus: PackedCorpus,
+        corpus: Packing,
         teacher: OnlineTeacher,
         *,
         split: str,
@@ -129,8 +130,7 @@ class OnlineStream:
                 else order[a : a + self.batch_size]
             )
             idx = np.asarray(idx)
-            seqs = self.corpus.sequences(idx)
-            docs = [self.corpus.doc_start[slice(*self.corpus.sequence_bounds(int(i)))] for i in idx]
+            seqs, docs = self.corpus.read(idx)
             batch: Batch = collate(self.teacher.sequences(seqs, idx, docs), self.pad_id)
             self._step += 1
             if self._step >= self.steps_per_epoch():

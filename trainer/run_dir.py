@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selkd.cache.documents import DATASETS_PREFIX
 from selkd.cache.errors import SelkdError
 from selkd.cache.info import human_bytes
 from selkd.cache.store import is_url
@@ -50,7 +51,10 @@ def input_paths(cfg: Any) -> list[tuple[str, Path]]:
     named: list[tuple[str, str]] = [(flag, value) for flag, value in models if value]
     if cfg.cache and not is_url(cfg.cache):
         named.append(("--cache", cfg.cache.removeprefix("file://")))
+    if cfg.tokens and not is_url(cfg.tokens):
+        named.append(("--tokens", cfg.tokens.removeprefix("file://")))
     for spec in cfg.data:
+        spec = spec.removeprefix(DATASETS_PREFIX).split("?")[0]  # datasets:DIR?split=...: the directory
         path = Path(spec).expanduser()
         if path.exists() or glob.escape(spec) == spec:
             named.append(("--data", spec))

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from selkd.cache import open_cache
-from selkd.cache.corpus import load_corpus
 from selkd.cache.errors import SelkdError
+from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
+from selkd.cache.tokens import CACHE_TOKENS_PREFIX
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.config import TrainConfig, config_differences
@@ -260,14 +261,19 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         spec.check_vocab(teacher_vocab)
     except ValueError as err:
         raise TrainError(str(err)) from err
-    corpus = load_corpus(
-        cfg.data,
-        teacher_tok,
-        cfg.max_seq_len or 512,
-        cfg.text_field or "text",
-        cfg.limit_tokens,
+    corpus = corpus_tokens(  # every rank tokenizes its share into OUT/tokens (or opens --tokens)
+        tokens=cfg.tokens,
+        data=cfg.data,
+        prepare_into=str(Path(cfg.out) / CACHE_TOKENS_PREFIX),
+        tokenizer=teacher_tok,
+        tokenizer_name=cfg.teacher,  # type: ignore[arg-type]
+        text_field=cfg.text_field,
+        limit_tokens=cfg.limit_tokens,
+        storage_options=cfg.storage_option,
+        rank=dist_info.rank,
+        world=dist_info.world_size,
         progress=cfg.progress and dist_info.is_main,
-    )
+    ).packed(cfg.max_seq_len or 512)
     live = OnlineTeacher(teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank)
     common: dict[str, Any] = dict(
         eval_fraction=cfg.eval_fraction,
