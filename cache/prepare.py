@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,8 +101,20 @@ def prepare_tokens(
             storage.delete("zarr.json")
             for name in storage.list_dir(""):
                 storage.delete_prefix(name)
+            _remove_empty_dirs(storage.local_path)
         raise
     return TokenStore(storage, header, summary)
+
+
+def _remove_empty_dirs(root: Path | None) -> None:
+    """The directories a local store left after its keys were deleted (object stores have none)."""
+    if root is None or not root.is_dir():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------
