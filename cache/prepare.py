@@ -37,7 +37,7 @@ from selkd.cache import __version__
 from selkd.cache.config import PrepareConfig
 from selkd.cache.documents import CorpusStats, DataError, Source, resolve_specs, source_documents
 from selkd.cache.scoring import wait_for
-from selkd.cache.store import Storage
+from selkd.cache.store import Storage, is_url
 from selkd.cache.teacher import same_tokenizer, tokenizer_fingerprint
 from selkd.cache.tokenizing import StreamHash, eos_id, tokenize_documents
 from selkd.cache.tokens import (
@@ -83,6 +83,7 @@ def prepare_tokens(
     eos_id(tokenizer)  # no EOS: refused before anything is written
     if sources is None:
         sources = resolve_specs(cfg.data, cfg.storage_option or None)
+    new_dir = not is_url(cfg.out) and not Path(cfg.out).exists()  # removed again if nothing can be read
     if storage is None:
         storage = Storage.open(cfg.out, store_options(cfg.out, cfg.storage_option), mode="w")
     header, created = _claim(storage, _header(cfg, tokenizer, argv), tokenizer, rank)
@@ -101,19 +102,20 @@ def prepare_tokens(
             storage.delete("zarr.json")
             for name in storage.list_dir(""):
                 storage.delete_prefix(name)
-            _remove_empty_dirs(storage.local_path)
+            _remove_empty_dirs(storage.local_path, remove_root=new_dir)
         raise
     return TokenStore(storage, header, summary)
 
 
-def _remove_empty_dirs(root: Path | None) -> None:
-    """The directories a local store left after its keys were deleted (object stores have none)."""
+def _remove_empty_dirs(root: Path | None, remove_root: bool) -> None:
+    """The directories a local store left after its keys were deleted (object stores have none), and
+    the root itself if this command made it."""
     if root is None or not root.is_dir():
         return
     for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(d.iterdir()):
             d.rmdir()
-    if not any(root.iterdir()):
+    if remove_root and not any(root.iterdir()):
         root.rmdir()
 
 

@@ -161,9 +161,13 @@ def test_unreadable_data_leaves_nothing_behind(tmp_path: Path, tok: Any, tiny_to
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="the corpus is empty"):
         prepare([str(tmp_path / "empty.txt")], tmp_path / "t", tok, tiny_tokenizer_dir)
-    assert os.listdir(tmp_path / "t") == []
+    assert not (tmp_path / "t").exists()  # the directory prepare made is gone too
+    (tmp_path / "mine").mkdir()  # one the user made stays, empty
+    with pytest.raises(DataError, match="the corpus is empty"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "mine", tok, tiny_tokenizer_dir)
+    assert os.listdir(tmp_path / "mine") == []
     with pytest.raises(TokenStoreError, match="not a selkd token store"):
-        TokenStore.open(str(tmp_path / "t"))
+        TokenStore.open(str(tmp_path / "mine"))
 
 
 def test_parquet_row_groups_and_saved_dataset_shards_are_units(
