@@ -24,7 +24,7 @@ from selkd.cache.targets import SparseTargets
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """What the cache stores for T positions: the sparse targets and two exact scalars."""
+    """What the cache stores for T positions (the sparse targets and two exact scalars), and what it records."""
 
     targets: SparseTargets  # leading shape [T], ids < C
     entropy: torch.Tensor  # [T] float32, teacher entropy at temperature 1 (nats) over the C real classes
