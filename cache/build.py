@@ -34,7 +34,7 @@ from selkd.cache.corpus import eval_mask
 from selkd.cache.errors import SelkdError
 from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
 from selkd.cache.prepare import corpus_tokens
-from selkd.cache.reader import CacheError, read_header
+from selkd.cache.reader import CacheError, header_classes, read_header
 from selkd.cache.scoring import (
     commit_scores,
     committed_score_parts,
@@ -49,6 +49,7 @@ from selkd.cache.teacher import (
     config_hash,
     load_causal_lm,
     load_tokenizer,
+    num_classes,
     resolve_device,
     resolve_dtype,
     same_tokenizer,
@@ -129,6 +130,8 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         out.append("data: the cache was started by an older selkd (another corpus fingerprint); use a new --out")
     elif saved.get("data", {}).get("fingerprint") != current["data"]["fingerprint"]:
         out.append("data: the corpus (its token stream) is not the same")
+    if header_classes(saved) != current["num_classes"]:  # a cache started before padding was dropped
+        out.append(f"classes (target width): {header_classes(saved)} -> {current['num_classes']}")
     if saved.get("sample_selection") != current["sample_selection"]:
         out.append(f"sample selection: {saved.get('sample_selection')} -> {current['sample_selection']}")
     return out
@@ -243,7 +246,7 @@ class _Build:
     device: torch.device
     dtype: torch.dtype
     teacher: Any  # the teacher causal LM, frozen
-    vocab: int  # the teacher's logits width
+    classes: int  # C = num_classes(tokenizer): the teacher's logit columns >= C are padding
     corpus: Packing  # the packed sequences of the token store
     is_eval: np.ndarray  # [n_sequences] bool: the held-out split
     leases: PartLeases
@@ -306,12 +309,17 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     teacher = load_causal_lm(cfg.teacher, device, dtype, trust_remote_code=cfg.trust_remote_code)
-    vocab = vocab_size(teacher)
+    vocab, classes = vocab_size(teacher), num_classes(tokenizer)
+    if classes > vocab:
+        raise BuildError(
+            f"--teacher {cfg.teacher}: its head has {vocab:,} rows, fewer than its tokenizer's {classes:,} tokens; "
+            "use a teacher with a logit for every token"
+        )
     try:
-        spec.check_vocab(vocab)
+        spec.check_vocab(classes)
     except ValueError as err:
         raise BuildError(str(err)) from err
-    tokens, corpus = _load_corpus(cfg, tokenizer, vocab, rank, world)
+    tokens, corpus = _load_corpus(cfg, tokenizer, classes, rank, world)
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
         if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(tokenizer):
@@ -325,11 +333,11 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
     leases = PartLeases(storage, cfg.lease_ttl)
     seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
     return _Build(
-        cfg, spec, rank, world, t0, storage, device, dtype, teacher, vocab, corpus, is_eval, leases, seqs_per_part
+        cfg, spec, rank, world, t0, storage, device, dtype, teacher, classes, corpus, is_eval, leases, seqs_per_part
     )
 
 
-def _load_corpus(cfg: BuildConfig, tokenizer: Any, vocab: int, rank: int, world: int) -> tuple[TokenStore, Packing]:
+def _load_corpus(cfg: BuildConfig, tokenizer: Any, classes: int, rank: int, world: int) -> tuple[TokenStore, Packing]:
     """The token store (``--tokens``, or ``--data`` prepared into STORE/tokens by every rank's share) and
     its packed sequences; the corpus's warnings are logged, and a token id the teacher has no logit for
     is refused."""
@@ -349,8 +357,8 @@ def _load_corpus(cfg: BuildConfig, tokenizer: Any, vocab: int, rank: int, world:
     corpus = tokens.packed(cfg.max_seq_len)
     for warning in corpus.stats.warnings():
         log(f"warning: {warning}")
-    if corpus.max_token_id >= vocab:
-        raise BuildError(f"token id {corpus.max_token_id} >= the teacher's vocabulary ({vocab})")
+    if corpus.max_token_id >= classes:
+        raise BuildError(f"token id {corpus.max_token_id} >= the teacher's vocabulary ({classes})")
     return tokens, corpus
 
 
@@ -380,7 +388,8 @@ def make_header(
         "tokenizer_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        "vocab_size": vocab,
+        "vocab_size": vocab,  # the teacher's head rows
+        "num_classes": num_classes(tokenizer),  # what target ids index (reader.header_classes)
         "classes": {"mode": spec.mode, "k": spec.k, "text": str(spec)},
         "temperature": cfg.temperature,
         "max_seq_len": cfg.max_seq_len,
@@ -539,7 +548,7 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
     the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing."""
     cfg, corpus, spec = ctx.cfg, ctx.corpus, ctx.spec
     name, split = plan.parts[i]["name"], plan.parts[i]["split"]
-    writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.vocab)
+    writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.classes)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + i)
     overlap = _Overlap()
     try:
@@ -556,7 +565,7 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
                 # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
                 # would copy all [B, L - 1, V] logits first
                 for r in range(len(b)):
-                    out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen)
+                    out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen, classes=ctx.classes)
                     writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out)
 
             overlap.submit(encode)

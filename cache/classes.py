@@ -4,6 +4,11 @@ Everything here is vectorised torch over positions (no per-row Python loops) and
 chunks of positions so that ``[chunk, V]`` fp32 temporaries stay small at V = 151,936. Which classes
 a mode keeps is its codec's ``select`` (:mod:`selkd.cache.codecs`); ``sample:N`` draws with
 :func:`sample_counts`.
+
+Padded heads: the classes are the tokenizer's C tokens (:func:`selkd.cache.teacher.num_classes`); a
+teacher head with V > C rows has padding at ids >= C. Its mass there (at temperature 1) is measured per
+position, then those columns are dropped before anything else: targets, entropy and next-token log-prob
+are all of the teacher's distribution renormalised over the C real classes, and full targets are C wide.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from selkd.cache.targets import SparseTargets
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """What the cache stores for T positions: the sparse targets and two exact scalars."""
+    """What the cache stores for T positions (the sparse targets and two exact scalars), and what it records."""
 
-    targets: SparseTargets  # leading shape [T]
-    entropy: torch.Tensor  # [T] float32, teacher entropy at temperature 1 (nats), full distribution
-    next_logprob: torch.Tensor  # [T] float32, teacher log-prob (temperature 1) of the actual next token
+    targets: SparseTargets  # leading shape [T], ids < C
+    entropy: torch.Tensor  # [T] float32, teacher entropy at temperature 1 (nats) over the C real classes
+    next_logprob: torch.Tensor  # [T] float32, teacher log-prob (temperature 1, over C) of the actual next token
+    padding_mass: torch.Tensor  # [T] float32, teacher mass (temperature 1) on padded head rows (ids >= C)
 
 
 BLOCK = 128  # two-level inverse-CDF sampling: pick a block of BLOCK classes, then a class inside it
@@ -66,20 +72,32 @@ def sample_counts(
     return ids[:, :u_max], counts[:, :u_max]
 
 
+def padding_mass(logits: torch.Tensor, real_lse: torch.Tensor, classes: int) -> torch.Tensor:
+    """Softmax mass (temperature 1) of the padded columns ``classes ..`` of ``logits`` [T, V], given the
+    log-normaliser ``real_lse`` [T] of the real ones: ``sigmoid(lse_pad - lse_real)`` (exact, and 0
+    when the padded logits are ``-inf`` or there are none). [T] float32."""
+    pad = logits[:, classes:].float()
+    if pad.shape[1] == 0:
+        return torch.zeros_like(real_lse)
+    return torch.sigmoid(pad.logsumexp(-1) - real_lse)
+
+
 def _chunk_outputs(
     logits: torch.Tensor,
     next_ids: torch.Tensor,
     spec: ClassSpec,
     temperature: float,
     generator: torch.Generator | None,
+    classes: int,
 ) -> TeacherOutputs:
-    x = logits.float()
+    x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
     p1, lse, entropy = softmax_entropy(x)  # one fused pass
     next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
+    pad = padding_mass(logits, lse, classes)
     codec = spec.codec
     probs = p1 if codec.uses_probs and temperature == 1.0 else None
-    del p1  # [chunk, V]: freed before the codec makes its own, unless it takes it
-    return TeacherOutputs(codec.select(x, temperature, spec.k, generator, probs), entropy, next_lp)
+    del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
+    return TeacherOutputs(codec.select(x, temperature, spec.k, generator, probs), entropy, next_lp, pad)
 
 
 def teacher_outputs(
@@ -89,26 +107,32 @@ def teacher_outputs(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     chunk: int = 256,
+    classes: int | None = None,
 ) -> TeacherOutputs:
     """Class selection for T positions.
 
     logits:   [T, V] teacher logits (any float dtype; math in fp32).
-    next_ids: [T] int64 actual next tokens.
-    Returns targets with leading shape [T] on the logits' device; sample-mode rows are padded to the
-    largest number of unique ids in the whole call.
+    next_ids: [T] int64 actual next tokens (< ``classes``).
+    classes:  C, the number of real classes (``num_classes(tokenizer)``, <= V); None: every column.
+    Returns targets with leading shape [T] on the logits' device, over the C real classes; sample-mode
+    rows are padded to the largest number of unique ids in the whole call.
     """
     if logits.dim() != 2 or next_ids.shape != logits.shape[:1]:
         raise ValueError(
             f"expected logits [T, V] and next_ids [T], got {tuple(logits.shape)} and {tuple(next_ids.shape)}"
         )
+    c = logits.shape[1] if classes is None else classes
+    if not 0 < c <= logits.shape[1]:
+        raise ValueError(f"classes must be in [1, {logits.shape[1]}] (the logits' width), got {c}")
     parts = [
-        _chunk_outputs(logits[s : s + chunk], next_ids[s : s + chunk], spec, temperature, generator)
+        _chunk_outputs(logits[s : s + chunk], next_ids[s : s + chunk], spec, temperature, generator, c)
         for s in range(0, logits.shape[0], chunk)
     ]
     if not parts:
-        parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator)]
+        parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator, c)]
     return TeacherOutputs(
         SparseTargets.concat([p.targets for p in parts]),
         torch.cat([p.entropy for p in parts]),
         torch.cat([p.next_logprob for p in parts]),
+        torch.cat([p.padding_mass for p in parts]),
     )

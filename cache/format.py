@@ -15,7 +15,7 @@ seq_index          int64         [S]        global sequence index in the packed 
 seq_offsets        int64         [S+1]      token offsets of each sequence
 input_ids          int32         [P]        the tokens
 doc_start          bool          [P]        True at the first token of a document
-teacher_entropy    float16       [T]        teacher entropy at T=1 (nats), full distribution
+teacher_entropy    float16       [T]        teacher entropy at T=1 (nats), over the C classes
 teacher_logprob    float16       [T]        teacher log-prob (T=1) of the actual next token
 =================  ============  =========  ===============================================
 
@@ -61,7 +61,8 @@ class ArraySpec:
     """One stored array. ``per`` says what its rows are: ``seq`` (one per sequence), ``seq+1`` (offsets:
     S + 1 rows, the first 0), ``token``, ``target`` (target position) or ``entry`` (rows delimited per
     sequence by the part's other ``seq+1`` array, e.g. sample mode's ``class_offsets``). ``width``: the
-    second dimension, None (none), ``k`` (the mode's K) or ``vocab``."""
+    second dimension, None (none), ``k`` (the mode's K) or ``vocab`` (the number of classes C,
+    the header's ``num_classes``)."""
 
     name: str
     dtype: str

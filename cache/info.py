@@ -16,7 +16,8 @@ class CacheInfo:
     format_version: int
     teacher: str
     tokenizer_fingerprint: str
-    vocab_size: int
+    vocab_size: int  # the teacher's head rows
+    num_classes: int  # the real classes targets cover (the tokenizer's length); the rest of the head is padding
     classes: str
     temperature: float
     max_seq_len: int
@@ -36,6 +37,8 @@ class CacheInfo:
     mean_teacher_entropy: float | None
     mean_unique_ids: float | None
     mean_kept_mass: float | None
+    mean_padding_mass: float | None  # teacher mass on padded head rows per position (None: not recorded)
+    max_padding_mass: float | None
     parts_committed: int
     parts_incomplete: int
     finalized: bool
@@ -53,7 +56,8 @@ class CacheInfo:
         lines = [
             f"format          {self.format} v{self.format_version}",
             f"teacher         {self.teacher}",
-            f"tokenizer       {self.tokenizer_fingerprint[:16]}  vocab {self.vocab_size:,}",
+            f"tokenizer       {self.tokenizer_fingerprint[:16]}  {self.num_classes:,} classes, "
+            f"teacher head {self.vocab_size:,}",
             f"classes         {self.classes}  (temperature {self.temperature:g}, max_seq_len {self.max_seq_len})",
             f"sequences       {self.sequences_stored:,} stored of {self.sequences_total:,} "
             f"(train {self.sequences_train:,}, eval {self.sequences_eval:,})",
@@ -72,6 +76,11 @@ class CacheInfo:
             lines.append(f"unique ids      {self.mean_unique_ids:.2f} per position (mean)")
         if self.mean_kept_mass is not None:
             lines.append(f"kept mass       {self.mean_kept_mass:.4f} per position (mean)")
+        if self.max_padding_mass is not None:
+            lines.append(
+                f"padding mass    {self.mean_padding_mass:.3g} mean, {self.max_padding_mass:.3g} max per position "
+                "(teacher mass on padded head rows, dropped from the targets)"
+            )
         state = "finalized" if self.finalized else "NOT finalized"
         lines.append(f"parts           {self.parts_committed} committed, {self.parts_incomplete} incomplete ({state})")
         return "\n".join(lines)
@@ -108,6 +117,7 @@ def cache_info(reader: CacheReader) -> CacheInfo:
         teacher=h["teacher"],
         tokenizer_fingerprint=h["tokenizer_fingerprint"],
         vocab_size=int(h["vocab_size"]),
+        num_classes=reader.num_classes,
         classes=h["classes"]["text"],
         temperature=float(h["temperature"]),
         max_seq_len=int(h["max_seq_len"]),
@@ -127,6 +137,8 @@ def cache_info(reader: CacheReader) -> CacheInfo:
         mean_teacher_entropy=mean("sum_teacher_entropy"),
         mean_unique_ids=mean("sum_unique_ids"),
         mean_kept_mass=mean("sum_kept_mass"),
+        mean_padding_mass=mean("sum_padding_mass"),
+        max_padding_mass=None if mean("sum_padding_mass") is None else max(r["max_padding_mass"] for r in recs),
         parts_committed=len(reader.parts),
         parts_incomplete=len(reader.missing_parts),
         finalized=reader.summary is not None,

@@ -209,6 +209,13 @@ def read_header(storage: Storage) -> dict[str, Any]:
     return header
 
 
+def header_classes(header: Mapping[str, Any]) -> int:
+    """C, the number of classes a cache's targets cover (ids < C, full targets C wide): the header's
+    ``num_classes`` (the tokenizer's length), or, in caches written before it was recorded (format v1
+    and early v2), ``vocab_size``, the teacher's head, which was then the class width."""
+    return int(header.get("num_classes", header["vocab_size"]))
+
+
 class CacheReader:
     def __init__(self, storage: Storage, require_complete: bool = True) -> None:
         self.storage = storage
@@ -230,7 +237,8 @@ class CacheReader:
                 f"unknown target mode {self.mode!r} (this selkd reads {', '.join(CODECS)})",
             )
         self.codec: TargetCodec = codec  # the mode's arrays, how they decode, what verify checks
-        self.vocab_size: int = int(self.header["vocab_size"])
+        self.vocab_size: int = int(self.header["vocab_size"])  # the teacher's head rows
+        self.num_classes: int = header_classes(self.header)  # what target ids index
         self.max_seq_len: int = int(self.header["max_seq_len"])
         self.temperature: float = float(self.header["temperature"])
         self.tokenizer_fingerprint: str = self.header["tokenizer_fingerprint"]

@@ -423,11 +423,19 @@ def load_causal_lm(
 
 
 def vocab_size(model: PreTrainedModel) -> int:
-    """The logits dimension, which is what target ids index. It can exceed ``len(tokenizer)``: Qwen and
-    others pad the output layer to a multiple of 64/128, so never size class buffers by the tokenizer."""
+    """The logits dimension (the head's rows). It can exceed ``len(tokenizer)``: Qwen and others pad the
+    output layer to a multiple of 64/128 (Qwen2.5-7B: 152,064 rows, Qwen2.5-0.5B: 151,936, one tokenizer of
+    151,665), so teacher and student heads may differ; the classes both share are :func:`num_classes`."""
     emb = model.get_output_embeddings()
     weight = getattr(emb, "weight", None)
     if weight is not None:
         return int(weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
+
+
+def num_classes(tokenizer: Any) -> int:
+    """The number of real classes: ``len(tokenizer)`` (added tokens included). Ids ``0 .. C - 1`` are the
+    tokens; head rows at or above it are padding, never a real token, so targets never point at them and
+    a head (teacher or student) needs at least this many rows."""
+    return len(tokenizer)

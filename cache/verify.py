@@ -47,8 +47,8 @@ def check_part(reader: CacheReader, rec: PartRecord) -> Iterator[Problem]:
         return
     a = data.arrays
     n_targets = len(a["input_ids"]) - len(a["seq_index"])
-    mode_problems = reader.codec.check(a, data.decoded, n_targets, reader.vocab_size, reader.k)
-    for array, message in chain(_common_problems(a, reader.vocab_size, reader.max_seq_len), mode_problems):
+    mode_problems = reader.codec.check(a, data.decoded, n_targets, reader.num_classes, reader.k)
+    for array, message in chain(_common_problems(a, reader.num_classes, reader.max_seq_len), mode_problems):
         yield Problem(rec.name, array, message)
 
 

@@ -60,11 +60,12 @@ class PartWriter:
     about the encoded size of the part.
     """
 
-    def __init__(self, storage: Storage, name: str, split: str, mode: str, k: int, vocab_size: int) -> None:
+    def __init__(self, storage: Storage, name: str, split: str, mode: str, k: int, classes: int) -> None:
         self.storage, self.name, self.split = storage, name, split
-        self.codec, self.k, self.vocab_size = codec_for(mode), k, vocab_size
+        self.codec, self.k, self.classes = codec_for(mode), k, classes  # classes: the full-width C
         # per array, the rows of each batch (a seq+1 array: per-sequence counts, summed into offsets)
         self.chunks: dict[str, list[np.ndarray]] = {spec.name: [] for spec in self.codec.specs}
+        self.padding_mass: list[np.ndarray] = []  # per batch, [T] float32: recorded, not stored
 
     def add(
         self,
@@ -90,6 +91,7 @@ class PartWriter:
         }
         for name, values in rows.items():
             self.chunks[name].append(values)
+        self.padding_mass.append(outputs.padding_mass.float().cpu().numpy())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The part's arrays as they will be stored."""
@@ -104,7 +106,7 @@ class PartWriter:
             elif parts:
                 out[spec.name] = np.concatenate(parts).astype(spec.dtype)
             else:
-                width = {"k": self.k, "vocab": self.vocab_size, None: None}[spec.width]
+                width = {"k": self.k, "vocab": self.classes, None: None}[spec.width]
                 shape = (0,) if width is None else (0, width)
                 out[spec.name] = np.zeros(shape, dtype=spec.dtype)
         return out
@@ -127,6 +129,7 @@ class PartWriter:
             "bytes": self.storage.size_bytes(prefix + "/"),
             "written_by": {"host": socket.gethostname(), "time": time.time()},
             **part_stats(self.codec, arrays),
+            **padding_stats(self.padding_mass),
             **(extra or {}),
         }
         self.storage.write_json(f"{fmt.COMMITS_PREFIX}/{self.name}.json", record)
@@ -143,3 +146,10 @@ def part_stats(codec: TargetCodec, arrays: dict[str, np.ndarray]) -> dict[str, A
         "sum_teacher_entropy": float(ent.sum()),
         **codec.stats(arrays),
     }
+
+
+def padding_stats(batches: list[np.ndarray]) -> dict[str, float]:
+    """The teacher's mass on padded head rows (ids >= the number of classes) over a part's positions: its
+    sum and max (0.0 when the head has no padding or puts no mass there)."""
+    mass = np.concatenate(batches).astype(np.float64) if batches else np.zeros(0)
+    return {"sum_padding_mass": float(mass.sum()), "max_padding_mass": float(mass.max(initial=0.0))}

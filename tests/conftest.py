@@ -219,3 +219,23 @@ def s3_auth() -> Iterator[AuthS3Endpoint]:
     "reader" and "nobody"; ``s3_auth.options(user, secret="wrong")`` for a wrong secret."""
     with moto_s3_authenticated() as endpoint:
         yield endpoint
+
+
+QWEN25_TOKENS = 151_665  # len(tokenizer) of Qwen2.5; its 0.5B head has BIG_VOCAB rows, its 7B head 152,064
+
+
+@pytest.fixture(scope="session")
+def qwen_like_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher shaped like Qwen2.5-0.5B's output: a 151,665-token tokenizer (word-level: ``w3`` ..
+    ``w151664``, everything else is ``<unk>``) and a head padded to 151,936 rows. Hidden 16, 1 layer, tied."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, QWEN25_TOKENS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>"
+    )
+    out = tmp_path_factory.mktemp("qwen_like_teacher")
+    return save_tiny_model(out, tok, vocab=BIG_VOCAB, hidden=16, layers=1, heads=4, seed=3, tie=True)

@@ -188,7 +188,7 @@ def _broken(mode: str, n: int, how: str) -> TeacherOutputs:
     elif how == "mass":
         tail = None if t.tail_logmass is None else torch.zeros_like(t.tail_logmass)
         t = SparseTargets(t.mode, t.ids, t.logprobs + 1.0 if t.tail_logmass is None else t.logprobs, tail, t.num_draws)
-    return TeacherOutputs(t, out.entropy, out.next_logprob)
+    return TeacherOutputs(t, out.entropy, out.next_logprob, out.padding_mass)
 
 
 @pytest.mark.parametrize(

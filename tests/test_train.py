@@ -651,17 +651,19 @@ def test_a_student_whose_logits_the_selective_head_cannot_give_is_refused_at_sta
     assert isinstance(wrap_student(model, cfg, cpu, tokenizer), SelectiveStudent)
 
 
-def test_student_vocabulary_smaller_than_the_cache(
+def test_student_head_smaller_than_the_teachers_trains(
     tmp_path: Path,
     big_vocab_teacher_dir: Path,
     text_corpus_dir: Path,
     tiny_student_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The teacher's head (151,936 rows) is padded far beyond its 384-token tokenizer: its targets cover the
+    384 real classes, so a 384-row student trains (it was refused: 'smaller than the teacher's')."""
     cache = _build(tmp_path / "big", big_vocab_teacher_dir, text_corpus_dir, limit_tokens=600, batch_size=2)
-    rc, err = run(args(cache, tiny_student_dir, tmp_path / "out"), capsys)
-    assert rc == 1
-    assert "vocabulary (384) is smaller than the teacher's (151,936)" in err
+    rc, err = run(args(cache, tiny_student_dir, tmp_path / "out", steps=1), capsys)
+    assert rc == 0, err
+    assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path / "out"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,12 @@ entropy is :func:`selkd.cache.logits.softmax_entropy`'s, as everywhere in selkd.
 (:func:`selkd.trainer.setup.wrap_student`), so an architecture with a post-head transform nobody listed
 is refused instead of trained on other logits.
 
+Padded heads: the student's entropy (and CE) is of its distribution over its whole head, padded rows
+(ids >= the tokenizer's length) included. That is the distribution it samples from; the KD loss pushes the
+padded mass to 0 (the normaliser of ``log q`` covers every row, :mod:`selkd.trainer.losses`), so it stops
+counting as uncertainty once trained, and ``-inf`` logits there are safe (``softmax_entropy``). The
+builder's sample scorer reads the same number.
+
 Distributed wrappers: call these on the unwrapped ``PreTrainedModel``. Under DDP, calling the inner
 decoder bypasses DDP's ``forward`` (and its gradient-sync preparation), so the caller must either run
 the decoder through a wrapper module or use FSDP2 / ``no_sync`` handling of its own.

@@ -23,9 +23,10 @@ the student's full vocabulary ``V``):
   full distribution (its true tail bucket). The optimum puts all of the student's mass on the ``k``
   classes: it teaches overconfidence. (Renormalising the student over the ``k`` classes as well would
   leave its tail mass free, with no gradient at all.)
-* ``full``: the exact divergence over all classes. When the student's vocabulary is larger than the
-  teacher's (padded vocabularies: 152,064 vs 151,936), the extra ``V - C`` student columns are
-  classes the teacher gives probability 0:
+* ``full``: the exact divergence over all classes. Targets cover the ``C`` real classes (the tokenizer's
+  tokens; a teacher's padded head rows are dropped when targets are made, :mod:`selkd.cache.classes`), and
+  a student head is usually padded too (Qwen2.5-0.5B: 151,936 rows for 151,665 tokens), so the extra
+  ``V - C`` student columns are classes the teacher gives probability 0:
 
   - ``fkl``: they only enter through the normaliser of ``log q`` (exact KL; its gradient pushes
     their mass down).
@@ -34,7 +35,9 @@ the student's full vocabulary ``V``):
   - ``jsd``: the extra columns form one extra bucket with teacher mass 0 (JSD stays finite and the
     student is pushed to put no mass there).
 
-  In ``topk`` mode the extra columns simply belong to the student's tail bucket.
+  In ``topk`` mode the extra columns simply belong to the student's tail bucket, and in ``sample`` mode
+  they enter through the normaliser of ``log q``: every mode pushes the student's padded mass to 0.
+  Student logits of ``-inf`` there (a head that masks its padding) are safe in all of them.
 
 Padding: slots with teacher log-prob ``-inf`` (sample padding, ``stack_padded`` padding) contribute
 exactly 0 with finite gradients; positions whose teacher has no finite log-prob at all (padded
@@ -140,7 +143,8 @@ def _check(student_logits: torch.Tensor, targets: SparseTargets) -> None:
         )
     if targets.mode == "full" and targets.num_classes > student_logits.shape[1]:
         raise ValueError(
-            f"teacher vocabulary ({targets.num_classes}) is larger than the student's ({student_logits.shape[1]})"
+            f"full targets over {targets.num_classes} classes are larger than the student's head "
+            f"({student_logits.shape[1]} rows)"
         )
 
 
@@ -271,7 +275,7 @@ def jsd(
     t, s, extra = _reverse_buckets(student_logits, targets, temperature, topk_renormalize, "jsd")
     if extra:
         c = targets.num_classes
-        s_extra = torch.logsumexp(s[:, c:], dim=-1, keepdim=True)
+        s_extra = _finite_rows_lse(s[:, c:]).unsqueeze(-1)  # all -inf (a masked padding): -inf, no NaN grad
         t = torch.cat([t, torch.full_like(s_extra, _NEG_INF)], dim=-1)
         s = torch.cat([s[:, :c], s_extra], dim=-1)
     return _finish(_jsd_buckets(t, s, beta), targets)

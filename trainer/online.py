@@ -20,10 +20,13 @@ from selkd.trainer.batch import Batch, collate
 
 
 class OnlineTeacher:
-    """Turns token sequences into cache-equivalent :class:`CachedSequence` objects, live."""
+    """Turns token sequences into cache-equivalent :class:`CachedSequence` objects, live. ``classes``: C,
+    the number of real classes (``num_classes(tokenizer)``); None: every logit column."""
 
-    def __init__(self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0) -> None:
-        self.model, self.spec, self.temperature = model, spec, temperature
+    def __init__(
+        self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0, classes: int | None = None
+    ) -> None:
+        self.model, self.spec, self.temperature, self.classes = model, spec, temperature, classes
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = device
@@ -40,7 +43,12 @@ class OnlineTeacher:
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
             logits = self.model(input_ids=x).logits[:, :-1]
             res = teacher_outputs(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), self.spec, self.temperature, self.generator
+                logits.reshape(-1, logits.shape[-1]),
+                x[:, 1:].reshape(-1),
+                self.spec,
+                self.temperature,
+                self.generator,
+                classes=self.classes,
             )
             n = int(length) - 1
             for j, i in enumerate(rows):

@@ -26,7 +26,14 @@ from selkd.cache import open_cache
 from selkd.cache.errors import SelkdError
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
-from selkd.cache.teacher import load_causal_lm, load_tokenizer, same_tokenizer, tokenizer_fingerprint, vocab_size
+from selkd.cache.teacher import (
+    load_causal_lm,
+    load_tokenizer,
+    num_classes,
+    same_tokenizer,
+    tokenizer_fingerprint,
+    vocab_size,
+)
 from selkd.cache.tokens import CACHE_TOKENS_PREFIX
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
@@ -200,7 +207,7 @@ class Data:
     batches_per_epoch: int  # this rank's training batches per epoch
     mode: str  # the targets' mode: sample, topk or full
     temperature: float  # the teacher temperature of the targets
-    teacher_vocab: int
+    num_classes: int  # C: what target ids index (the tokenizer's length; a cache's header_classes)
     teacher_generator: torch.Generator | None = None  # online sample:N draws; checkpointed per rank
 
 
@@ -242,7 +249,7 @@ def _cache_data(cfg: TrainConfig, dist_info: D.DistInfo, reader: CacheReader, pa
         batches_per_epoch=train_stream.steps_per_epoch(),
         mode=header["classes"]["mode"],
         temperature=float(header["temperature"]),
-        teacher_vocab=int(header["vocab_size"]),
+        num_classes=reader.num_classes,
     )
 
 
@@ -254,11 +261,16 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         raise TrainError(f"the student's tokenizer ({student_src}) differs from the teacher's ({cfg.teacher})")
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = load_causal_lm(cfg.teacher, device, teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
-    teacher_vocab = vocab_size(teacher)
+    classes = num_classes(teacher_tok)
+    if vocab_size(teacher) < classes:
+        raise TrainError(
+            f"--teacher {cfg.teacher}: its head has {vocab_size(teacher):,} rows, fewer than its tokenizer's "
+            f"{classes:,} tokens; use a teacher with a logit for every token"
+        )
     spec = cfg.class_spec
     assert spec is not None and cfg.temperature is not None and cfg.eval_fraction is not None
     try:
-        spec.check_vocab(teacher_vocab)
+        spec.check_vocab(classes)
     except ValueError as err:
         raise TrainError(str(err)) from err
     corpus = corpus_tokens(  # every rank tokenizes its share into OUT/tokens (or opens --tokens)
@@ -274,7 +286,7 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         world=dist_info.world_size,
         progress=cfg.progress and dist_info.is_main,
     ).packed(cfg.max_seq_len or 512)
-    live = OnlineTeacher(teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank)
+    live = OnlineTeacher(teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank, classes=classes)
     common: dict[str, Any] = dict(
         eval_fraction=cfg.eval_fraction,
         batch_size=cfg.batch_size,
@@ -290,19 +302,21 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         batches_per_epoch=loader.steps_per_epoch(),
         mode=spec.mode,
         temperature=cfg.temperature,
-        teacher_vocab=teacher_vocab,
+        num_classes=classes,
         teacher_generator=live.generator,  # sample:N draws; checkpointed with the rank's state
     )
 
 
 def check_student_fits(cfg: TrainConfig, data: Data, student_vocab: int) -> None:
-    """Refuse a student whose head cannot hold the teacher's classes, and options the targets do not
-    support, before any training."""
-    teacher_vocab, mode = data.teacher_vocab, data.mode
-    if student_vocab < teacher_vocab:
+    """Refuse a student whose head cannot hold every real class (the tokenizer's C tokens; the teacher's
+    head size does not matter: its padded rows are dropped from the targets), and options the targets do
+    not support, before any training."""
+    classes, mode = data.num_classes, data.mode
+    if student_vocab < classes:
         raise TrainError(
-            f"the student's vocabulary ({student_vocab:,}) is smaller than the teacher's ({teacher_vocab:,}): "
-            "its LM head cannot represent every teacher class; use a student with at least as many"
+            f"the student's head ({student_vocab:,} rows) is smaller than the tokenizer ({classes:,} tokens): "
+            "it has no logit for every class the targets use; use a student with a head of at least "
+            f"{classes:,} rows"
         )
     if problem := check_targets(mode, cfg):  # online mode: checked when the options were parsed
         raise TrainError(problem)
