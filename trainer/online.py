@@ -13,6 +13,7 @@ from torch import nn
 
 from selkd.cache.classes import teacher_outputs
 from selkd.cache.corpus import eval_mask
+from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
 from selkd.cache.tokens import Packing
@@ -22,8 +23,11 @@ from selkd.trainer.batch import Batch, collate
 class OnlineTeacher:
     """Turns token sequences into cache-equivalent :class:`CachedSequence` objects, live."""
 
-    def __init__(self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0, doc_attention: bool = True
+    ) -> None:
         self.model, self.spec, self.temperature = model, spec, temperature
+        self.doc_attention = doc_attention  # each packed document attends only to itself
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = device
@@ -38,7 +42,8 @@ class OnlineTeacher:
         for length in np.unique(lengths):
             rows = np.flatnonzero(lengths == length)
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
-            logits = self.model(input_ids=x).logits[:, :-1]
+            starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
+            logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits[:, :-1]
             res = teacher_outputs(
                 logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), self.spec, self.temperature, self.generator
             )
