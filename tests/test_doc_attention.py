@@ -214,3 +214,63 @@ def test_student_training_forward_and_evaluation_keep_documents_apart(
     ev_single = evaluate(student, [single], obj, torch.device("cpu"))
     assert ev_both["eval_positions"] == ev_single["eval_positions"] == n_b - 1
     assert (ev_both["eval_ce"] == pytest.approx(ev_single["eval_ce"], rel=1e-5)) is on
+
+
+# --------------------------------------------------------------------------- selkd-train
+
+
+def test_train_follows_the_cache_and_notes_an_override(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    tiny_student_dir: Path,
+    text_corpus_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real `selkd-train --cache` run: its steps and evaluation give the student's decoder per-document
+    position ids and no 2-D mask (the cache was built with the default --doc-attention); with
+    --no-doc-attention the plain padding mask, and the difference from the cache is noted once."""
+    from transformers import LlamaModel
+
+    from selkd.trainer.cli import main as train_main
+
+    cache = tmp_path / "cache"
+    build_cache(
+        BuildConfig(
+            teacher=str(tiny_teacher_dir),
+            data=[str(text_corpus_dir)],
+            out=str(cache),
+            classes="topk:8",
+            max_seq_len=64,
+            limit_tokens=3000,
+            eval_fraction=0.1,
+            device="cpu",
+            progress=False,
+        )
+    )
+    calls: list[dict[str, Any]] = []
+    forward = LlamaModel.forward
+
+    def spy(self: Any, *a: Any, **kw: Any) -> Any:  # records what the decoder gets, runs it unchanged
+        rows = kw["input_ids"].shape[0]  # 4 in the steps and evaluation, 1 in the start-up probes
+        calls.append({"rows": rows, "position_ids": kw.get("position_ids"), "attention_mask": kw.get("attention_mask")})
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(LlamaModel, "forward", spy)
+    common = ["--cache", str(cache), "--student", str(tiny_student_dir), "--steps", "2", "--batch-size", "4"]
+    common += ["--eval-every", "0", "--save-every", "0", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    for flags, separate in (([], True), (["--no-doc-attention"], False)):
+        calls.clear()
+        capsys.readouterr()
+        assert train_main([*common, "--out", str(tmp_path / f"run-{separate}"), *flags]) == 0
+        err = capsys.readouterr().err
+        batch_calls = [c for c in calls if c["rows"] == 4]
+        assert len(batch_calls) >= 3  # 2 steps and the final evaluation's first batch
+        if separate:
+            assert all(c["attention_mask"] is None and c["position_ids"] is not None for c in batch_calls)
+            restarts = [bool((c["position_ids"][:, 1:] == 0).any()) for c in batch_calls]
+            assert any(restarts)  # some packed sequence holds a document start past its first token
+            assert "note:" not in err
+        else:
+            assert all(c["position_ids"] is None and c["attention_mask"] is not None for c in batch_calls)
+            assert err.count("note: --no-doc-attention: the student attends across document boundaries") == 1
