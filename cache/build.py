@@ -29,7 +29,7 @@ from tqdm import tqdm
 from selkd.cache import __version__
 from selkd.cache import format as fmt
 from selkd.cache.classes import ClassSpec, teacher_outputs
-from selkd.cache.config import SETTINGS_KEYS, BuildConfig
+from selkd.cache.config import SETTINGS_BEFORE_OPTION, SETTINGS_KEYS, BuildConfig
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs, check_separates
 from selkd.cache.errors import SelkdError
@@ -116,7 +116,7 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Settings that change what is stored, as 'name: saved -> now' lines."""
     out = []
     for key in SETTINGS_KEYS:
-        a, b = saved.get("settings", {}).get(key), current["settings"][key]
+        a, b = saved.get("settings", {}).get(key, SETTINGS_BEFORE_OPTION.get(key)), current["settings"][key]
         if a != b:
             out.append(f"--{key.replace('_', '-')}: {a!r} -> {b!r}")
     for key, label in (

@@ -172,3 +172,5 @@ SETTINGS_KEYS = (
     "seed",
     "doc_attention",
 )
+# The value a setting had in caches written before it was an option (their headers lack it).
+SETTINGS_BEFORE_OPTION: dict[str, Any] = {"doc_attention": False}  # they attended across documents

@@ -10,9 +10,11 @@ document, as if each document had been run alone:
 * the model gets those ``position_ids``, ``attention_mask=None`` and ``use_cache=False``. Transformers
   then finds the segments from the position ids itself (``masking_utils.find_packed_sequence_indices``):
   SDPA and eager get a block-diagonal causal mask ([B, 1, L, L] bool for SDPA, in the model's dtype for
-  eager, built once per forward and shared by every layer), flash-attention takes its varlen path (no
-  mask at all), and a row that holds one document keeps the mask-free causal kernel. A 2-D mask or a
-  KV cache would switch that detection off, hence ``None`` and ``use_cache=False``.
+  eager, built once per forward and shared by every layer; flex attention a block mask), and a batch
+  whose rows each hold one document keeps the mask-free causal kernel. A 2-D mask or a KV cache would
+  switch that detection off, hence ``None`` and ``use_cache=False``. Flash-attention reads packed
+  position ids only in a batch of one row (its varlen path), so with B > 1 it would attend across
+  documents: :func:`check_separates` runs batches of two rows and refuses it.
 
 With ``separate=False`` the forward is the plain causal one over the whole row (the 2-D padding mask,
 default position ids): documents attend across their boundaries, as selkd did before this option.
@@ -66,13 +68,15 @@ def attention_inputs(
 def check_separates(model: nn.Module, what: str) -> None:
     """Refuse a model whose forward lets packed documents attend to each other despite
     :func:`attention_inputs`: the logits of a 6-token document after a 5-token one must be those of the
-    document alone (their gap under 1/4 of the gap without separation). Three forwards of at most 11
-    tokens on the model's device. Raises ValueError naming ``what`` (e.g. ``--teacher MODEL``)."""
+    document alone (their gap under 1/4 of the gap without separation). Batches of 2 rows, as training
+    and the build run them (flash-attention reads packed position ids only in a batch of one row, so it
+    is refused here). Three forwards of at most 2 x 11 tokens on the model's device. Raises ValueError
+    naming ``what`` (e.g. ``--teacher MODEL``)."""
     device = next(model.parameters()).device
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    ids = (torch.arange(11, device=device) * 7919 % min(vocab, 1000))[None]  # any fixed tokens
+    ids = (torch.arange(11, device=device) * 7919 % min(vocab, 1000)).expand(2, -1)  # any fixed tokens
     doc_start = torch.zeros_like(ids, dtype=torch.bool)
-    doc_start[0, 5] = True
+    doc_start[:, 5] = True
     alone = model(input_ids=ids[:, 5:], use_cache=False).logits.float()
     packed = model(input_ids=ids, **attention_inputs(doc_start, None, True)).logits[:, 5:].float()
     across = model(input_ids=ids, **attention_inputs(doc_start, None, False)).logits[:, 5:].float()
@@ -82,5 +86,5 @@ def check_separates(model: nn.Module, what: str) -> None:
         raise ValueError(
             f"{what}: {type(model).__name__} (attention {impl}) lets packed documents attend to each other even "
             f"with per-document position ids (logit gap {gap:.3g}, {gap_across:.3g} without separation); "
-            "use --no-doc-attention"
+            "use --no-doc-attention, or attention sdpa, eager or flex_attention"
         )

@@ -149,6 +149,14 @@ def test_cache_targets_of_a_packed_document_equal_those_of_the_document_alone(
             assert (got - want).abs().max() > 5e-2
     with pytest.raises(BuildError, match=r"--doc-attention: False -> True"):  # a rerun must match
         build(model_dir, tmp_path, "ab-False", [TEXT_A, TEXT_B], n)
+    # a cache of selkd before the option (no doc_attention in its header) attended across documents
+    root = tmp_path / "ab-False" / "zarr.json"
+    meta = json.loads(root.read_text())
+    del meta["attributes"]["selkd"]["settings"]["doc_attention"]
+    root.write_text(json.dumps(meta))
+    build(model_dir, tmp_path, "ab-False", [TEXT_A, TEXT_B], n, doc_attention=False)  # resumes (nothing to do)
+    with pytest.raises(BuildError, match=r"--doc-attention: False -> True"):
+        build(model_dir, tmp_path, "ab-False", [TEXT_A, TEXT_B], n)
 
 
 def test_online_teacher_targets_of_a_packed_document_equal_those_of_the_document_alone(model_dir: Path, ab) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from selkd.cache import open_cache
+from selkd.cache.config import SETTINGS_BEFORE_OPTION
 from selkd.cache.doc_attention import check_separates
 from selkd.cache.errors import SelkdError
 from selkd.cache.prepare import corpus_tokens
@@ -253,7 +254,7 @@ def _student_doc_attention(cfg: TrainConfig, header: dict[str, Any], main: bool)
     """Cache mode: the student keeps packed documents apart as the cache's teacher pass did, unless
     ``--doc-attention`` says otherwise. A different choice is allowed (the targets stay valid; only the
     context the student sees at a document's first tokens differs from the teacher's) and noted once."""
-    cached = bool(header["settings"].get("doc_attention", False))  # caches from before the option: across
+    cached = bool(header["settings"].get("doc_attention", SETTINGS_BEFORE_OPTION["doc_attention"]))
     if cfg.doc_attention is None or cfg.doc_attention == cached:
         return cached
     where = {True: "within each document only", False: "across document boundaries"}
