@@ -77,9 +77,14 @@ def check_separates(model: nn.Module, what: str) -> None:
     ids = (torch.arange(11, device=device) * 7919 % min(vocab, 1000)).expand(2, -1)  # any fixed tokens
     doc_start = torch.zeros_like(ids, dtype=torch.bool)
     doc_start[:, 5] = True
-    alone = model(input_ids=ids[:, 5:], use_cache=False).logits.float()
-    packed = model(input_ids=ids, **attention_inputs(doc_start, None, True)).logits[:, 5:].float()
-    across = model(input_ids=ids, **attention_inputs(doc_start, None, False)).logits[:, 5:].float()
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        alone = model(input_ids=ids[:, 5:], use_cache=False).logits.float()
+        packed = model(input_ids=ids, **attention_inputs(doc_start, None, True)).logits[:, 5:].float()
+        across = model(input_ids=ids, **attention_inputs(doc_start, None, False)).logits[:, 5:].float()
+    finally:
+        model.train(was_training)
     gap, gap_across = (packed - alone).abs().max().item(), (across - alone).abs().max().item()
     if math.isfinite(gap) and math.isfinite(gap_across) and gap > 0.25 * gap_across:  # NaN weights: checked later
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)

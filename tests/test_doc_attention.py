@@ -100,10 +100,11 @@ def test_a_model_that_ignores_the_segments_is_refused(model_dir: Path) -> None:
         def forward(self, *a: Any, position_ids: Any = None, **kw: Any) -> Any:
             return super().forward(*a, **kw)  # drops the per-document position ids
 
-    across = Across(model.config).eval()
+    across = Across(model.config).train()
     across.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match=r"--teacher T: Across .* lets packed documents attend to each other"):
         check_separates(across, "--teacher T")
+    assert across.training  # the check leaves the training flag as it was
 
 
 # --------------------------------------------------------------------------- the cache build
