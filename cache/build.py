@@ -29,8 +29,9 @@ from tqdm import tqdm
 from selkd.cache import __version__
 from selkd.cache import format as fmt
 from selkd.cache.classes import ClassSpec, teacher_outputs
-from selkd.cache.config import SETTINGS_KEYS, BuildConfig
+from selkd.cache.config import SETTINGS_BEFORE_OPTION, SETTINGS_KEYS, BuildConfig
 from selkd.cache.corpus import eval_mask
+from selkd.cache.doc_attention import attention_inputs, check_separates
 from selkd.cache.errors import SelkdError
 from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
 from selkd.cache.prepare import corpus_tokens
@@ -116,7 +117,7 @@ def header_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Settings that change what is stored, as 'name: saved -> now' lines."""
     out = []
     for key in SETTINGS_KEYS:
-        a, b = saved.get("settings", {}).get(key), current["settings"][key]
+        a, b = saved.get("settings", {}).get(key, SETTINGS_BEFORE_OPTION.get(key)), current["settings"][key]
         if a != b:
             out.append(f"--{key.replace('_', '-')}: {a!r} -> {b!r}")
     for key, label in (
@@ -317,6 +318,8 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
         )
     try:
         spec.check_vocab(classes)
+        if cfg.doc_attention:
+            check_separates(teacher, f"--teacher {cfg.teacher}")
     except ValueError as err:
         raise BuildError(str(err)) from err
     tokens, corpus = _load_corpus(cfg, tokenizer, classes, rank, world)
@@ -460,6 +463,11 @@ def _score_parts(ctx: _Build, groups: list[np.ndarray], todo: list[int]) -> None
     scorer = None
     if cfg.sample_signal == "student-entropy" and todo:
         scorer = load_causal_lm(cfg.student, ctx.device, ctx.dtype, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
+        if cfg.doc_attention:
+            try:
+                check_separates(scorer, f"--student {cfg.student}")
+            except ValueError as err:
+                raise BuildError(str(err)) from err
     elif cfg.sample_signal == "teacher-entropy":
         scorer = ctx.teacher
     bar = tqdm(
@@ -480,8 +488,10 @@ def _score_parts(ctx: _Build, groups: list[np.ndarray], todo: list[int]) -> None
             pos = {int(s): j for j, s in enumerate(idx)}
             for b in _batches(corpus, idx, cfg.batch_size):
                 ctx.leases.renew(name, due_only=True)
-                x = torch.from_numpy(np.stack(corpus.sequences(b)).astype(np.int64)).to(ctx.device)
-                scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x).float().cpu().numpy()
+                seqs, doc = corpus.read(b)
+                x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
+                starts = torch.from_numpy(np.stack(doc)).to(ctx.device) if cfg.doc_attention else None
+                scores[[pos[int(s)] for s in b]] = mean_entropy(scorer, x, starts).float().cpu().numpy()
                 bar.update(len(b))
         ctx.leases.renew(name)
         commit_scores(ctx.storage, name, idx, scores, cfg.sample_signal)
@@ -557,8 +567,9 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
             b = np.sort(b)
             seqs, doc = corpus.read(b)
             x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
+            starts = torch.from_numpy(np.stack(doc)).to(ctx.device)
             with torch.no_grad():
-                logits = ctx.teacher(input_ids=x).logits[:, :-1]
+                logits = ctx.teacher(input_ids=x, **attention_inputs(starts, None, cfg.doc_attention)).logits[:, :-1]
             nxt = x[:, 1:]
 
             def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:

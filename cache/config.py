@@ -113,6 +113,11 @@ class BuildConfig:
     device: str = opt("auto", help="device of the teacher and student: auto (cuda when available), cuda, cpu, cuda:N")
     dtype: str = opt("auto", help="teacher dtype: auto (bf16 on GPU, fp32 on CPU)", choices=DTYPES)
     batch_size: int = opt(8, help="sequences per teacher forward pass", lo=1)
+    doc_attention: bool = opt(
+        True,
+        help="each packed document attends only to itself (position ids restart per document); "
+        "--no-doc-attention lets tokens attend across document boundaries",
+    )
     trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
     rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0)
     world_size: int | None = opt(help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1)
@@ -165,4 +170,7 @@ SETTINGS_KEYS = (
     "sample_signal",
     "part_tokens",
     "seed",
+    "doc_attention",
 )
+# The value a setting had in caches written before it was an option (their headers lack it).
+SETTINGS_BEFORE_OPTION: dict[str, Any] = {"doc_attention": False}  # they attended across documents

@@ -80,7 +80,8 @@ def hidden_states(
     input_ids: [B, L] int64; attention_mask: [B, L] or None; extra kwargs (``position_ids``, ...) go
     to the decoder. Returns [B, L, H] in the model's dtype, with grad if grad is enabled.
     """
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    kwargs = {"use_cache": False, **kwargs}
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     h = getattr(out, "last_hidden_state", None)
     return h if h is not None else out[0]
 

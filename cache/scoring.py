@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from selkd.cache import format as fmt
+from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.logits import apply_head, hidden_states, lm_head, logits_transform, softmax_entropy
 from selkd.cache.store import Storage
 from selkd.cache.teacher import ModelError
@@ -22,9 +23,12 @@ from selkd.cache.writer import array_checksum, write_array
 
 
 @torch.no_grad()
-def mean_entropy(model: torch.nn.Module, batch: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def mean_entropy(
+    model: torch.nn.Module, batch: torch.Tensor, doc_start: torch.Tensor | None = None, chunk: int = 128
+) -> torch.Tensor:
     """Mean entropy (nats, temperature 1) of the model's next-token distribution over the L - 1
-    predicting positions of each sequence: [B, L] tokens -> [B] float32. The logits are
+    predicting positions of each sequence: [B, L] tokens -> [B] float32. With ``doc_start`` ([B, L]
+    bool) each packed document attends only to itself (:mod:`selkd.cache.doc_attention`). The logits are
     ``model(...).logits`` (its post-head transform applied, as the trainer does), made from the final
     hidden states a chunk of positions at a time, so [B, L, V] is never materialised."""
     try:
@@ -32,7 +36,7 @@ def mean_entropy(model: torch.nn.Module, batch: torch.Tensor, chunk: int = 128) 
     except ValueError as err:
         raise ModelError(f"sample scoring: {err}") from None
     head = lm_head(model)
-    hidden = hidden_states(model, batch)[:, :-1]
+    hidden = hidden_states(model, batch, **attention_inputs(doc_start, None, doc_start is not None))[:, :-1]
     b, n, h = hidden.shape
     flat = hidden.reshape(-1, h)
     ent = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)

@@ -16,6 +16,7 @@ from selkd.cache.build import BuildError, build_cache
 from selkd.cache.cli import main as cli_main
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import load_corpus
+from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.options import ConfigError
 from selkd.cache.teacher import load_causal_lm, load_tokenizer
 from selkd.cache.writer import PartWriter
@@ -59,8 +60,9 @@ def teacher_logits(tiny_teacher_dir: Path, text_corpus_dir: Path):
 
     def logits_of(seq_index: int) -> torch.Tensor:
         x = torch.from_numpy(corpus.sequence(seq_index).astype(np.int64))[None]
-        with torch.no_grad():
-            return model(input_ids=x).logits[0, :-1].float()
+        starts = torch.from_numpy(corpus.sequence_doc_start(seq_index))[None]
+        with torch.no_grad():  # each packed document attends only to itself (--doc-attention, the default)
+            return model(input_ids=x, **attention_inputs(starts, None, True)).logits[0, :-1].float()
 
     return corpus, logits_of
 
@@ -129,7 +131,8 @@ def test_big_vocab_ids_round_trip(tmp_path, qwen_like_teacher_dir, text_corpus_d
     model = load_causal_lm(str(qwen_like_teacher_dir), torch.device("cpu"), torch.float32)
     seq = reader.get(0)
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(seq.input_ids.astype(np.int64))[None]).logits[0, :-1]
+        x, starts = torch.from_numpy(seq.input_ids.astype(np.int64))[None], torch.from_numpy(seq.doc_start)[None]
+        logits = model(input_ids=x, **attention_inputs(starts, None, True)).logits[0, :-1]
     ids = torch.topk(torch.log_softmax(logits[:, :classes] / 8.0, -1), 64, -1).indices
     assert torch.equal(seq.targets.ids, ids)
     assert int(seq.targets.ids.max()) >= 1 << 17
@@ -256,7 +259,8 @@ def test_sample_selection_keeps_top_scored(tmp_path, tiny_teacher_dir, tiny_stud
 
     student = load_causal_lm(str(tiny_student_dir), torch.device("cpu"), torch.float32)
     seq = reader.get(0)
-    direct = mean_entropy(student, torch.from_numpy(seq.input_ids.astype(np.int64))[None])[0]
+    starts = torch.from_numpy(seq.doc_start)[None]  # each packed document attends only to itself
+    direct = mean_entropy(student, torch.from_numpy(seq.input_ids.astype(np.int64))[None], starts)[0]
     assert direct.item() == pytest.approx(float(scores[np.searchsorted(idx, seq.seq_index)]), rel=1e-4)
 
 

@@ -646,9 +646,9 @@ def test_a_student_whose_logits_the_selective_head_cannot_give_is_refused_at_sta
     cpu = D.DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, device=torch.device("cpu"))
     tokenizer = load_tokenizer(str(tiny_student_dir))
     with pytest.raises(TrainError, match=r"selective head differs from model\(...\).logits for model_type 'llama'"):
-        wrap_student(scaled, cfg, cpu, tokenizer)
+        wrap_student(scaled, cfg, cpu, tokenizer, True)
     assert scaled.training  # the check leaves the training flag as it was
-    assert isinstance(wrap_student(model, cfg, cpu, tokenizer), SelectiveStudent)
+    assert isinstance(wrap_student(model, cfg, cpu, tokenizer, True), SelectiveStudent)
 
 
 def test_student_head_smaller_than_the_teachers_trains(

@@ -4,9 +4,13 @@ A Llama-style teacher (random weights: speed does not depend on them) with a pad
 larger than its tokenizer (like Qwen's), the stdlib corpus, and the same batches. The bare pass
 only runs ``model(input_ids).logits``; the build runs ``selkd-cache build``'s teacher pass
 (forward, class selection, encoding, writing, committing) and is timed the same way (model load and
-tokenization excluded from both). Prints a markdown table with the machine and the command.
+tokenization excluded from both). ``--doc-attention both`` builds each class mode twice, with
+packed documents attending only to themselves (``--doc-attention``, the default) and across them
+(``--no-doc-attention``); ``--doc-chars`` cuts the corpus into documents of at most that many
+characters, so that sequences hold several. Prints a markdown table with the machine and the command.
 
     python tools/bench_build.py [--hidden 512] [--layers 4] [--vocab 32768] [--classes sample:50 topk:64]
+        [--doc-attention on|off|both] [--doc-chars 1000]
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl
+from make_tiny import chunk_text, make_llama, save_model, stdlib_texts, train_bpe_tokenizer, write_jsonl
 
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", nargs="+", default=["sample:50", "topk:64"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--doc-attention", choices=("on", "off", "both"), default="on")
+    ap.add_argument("--doc-chars", type=int, default=0, help="cut documents at this many characters (0: whole files)")
     args = ap.parse_args(argv)
+    doc_attention = {"on": [True], "off": [False], "both": [True, False]}[args.doc_attention]
 
     device = torch.device(
         "cuda"
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             bos_token_id=tok.eos_token_id,
         )
         teacher_dir = save_model(model, tok, work / "teacher")
-        write_jsonl(work / "corpus.jsonl", texts)
+        docs = [p for t in texts for p in chunk_text(t, args.doc_chars)] if args.doc_chars else texts
+        write_jsonl(work / "corpus.jsonl", docs)
         n_params = sum(p.numel() for p in model.parameters())
         del model
 
@@ -84,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         full = np.stack(
             [corpus.sequence(i) for i in range(corpus.n_sequences) if len(corpus.sequence(i)) == args.seq_len]
         )
+        docs_per_seq = np.mean([corpus.sequence_doc_start(i)[1:].sum() + 1 for i in range(corpus.n_sequences)])
         dtype = torch.bfloat16 if device.type == "cuda" and args.dtype == "auto" else torch.float32
         teacher = load_causal_lm(str(teacher_dir), device, dtype)
         bare_forward(teacher, full[: args.batch_size], args.batch_size, device)  # warm-up
         rows = []
-        for classes in args.classes:
+        for classes, separate in [(c, d) for c in args.classes for d in doc_attention]:
             bare = bare_forward(teacher, full, args.batch_size, device)
             out = work / f"cache-{classes.replace(':', '-')}"
             res = build_cache(
@@ -103,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                     batch_size=args.batch_size,
                     device=str(device),
                     dtype=args.dtype,
+                    doc_attention=separate,
                     progress=False,
                 )
             )
             positions = res.positions
             # the build also runs the short last sequence; scale the bare time to the same positions
             bare_scaled = bare * positions / (len(full) * (args.seq_len - 1))
-            rows.append((classes, bare_scaled, res.teacher_seconds, positions, res.bytes_written))
+            rows.append((classes, separate, bare_scaled, res.teacher_seconds, positions, res.bytes_written))
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -120,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.hidden}, {args.layers} layers, V = {args.vocab:,}, batch {args.batch_size} x {args.seq_len})\n"
     )
     print(f"machine: {name} ({device.type}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
-    print(f"command: `python {' '.join(sys.argv)}`\n")
-    print("| classes | bare forward positions/s | build positions/s | build / bare | bytes / position |")
-    print("|---|---|---|---|---|")
-    for classes, bare, built, positions, nbytes in rows:
+    print(f"command: `python {' '.join(sys.argv)}`; {docs_per_seq:.2f} documents (or pieces) per sequence\n")
+    print("| classes | doc attention | bare forward pos/s | build pos/s | build / bare | bytes / position |")
+    print("|---|---|---|---|---|---|")
+    for classes, separate, bare, built, positions, nbytes in rows:
         print(
-            f"| {classes} | {positions / bare:,.0f} | {positions / built:,.0f} | {bare / built:.2f}x | "
-            f"{nbytes / positions:.1f} |"
+            f"| {classes} | {'on' if separate else 'off'} | {positions / bare:,.0f} | {positions / built:,.0f} | "
+            f"{bare / built:.2f}x | {nbytes / positions:.1f} |"
         )
     return 0
 

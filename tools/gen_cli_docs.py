@@ -37,7 +37,7 @@ def option_table(config_cls: type) -> str:
             hi = "" if meta["hi"] is None else f"<= {meta['hi']}"
             extra.append(" and ".join(x for x in (lo, hi) if x))
         text = meta["help"].replace("|", "\\|") + (f" ({'; '.join(extra)})" if extra else "")
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):  # a bool option, or one whose default is decided later
             flags = f"`{flag_name(f.name)}`, `{negated_flag(f.name)}`"
         else:
             flags = f"`{flag_name(f.name)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"

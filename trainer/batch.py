@@ -39,6 +39,7 @@ class Batch:
     teacher_entropy: torch.Tensor  # [B, L] float32
     teacher_logprob: torch.Tensor  # [B, L] float32
     seq_index: torch.Tensor  # [B] int64 global (corpus) sequence indices
+    doc_start: torch.Tensor  # [B, L] bool, True at a document's first token (False at padding)
 
     def _map(self, fn: Any) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -54,6 +55,7 @@ class Batch:
             teacher_entropy=fn(self.teacher_entropy),
             teacher_logprob=fn(self.teacher_logprob),
             seq_index=fn(self.seq_index),
+            doc_start=fn(self.doc_start),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -112,6 +114,8 @@ def collate(seqs: list[CachedSequence], pad_id: int) -> Batch:
     entropy[tgt_mask] = np.concatenate([s.teacher_entropy for s in seqs])
     logprob = np.zeros((b, length), dtype=np.float32)
     logprob[tgt_mask] = np.concatenate([s.teacher_logprob for s in seqs])
+    doc_start = np.zeros((b, length), dtype=np.bool_)
+    doc_start[tok_mask] = np.concatenate([s.doc_start for s in seqs])
 
     return Batch(
         input_ids=torch.from_numpy(input_ids),
@@ -122,4 +126,5 @@ def collate(seqs: list[CachedSequence], pad_id: int) -> Batch:
         teacher_entropy=torch.from_numpy(entropy),
         teacher_logprob=torch.from_numpy(logprob),
         seq_index=torch.tensor([s.seq_index for s in seqs], dtype=torch.int64),
+        doc_start=torch.from_numpy(doc_start),
     )

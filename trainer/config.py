@@ -187,6 +187,10 @@ class TrainConfig:
     temperature: float | None = opt(
         help="online mode: teacher temperature of the targets (default: 1.0)", lo=0.0, lo_open=True
     )
+    doc_attention: bool | None = opt(
+        help="each packed document attends only to itself, in the student (and the online teacher) (default: "
+        "on in online mode; with --cache, what the cache's teacher pass used)"
+    )
     # ---------------------------------------------------------------- selection and loss
     select: str = opt(
         "student-entropy:0.2",

@@ -101,7 +101,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
 
     # --- the objective, the wrapped student, optimizer and schedule -----------------------------------
     objective = setup_objective(cfg, data.temperature)
-    student = wrap_student(model, cfg, dist_info, tokenizer)  # checks the selective head first
+    student = wrap_student(model, cfg, dist_info, tokenizer, data.doc_attention)  # checks the selective head first
     opt = setup_optimizer(cfg, model, data.batches_per_epoch)
     state = RankState.start(cfg, dist_info, objective, data)
 
@@ -186,6 +186,7 @@ def step(
                 state.policy_state,
                 progress=state.step / max(1, opt.total),
                 generator=state.generator,
+                doc_start=batch.doc_start,
             )
             _check_finite(res.loss, batch, state.step + 1, dist_info)
             (res.loss / cfg.grad_accum).backward()

@@ -13,6 +13,7 @@ from torch import nn
 
 from selkd.cache.classes import teacher_outputs
 from selkd.cache.corpus import eval_mask
+from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
 from selkd.cache.tokens import Packing
@@ -24,9 +25,16 @@ class OnlineTeacher:
     the number of real classes (``num_classes(tokenizer)``); None: every logit column."""
 
     def __init__(
-        self, model: nn.Module, spec: ClassSpec, temperature: float, seed: int = 0, classes: int | None = None
+        self,
+        model: nn.Module,
+        spec: ClassSpec,
+        temperature: float,
+        seed: int = 0,
+        classes: int | None = None,
+        doc_attention: bool = True,
     ) -> None:
         self.model, self.spec, self.temperature, self.classes = model, spec, temperature, classes
+        self.doc_attention = doc_attention  # each packed document attends only to itself
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = device
@@ -41,7 +49,8 @@ class OnlineTeacher:
         for length in np.unique(lengths):
             rows = np.flatnonzero(lengths == length)
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
-            logits = self.model(input_ids=x).logits[:, :-1]
+            starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
+            logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits[:, :-1]
             res = teacher_outputs(
                 logits.reshape(-1, logits.shape[-1]),
                 x[:, 1:].reshape(-1),

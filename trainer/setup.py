@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from selkd.cache import open_cache
+from selkd.cache.config import SETTINGS_BEFORE_OPTION
+from selkd.cache.doc_attention import check_separates
 from selkd.cache.errors import SelkdError
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
@@ -209,6 +211,7 @@ class Data:
     temperature: float  # the teacher temperature of the targets
     num_classes: int  # C: what target ids index (the tokenizer's length; a cache's header_classes)
     teacher_generator: torch.Generator | None = None  # online sample:N draws; checkpointed per rank
+    doc_attention: bool = True  # each packed document attends only to itself (the student; online: the teacher)
 
 
 def setup_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, reader: CacheReader | None) -> Data:
@@ -250,7 +253,21 @@ def _cache_data(cfg: TrainConfig, dist_info: D.DistInfo, reader: CacheReader, pa
         mode=header["classes"]["mode"],
         temperature=float(header["temperature"]),
         num_classes=reader.num_classes,
+        doc_attention=_student_doc_attention(cfg, header, dist_info.is_main),
     )
+
+
+def _student_doc_attention(cfg: TrainConfig, header: dict[str, Any], main: bool) -> bool:
+    """Cache mode: the student keeps packed documents apart as the cache's teacher pass did, unless
+    ``--doc-attention`` says otherwise. A different choice is allowed (the targets stay valid; only the
+    context the student sees at a document's first tokens differs from the teacher's) and noted once."""
+    cached = bool(header["settings"].get("doc_attention", SETTINGS_BEFORE_OPTION["doc_attention"]))
+    if cfg.doc_attention is None or cfg.doc_attention == cached:
+        return cached
+    where = {True: "within each document only", False: "across document boundaries"}
+    flag = "--doc-attention" if cfg.doc_attention else "--no-doc-attention"
+    log(f"note: {flag}: the student attends {where[cfg.doc_attention]}, the cache's teacher {where[cached]}", main)
+    return cfg.doc_attention
 
 
 def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id: int) -> Data:
@@ -269,8 +286,11 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         )
     spec = cfg.class_spec
     assert spec is not None and cfg.temperature is not None and cfg.eval_fraction is not None
+    doc_attention = cfg.doc_attention is not False  # online default: on
     try:
         spec.check_vocab(classes)
+        if doc_attention:
+            check_separates(teacher, f"--teacher {cfg.teacher}")
     except ValueError as err:
         raise TrainError(str(err)) from err
     corpus = corpus_tokens(  # every rank tokenizes its share into OUT/tokens (or opens --tokens)
@@ -286,7 +306,9 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         world=dist_info.world_size,
         progress=cfg.progress and dist_info.is_main,
     ).packed(cfg.max_seq_len or 512)
-    live = OnlineTeacher(teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank, classes=classes)
+    live = OnlineTeacher(
+        teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank, classes=classes, doc_attention=doc_attention
+    )
     common: dict[str, Any] = dict(
         eval_fraction=cfg.eval_fraction,
         batch_size=cfg.batch_size,
@@ -304,6 +326,7 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         temperature=cfg.temperature,
         num_classes=classes,
         teacher_generator=live.generator,  # sample:N draws; checkpointed with the rank's state
+        doc_attention=doc_attention,
     )
 
 
@@ -345,16 +368,22 @@ def setup_objective(cfg: TrainConfig, temperature: float) -> Objective:
 PROBE_TEXT = "def mean(xs):\n    # the selective head gives what model(...).logits gives\n    return sum(xs) / len(xs)"
 
 
-def wrap_student(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any) -> nn.Module:
+def wrap_student(
+    model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, doc_attention: bool
+) -> nn.Module:
     """The whole selective step as one module (:class:`SelectiveStudent`), wrapped in DDP or FSDP2 under
     torchrun. First the selective head is checked against ``model(...).logits`` on :data:`PROBE_TEXT`
     (:func:`selkd.trainer.head.check_selective_head`), so that an architecture whose forward changes the
     logits in a way :func:`selkd.cache.logits.logits_transform` does not know is refused here instead of
-    trained on other logits. Its cost is one forward of a few dozen tokens (see docs/results.md)."""
+    trained on other logits. Its cost is one forward of a few dozen tokens (see docs/results.md). With
+    ``doc_attention`` the student must also keep packed documents apart
+    (:func:`selkd.cache.doc_attention.check_separates`, three forwards of at most 11 tokens)."""
     try:
-        wrapper = SelectiveStudent(model)  # refuses the known post-head transforms it cannot replicate
+        wrapper = SelectiveStudent(model, doc_attention)  # refuses the post-head transforms it cannot replicate
         ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(dist_info.device)
         check_selective_head(model, ids, torch.ones_like(ids))
+        if doc_attention:
+            check_separates(model, f"the student {cfg.student or cfg.student_config}")
     except ValueError as err:
         raise TrainError(str(err)) from err
     return D.wrap_model(wrapper, dist_info, fsdp=cfg.fsdp)

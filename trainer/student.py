@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.modes import MODES
 from selkd.cache.targets import SparseTargets
 from selkd.trainer import head as H
@@ -135,10 +136,11 @@ def teacher_top1(targets: SparseTargets) -> torch.Tensor:
 
 
 class SelectiveStudent(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, doc_attention: bool = True) -> None:
         super().__init__()
         self.model = model
         self.transform = H.logits_transform(model)
+        self.doc_attention = doc_attention  # each packed document attends only to itself
 
     def forward(  # type: ignore[override]
         self,
@@ -154,11 +156,14 @@ class SelectiveStudent(nn.Module):
         progress: float = 0.0,
         generator: torch.Generator | None = None,
         evaluate: bool = False,
+        doc_start: torch.Tensor | None = None,
     ) -> StepOutput | EvalSums:
-        """Shapes: input_ids, attention_mask, labels, valid, teacher_* [B, L]; targets leading [B, L].
-        ``evaluate=True`` returns held-out statistics instead (call it under no_grad)."""
+        """Shapes: input_ids, attention_mask, labels, valid, teacher_*, doc_start [B, L]; targets leading
+        [B, L]. ``evaluate=True`` returns held-out statistics instead (call it under no_grad). With
+        ``doc_attention`` and ``doc_start`` given, each packed document attends only to itself."""
         obj = objective
-        hidden = H.hidden_states(self.model, input_ids, attention_mask)  # [B, L, H], with grad
+        attention = attention_inputs(doc_start, attention_mask, self.doc_attention)
+        hidden = H.hidden_states(self.model, input_ids, **attention)  # [B, L, H], with grad
         head = H.lm_head(self.model)
         if evaluate:
             return self._evaluate(head, hidden, labels, valid, targets, teacher_entropy, obj)
@@ -305,7 +310,7 @@ def evaluate(
                 break
             b = batch.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                s = student(*b.student_inputs(), objective, evaluate=True)
+                s = student(*b.student_inputs(), objective, evaluate=True, doc_start=b.doc_start)
             total = s if total is None else EvalSums(s.names, total.sums + s.sums, total.n + s.n)
     student.train(was_training)
     if total is None:
