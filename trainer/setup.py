@@ -214,6 +214,11 @@ def setup_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, reader: 
 
 def _cache_data(cfg: TrainConfig, dist_info: D.DistInfo, reader: CacheReader, pad_id: int) -> Data:
     device = dist_info.device
+    if cfg.loss_on is not None and cfg.loss_on != reader.loss_on:
+        raise TrainError(
+            f"--loss-on {cfg.loss_on}: {reader.url} was built with --loss-on {reader.loss_on}, which fixes the "
+            "positions that train; leave --loss-on out or build another cache"
+        )
 
     def stream(split: str, train: bool) -> CacheStream:
         try:
@@ -281,6 +286,7 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         seed=cfg.seed,
         split_seed=cfg.split_seed,
         pad_id=pad_id,
+        loss_on=cfg.loss_on,
     )
     loader = OnlineStream(corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common)
     eval_source = OnlineStream(corpus, live, split="eval", shuffle=False, drop_last=False, **common)
