@@ -153,8 +153,8 @@ def check_resume(cfg: TrainConfig, run_dir: RunDir | None) -> Resume:
 
 
 def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
-    """The student's tokenizer and, in cache mode, the cache, checked against each other before any
-    weights are loaded (an incomplete cache is refused unless ``--allow-missing-parts``)."""
+    """The student's tokenizer and, in cache mode, the cache, checked against each other (and --loss-on
+    against the cache's) before any weights are loaded (an incomplete cache is refused unless ``--allow-missing-parts``)."""
     student_src = cfg.student or cfg.student_config
     tokenizer = load_tokenizer(student_src, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
     if cfg.cache is None:
@@ -171,6 +171,11 @@ def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
         raise TrainError(
             f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
             "with (fingerprints differ); use a student that shares the teacher's tokenizer"
+        )
+    if cfg.loss_on is not None and cfg.loss_on != reader.loss_on:
+        raise TrainError(
+            f"--loss-on {cfg.loss_on}: {reader.url} was built with --loss-on {reader.loss_on}, which fixes the "
+            "positions that train; leave --loss-on out or build another cache"
         )
     return tokenizer, reader
 
@@ -214,11 +219,6 @@ def setup_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, reader: 
 
 def _cache_data(cfg: TrainConfig, dist_info: D.DistInfo, reader: CacheReader, pad_id: int) -> Data:
     device = dist_info.device
-    if cfg.loss_on is not None and cfg.loss_on != reader.loss_on:
-        raise TrainError(
-            f"--loss-on {cfg.loss_on}: {reader.url} was built with --loss-on {reader.loss_on}, which fixes the "
-            "positions that train; leave --loss-on out or build another cache"
-        )
 
     def stream(split: str, train: bool) -> CacheStream:
         try:
