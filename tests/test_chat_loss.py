@@ -21,6 +21,7 @@ from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import load_corpus
+from selkd.cache.documents import DataError
 from selkd.cache.info import cache_info
 from selkd.cache.modes import ClassSpec
 from selkd.cache.teacher import load_causal_lm
@@ -72,6 +73,18 @@ def test_prepare_marks_the_assistant_tokens_of_chat_rows_and_every_token_of_text
     assert mask[text_a].all() and mask[text_b].all()  # plain text, its EOS included
     assert trained_text(tok, tokens[chat], mask[chat]) == expected  # no prompt token, no EOS after the chat
     assert not mask[chat[-1]] and tokens[chat[-1]] == tok.eos_token_id
+
+
+def test_a_template_that_renders_prefixes_differently_is_refused(tmp_path: Path) -> None:
+    """Without generation markers the turns are found by rendering prefixes; a template that marks the
+    last message renders a prefix that is not a prefix of the whole conversation."""
+    template = (
+        "{% for m in messages %}{% if loop.last %}[END]{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    )
+    tok = build_tokenizer(tmp_path / "tok", template)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the dog"}, {"messages": CONVERSATION}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: the chat template renders .* assistant turn 1 .* generation"):
+        load_corpus([str(data)], tok, SEQ, progress=False)
 
 
 # --------------------------------------------------------------------------------------- build

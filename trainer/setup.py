@@ -154,7 +154,8 @@ def check_resume(cfg: TrainConfig, run_dir: RunDir | None) -> Resume:
 
 def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
     """The student's tokenizer and, in cache mode, the cache, checked against each other (and --loss-on
-    against the cache's) before any weights are loaded (an incomplete cache is refused unless ``--allow-missing-parts``)."""
+    against the cache's) before any weights are loaded (an incomplete cache is refused unless
+    ``--allow-missing-parts``)."""
     student_src = cfg.student or cfg.student_config
     tokenizer = load_tokenizer(student_src, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
     if cfg.cache is None:
