@@ -537,7 +537,9 @@ def _write_parts(ctx: _Build, plan: Plan) -> _TeacherPass:
 
 def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) -> None:
     """Part ``i``: teacher forward per batch on this thread, class selection, encoding and writing on
-    the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing."""
+    the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing. A
+    sequence none of whose targets trains (``--loss-on assistant``: a stretch of prompt) is not run or
+    stored; the commit record counts it (``n_skipped``)."""
     cfg, corpus, spec = ctx.cfg, ctx.corpus, ctx.spec
     name, split = plan.parts[i]["name"], plan.parts[i]["split"]
     writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.vocab)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -188,7 +188,7 @@ class TokenStore:
             self._masks[name] = self.storage.open_array(path) if self.storage.exists(f"{path}/zarr.json") else None
         return self._masks[name]
 
-    def _pieces(self, start: int, end: int, read: Any) -> list[np.ndarray]:
+    def _pieces(self, start: int, end: int, read: Callable[[int, int, int], Any]) -> list[Any]:
         """``read(shard index, a, b)`` for the slice ``[a, b)`` of each shard that ``[start, end)`` covers."""
         if not 0 <= start <= end <= self.n_tokens:
             raise IndexError(f"token range [{start}, {end}) outside the stream of {self.n_tokens} tokens")
@@ -316,7 +316,9 @@ class Packing:
             raise IndexError(f"sequence {bad} out of range for a corpus of {n} sequences")
         return np.where(idx < 0, idx + n, idx)
 
-    def _gather(self, indices: np.ndarray | Sequence[int], read_range: Any) -> list[tuple[np.ndarray, ...]]:
+    def _gather(
+        self, indices: np.ndarray | Sequence[int], read_range: Callable[[int, int], tuple[np.ndarray, ...]]
+    ) -> list[tuple[np.ndarray, ...]]:
         """``read_range(start, end)`` (a tuple of per-token arrays) cut into the sequences asked, in the
         order asked. Adjacent sequences are read as one range, so a batch of consecutive sequences is one
         read."""
@@ -348,7 +350,7 @@ class Packing:
         seqs = self._gather(indices, self._read_range)
         return [s[0] for s in seqs], [s[1] for s in seqs]
 
-    def loss_masks(self, indices: np.ndarray | Sequence[int], loss_on: str = "assistant") -> list[np.ndarray]:
+    def loss_masks(self, indices: np.ndarray | Sequence[int], loss_on: str) -> list[np.ndarray]:
         """The loss masks (bool [L], True at a trained token) of several sequences, in the order asked:
         the stored ones (see :mod:`selkd.cache.tokenizing`) for ``--loss-on assistant``, all True for
         ``all``."""

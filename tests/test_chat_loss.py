@@ -146,7 +146,7 @@ def stored(cache: str) -> list[Any]:
 def test_no_prompt_position_gets_a_target_and_sequences_without_one_are_skipped(chat_caches: dict[str, str]) -> None:
     cache = chat_caches["assistant"]
     packed = token_store(cache).packed(SEQ)
-    want = [fmt.trained_targets(m) for m in packed.loss_masks(np.arange(packed.n_sequences))]
+    want = [fmt.trained_targets(m) for m in packed.loss_masks(np.arange(packed.n_sequences), "assistant")]
     assert any(not w.all() for w in want) and any(not w.any() for w in want)  # prompts, and whole prompt sequences
     seqs = stored(cache)
     for s in seqs:  # a stored target trains iff the token it predicts is an assistant (or plain-text) token
@@ -204,9 +204,11 @@ def test_online_batches_have_the_caches_valid_positions(chat_caches: dict[str, s
     packed = token_store(chat_caches["assistant"]).packed(SEQ)
     teacher = load_causal_lm(str(tiny_teacher_dir), torch.device("cpu"), torch.float32)
     live = OnlineTeacher(teacher, ClassSpec.parse("topk:4"), 1.0)
-    stream = OnlineStream(packed, live, split="train", eval_fraction=0.1, batch_size=8, seed=0, shuffle=False)
+    stream = OnlineStream(
+        packed, live, split="train", eval_fraction=0.1, batch_size=8, seed=0, shuffle=False, loss_on="assistant"
+    )
     batch = next(iter(stream))
-    masks = packed.loss_masks(batch.seq_index.numpy())
+    masks = packed.loss_masks(batch.seq_index.numpy(), "assistant")
     for b, m in enumerate(masks):
         assert torch.equal(batch.valid[b, : len(m) - 1], torch.from_numpy(fmt.trained_targets(m)))
     assert not batch.valid.all()

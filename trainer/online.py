@@ -13,6 +13,7 @@ from torch import nn
 
 from selkd.cache import format as fmt
 from selkd.cache.classes import teacher_outputs
+from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
@@ -86,7 +87,7 @@ class OnlineStream:
         pad_id: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
-        loss_on: str = "assistant",
+        loss_on: str = LOSS_ON[0],
     ) -> None:
         self.corpus, self.teacher, self.loss_on = corpus, teacher, loss_on
         # the split has its own seed: a new training seed must not move sequences between the splits
