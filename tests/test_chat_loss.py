@@ -24,9 +24,11 @@ from selkd.cache.corpus import load_corpus
 from selkd.cache.documents import DataError
 from selkd.cache.info import cache_info
 from selkd.cache.modes import ClassSpec
+from selkd.cache.store import Storage
 from selkd.cache.teacher import load_causal_lm
 from selkd.cache.tokens import CACHE_TOKENS_PREFIX, LOSS_MASK, TokenStore
 from selkd.cache.verify import verify_cache
+from selkd.cache.writer import array_checksum, write_array
 from selkd.trainer.batch import IGNORE_INDEX, collate
 from selkd.trainer.cli import main as train_main
 from selkd.trainer.online import OnlineStream, OnlineTeacher
@@ -246,3 +248,18 @@ def test_caches_and_token_stores_without_the_mask_read_as_all_trained(
     assert batch.num_targets == sum(len(s) - 1 for s in seqs[:4])
     info = cache_info(reader)
     assert info.sequences_skipped == 0 and info.positions_trained == info.positions_stored
+
+
+def test_verify_names_a_loss_mask_of_the_wrong_length(chat_caches: dict[str, str], tmp_path: Path) -> None:
+    """A part whose loss_mask (consistent with its commit record) has not one row per token."""
+    bad = tmp_path / "bad"
+    shutil.copytree(chat_caches["assistant"], bad)
+    storage = Storage.open(str(bad), mode="w")
+    short = np.ones(5, np.bool_)
+    write_array(storage, "parts/part-00000/loss_mask", short)
+    record_path = bad / "selkd" / "commits" / "part-00000.json"
+    rec = json.loads(record_path.read_text())
+    rec["arrays"]["loss_mask"].update(sha256=array_checksum(short), shape=[5])
+    record_path.write_text(json.dumps(rec))
+    problems = [str(p) for p in verify_cache(open_cache(str(bad)))]
+    assert problems == ["part part-00000, array loss_mask: length != the number of tokens (input_ids)"]
