@@ -175,6 +175,7 @@ def finalize(storage: Storage) -> dict[str, Any]:
         summary[f"{split}_sequences"] = sum(r["n_sequences"] for r in recs)
         summary[f"{split}_tokens"] = sum(r["n_tokens"] for r in recs)
         summary[f"{split}_targets"] = sum(r["n_targets"] for r in recs)
+        summary[f"{split}_skipped"] = sum(r.get("n_skipped", 0) for r in recs)
     summary["bytes_parts"] = sum(r["bytes"] for r in records.values())
     storage.write_json("zarr.json", root_metadata(header, summary))
     return summary
@@ -555,38 +556,47 @@ def _write_parts(ctx: _Build, plan: Plan) -> _TeacherPass:
 
 def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) -> None:
     """Part ``i``: teacher forward per batch on this thread, class selection, encoding and writing on
-    the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing."""
+    the encode thread (:class:`_Overlap`), then the commit; a failure anywhere commits nothing. A
+    sequence none of whose targets trains (``--loss-on assistant``: a stretch of prompt) is not run or
+    stored; the commit record counts it (``n_skipped``)."""
     cfg, corpus, spec = ctx.cfg, ctx.corpus, ctx.spec
     name, split = plan.parts[i]["name"], plan.parts[i]["split"]
     writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.classes)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + i)
     overlap = _Overlap()
+    skipped = 0
     try:
         for b in _batches(corpus, plan.members[i], cfg.batch_size):
             ctx.leases.renew(name, due_only=True)
             b = np.sort(b)
             seqs, doc = corpus.read(b)
+            masks = corpus.loss_masks(b, cfg.loss_on)
+            keep = [r for r in range(len(b)) if fmt.trained_targets(masks[r]).any()]  # no target trains: skipped
+            skipped += len(b) - len(keep)
+            bar.update(len(b))
+            if not keep:
+                continue
+            b, seqs, doc, masks = b[keep], [seqs[r] for r in keep], [doc[r] for r in keep], [masks[r] for r in keep]
             x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
             starts = torch.from_numpy(np.stack(doc)).to(ctx.device)
             with torch.no_grad():
                 logits = ctx.teacher(input_ids=x, **attention_inputs(starts, None, cfg.doc_attention)).logits[:, :-1]
             nxt = x[:, 1:]
 
-            def encode(writer=writer, b=b, seqs=seqs, doc=doc, logits=logits, nxt=nxt, gen=gen) -> None:
+            def encode(writer=writer, b=b, seqs=seqs, doc=doc, masks=masks, logits=logits, nxt=nxt, gen=gen) -> None:
                 # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
                 # would copy all [B, L - 1, V] logits first
                 for r in range(len(b)):
                     out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen, classes=ctx.classes)
-                    writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out)
+                    writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out, [masks[r]])
 
             overlap.submit(encode)
             done.positions_run += int(nxt.numel())  # this thread only: the encode thread never counts
-            bar.update(len(b))
             bar.set_postfix(tok_s=f"{done.positions_run / max(time.time() - ctx.t0, 1e-9):,.0f}")
         record: dict[str, Any] = {}
 
         def commit(writer=writer, record=record) -> None:
-            record.update(writer.commit())
+            record.update(writer.commit({"n_skipped": skipped}))
 
         overlap.submit(commit)
         overlap.drain()

@@ -9,6 +9,9 @@ from selkd.cache.modes import ClassSpec
 from selkd.cache.options import check, opt
 
 SAMPLE_SIGNALS = ("student-entropy", "teacher-entropy", "random")
+#: What ``--loss-on`` distils: only the tokens selkd.cache.tokenizing marks trained (a chat row's
+#: assistant turns; all of a plain-text document), or every position.
+LOSS_ON = ("assistant", "all")
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
@@ -90,6 +93,12 @@ class BuildConfig:
     )
     temperature: float = opt(1.0, help="teacher temperature of the stored targets", lo=0.0, lo_open=True)
     max_seq_len: int = opt(512, help="tokens per packed sequence", lo=2)
+    loss_on: str = opt(
+        "assistant",
+        help="positions that get targets: assistant (of a chat row only those before an assistant token, of "
+        "plain text all; a sequence with none is skipped) or all",
+        choices=LOSS_ON,
+    )
     text_field: str | None = opt(help="field of .jsonl/.parquet/datasets rows that holds the text (default: text)")
     limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
     eval_fraction: float = opt(
@@ -162,6 +171,7 @@ SETTINGS_KEYS = (
     "classes",
     "temperature",
     "max_seq_len",
+    "loss_on",
     "text_field",
     "limit_tokens",
     "eval_fraction",

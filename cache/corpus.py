@@ -37,13 +37,14 @@ class PackedCorpus(Packing):
     max_seq_len: int
     fingerprint: str
     stats: CorpusStats = field(default_factory=CorpusStats)
+    loss_mask: np.ndarray | None = None  # bool [n_tokens], True at trained tokens; None: all trained
 
     @classmethod
     def from_store(cls, store: TokenStore, max_seq_len: int) -> PackedCorpus:
         """The whole stream of ``store`` read into memory."""
         tokens, doc_start = store.read(0, store.n_tokens)
         fingerprint = view_fingerprint(store.summary["content_sha256"], max_seq_len)
-        return cls(tokens, doc_start, max_seq_len, fingerprint, store.stats)
+        return cls(tokens, doc_start, max_seq_len, fingerprint, store.stats, store.read_mask(0, store.n_tokens))
 
     @property
     def n_tokens(self) -> int:
@@ -55,6 +56,9 @@ class PackedCorpus(Packing):
 
     def _read_range(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[start:end], self.doc_start[start:end]
+
+    def _read_mask_range(self, start: int, end: int) -> np.ndarray:
+        return np.ones(end - start, np.bool_) if self.loss_mask is None else self.loss_mask[start:end]
 
     def sequence(self, i: int) -> np.ndarray:
         """int32 tokens of sequence ``i`` (a view into the stream, no copy)."""

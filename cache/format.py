@@ -15,9 +15,16 @@ seq_index          int64         [S]        global sequence index in the packed 
 seq_offsets        int64         [S+1]      token offsets of each sequence
 input_ids          int32         [P]        the tokens
 doc_start          bool          [P]        True at the first token of a document
+loss_mask          bool          [P]        True at a trained token (optional: absent = all True)
 teacher_entropy    float16       [T]        teacher entropy at T=1 (nats), over the C classes
 teacher_logprob    float16       [T]        teacher log-prob (T=1) of the actual next token
 =================  ============  =========  ===============================================
+
+``loss_mask`` says which targets are distilled: target j (position j, predicting token j + 1) is
+trained iff ``loss_mask[j + 1]`` (:func:`trained_targets`), so with ``selkd-cache build --loss-on
+assistant`` only the positions before an assistant token of a chat row train; the others keep their
+stored rows, which the reader marks untrained. Caches written before it have no such array: every
+target trains.
 
 and then the arrays of its target mode (``sample:N``, ``topk:K``, ``full``: see each codec). An
 array's :class:`ArraySpec` says what its rows are (``per``), which is all the reader needs to find the
@@ -68,6 +75,7 @@ class ArraySpec:
     dtype: str
     per: str
     width: str | None = None
+    optional: bool = False  # parts written before the array existed lack it (see the reader)
 
 
 COMMON_ARRAYS: tuple[ArraySpec, ...] = (
@@ -75,9 +83,16 @@ COMMON_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("seq_offsets", "int64", "seq+1"),
     ArraySpec("input_ids", "int32", "token"),
     ArraySpec("doc_start", "bool", "token"),
+    ArraySpec("loss_mask", "bool", "token", optional=True),
     ArraySpec("teacher_entropy", "float16", "target"),
     ArraySpec("teacher_logprob", "float16", "target"),
 )
+
+
+def trained_targets(loss_mask: np.ndarray) -> np.ndarray:
+    """bool [L - 1] of a sequence's L - 1 targets from its loss mask (bool [L], per token): the target at
+    position t predicts token t + 1, so it trains iff token t + 1 is trained."""
+    return loss_mask[1:]
 
 
 def chunk_checksums(version: int) -> bool:

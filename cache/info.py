@@ -26,8 +26,11 @@ class CacheInfo:
     sequences_train: int
     sequences_eval: int
     sequences_scored: int | None  # sequences scored for sample selection (None: no selection)
+    sequences_skipped: int  # sequences not stored: none of their targets trains (--loss-on assistant)
+    loss_on: str  # which positions train: assistant or all (format.trained_targets)
     sample_selection: str | None
     positions_stored: int  # target positions in committed parts
+    positions_trained: int  # of those, the ones whose target trains (the rest: prompt positions of chat rows)
     positions_corpus: int  # target positions of the whole corpus
     bytes_on_disk: int
     bytes_per_stored_position: float | None
@@ -60,12 +63,14 @@ class CacheInfo:
             f"teacher head {self.vocab_size:,}",
             f"classes         {self.classes}  (temperature {self.temperature:g}, max_seq_len {self.max_seq_len})",
             f"sequences       {self.sequences_stored:,} stored of {self.sequences_total:,} "
-            f"(train {self.sequences_train:,}, eval {self.sequences_eval:,})",
+            f"(train {self.sequences_train:,}, eval {self.sequences_eval:,}); {self.sequences_skipped:,} skipped "
+            "(no assistant token)",
         ]
         if self.sample_selection:
             lines.append(f"selection       {self.sample_selection}; {self.sequences_scored or 0:,} sequences scored")
         lines += [
-            f"positions       {self.positions_stored:,} stored of {self.positions_corpus:,} in the corpus",
+            f"positions       {self.positions_stored:,} stored of {self.positions_corpus:,} in the corpus; "
+            f"{self.positions_trained:,} trained (--loss-on {self.loss_on})",
             f"bytes on disk   {self.bytes_on_disk:,} ({human_bytes(self.bytes_on_disk)})",
             f"bytes/position  {num(self.bytes_per_stored_position)} per stored, "
             f"{num(self.bytes_per_corpus_position)} per corpus position",
@@ -126,8 +131,11 @@ def cache_info(reader: CacheReader) -> CacheInfo:
         sequences_train=reader.num_sequences("train"),
         sequences_eval=reader.num_sequences("eval"),
         sequences_scored=None if scores is None else len(scores[0]),
+        sequences_skipped=sum(r.get("n_skipped", 0) for r in recs),
+        loss_on=reader.loss_on,
         sample_selection=None if not sel else f"top {sel['ratio']:g} of training sequences by {sel['signal']}",
         positions_stored=positions,
+        positions_trained=sum(r.get("n_trained", r["n_targets"]) for r in recs),
         positions_corpus=corpus_positions,
         bytes_on_disk=on_disk,
         bytes_per_stored_position=on_disk / positions if positions else None,

@@ -41,6 +41,7 @@ from selkd.cache.store import Storage, is_url
 from selkd.cache.teacher import same_tokenizer, tokenizer_fingerprint
 from selkd.cache.tokenizing import StreamHash, eos_id, tokenize_documents
 from selkd.cache.tokens import (
+    LOSS_MASK,
     ROOT_ATTR,
     SUMMARY_KEY,
     TOKENS_FORMAT,
@@ -213,17 +214,19 @@ def _units(storage: Storage, sources: list[Source], rank: int, options: dict[str
 
 class _ShardWriter:
     """Cuts one unit's token chunks into shards of exactly ``shard_tokens`` tokens (the unit's last
-    shard holds the rest) and writes each whole: tokens int32 [n] and doc_start bool [n]."""
+    shard holds the rest) and writes each whole: tokens int32 [n], doc_start bool [n], loss_mask bool [n]."""
 
     def __init__(self, storage: Storage, unit: int, shard_tokens: int) -> None:
         self.storage, self.unit, self.shard_tokens = storage, unit, shard_tokens
         self.tokens: list[np.ndarray] = []
         self.starts: list[np.ndarray] = []  # document starts, offsets from the buffer's first token
+        self.masks: list[np.ndarray] = []
         self.buffered = 0
         self.shards: list[list[Any]] = []  # [name, n_tokens] in order
 
-    def add(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, starts: np.ndarray, mask: np.ndarray) -> None:
         self.tokens.append(tokens)
+        self.masks.append(mask)
         self.starts.append(starts + self.buffered)
         self.buffered += len(tokens)
         while self.buffered >= self.shard_tokens:
@@ -234,14 +237,15 @@ class _ShardWriter:
             self._write(self.buffered)
 
     def _write(self, n: int) -> None:
-        tokens, starts = np.concatenate(self.tokens), np.concatenate(self.starts)
+        tokens, starts, mask = np.concatenate(self.tokens), np.concatenate(self.starts), np.concatenate(self.masks)
         doc_start = np.zeros(n, dtype=np.bool_)
         doc_start[starts[starts < n]] = True
         name = shard_name(self.unit, len(self.shards))
         write_array(self.storage, shard_array(name, "tokens"), tokens[:n])
         write_array(self.storage, shard_array(name, "doc_start"), doc_start)
+        write_array(self.storage, shard_array(name, LOSS_MASK), mask[:n])
         self.shards.append([name, n])
-        self.tokens, self.starts = [tokens[n:]], [starts[starts >= n] - n]
+        self.tokens, self.starts, self.masks = [tokens[n:]], [starts[starts >= n] - n], [mask[n:]]
         self.buffered -= n
 
 
@@ -262,9 +266,9 @@ def tokenize_unit(
     writer = _ShardWriter(storage, unit, shard_tokens)
     max_token = -1
     docs = source_documents(source, text_field, tokenizer, stats)
-    for tokens, starts in tokenize_documents(docs, tokenizer, stats, cap):
+    for tokens, starts, mask in tokenize_documents(docs, tokenizer, stats, cap):
         stream.update(tokens, starts)
-        writer.add(tokens, starts)
+        writer.add(tokens, starts, mask)
         if len(tokens):
             max_token = max(max_token, int(tokens.max()))
     writer.close()

@@ -103,6 +103,7 @@ class CachedSequence:
     teacher_entropy: np.ndarray  # float32 [L - 1]
     teacher_logprob: np.ndarray  # float32 [L - 1]
     targets: SparseTargets  # leading shape [L - 1]
+    trained: np.ndarray | None = None  # bool [L - 1]: which targets train (format.trained_targets); None: all
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -242,6 +243,8 @@ class CacheReader:
         self.max_seq_len: int = int(self.header["max_seq_len"])
         self.temperature: float = float(self.header["temperature"])
         self.tokenizer_fingerprint: str = self.header["tokenizer_fingerprint"]
+        # which positions train (``selkd-cache build --loss-on``); caches from before it train every one
+        self.loss_on: str = self.header.get("settings", {}).get("loss_on", "all")
         self._check_plan()
         committed = self._committed_parts()
         # One listing: a part whose arrays were deleted altogether is missing, not a read error later.
@@ -386,11 +389,17 @@ class CacheReader:
             raise IndexError(f"{part.name}: range [{start}, {stop}) outside its {part.n_sequences} sequences")
         if arrays is None:
             arrays = self.open_part(part)
-        specs = self.codec.specs
+        specs = self.part_specs(part)
         heads = self.read_slices(part, {s.name: slice(start, stop + 1) for s in specs if s.per == "seq+1"}, arrays)
         out = {name: offsets.astype(np.int64) - int(offsets[0]) for name, offsets in heads.items()}
         out.update(self.read_slices(part, fmt.range_rows(specs, heads, start, stop), arrays))
         return PartData(self, part, out)
+
+    def part_specs(self, part: PartRecord) -> tuple[fmt.ArraySpec, ...]:
+        """The arrays a part has: the mode's, less the optional ones its commit record does not list
+        (a part written before they existed)."""
+        listed = part.record["arrays"]
+        return tuple(s for s in self.codec.specs if not s.optional or s.name in listed)
 
     def read_part(self, part: str | PartRecord, verify: bool = True) -> PartData:
         """Every array of a committed part, checked against the commit record's shapes and (``verify``)
@@ -459,6 +468,7 @@ class PartData:
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         ta, tb = a - j, b - j - 1
         arrays = self.arrays
+        mask = arrays.get("loss_mask")
         return CachedSequence(
             seq_index=int(arrays["seq_index"][j]),
             input_ids=arrays["input_ids"][a:b],
@@ -466,6 +476,7 @@ class PartData:
             teacher_entropy=arrays["teacher_entropy"][ta:tb].astype(np.float32),
             teacher_logprob=arrays["teacher_logprob"][ta:tb].astype(np.float32),
             targets=self.reader.codec.targets(arrays, self.decoded, j, slice(ta, tb), self.reader.k),
+            trained=None if mask is None else fmt.trained_targets(mask[a:b]),
         )
 
 

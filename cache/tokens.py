@@ -11,8 +11,10 @@ Layout (a zarr v3 group, local or behind an fsspec URL, through :class:`~selkd.c
 - ``zarr.json``: the root group; attribute ``selkd_tokens`` holds the header (tokenizer, data specs,
   text field, token limit): what the store is, fixed when it is created.
 - ``selkd/units.json``: the sources found and the units of work (see :mod:`selkd.cache.units`).
-- ``shards/u<unit>-<j>/tokens`` (int32 [n]) and ``.../doc_start`` (bool [n], True at a document's
-  first token): the j-th shard of a unit's tokens, each document followed by EOS. Written whole, once,
+- ``shards/u<unit>-<j>/tokens`` (int32 [n]), ``.../doc_start`` (bool [n], True at a document's
+  first token) and ``.../loss_mask`` (bool [n], True at a trained token: see
+  :mod:`selkd.cache.tokenizing`; a shard without it, written before it existed, reads as all True):
+  the j-th shard of a unit's tokens, each document followed by EOS. Written whole, once,
   like a cache part's arrays (one zarr shard object of 256 KiB crc32c-checked inner chunks).
 - ``selkd/unit-commits/unit-<i>.json``: the unit is done; its shards, token and document counts, the
   sha256 of its stream, its data-problem counters. Absent: the unit is redone on a rerun.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,8 @@ UNITS_KEY = "selkd/units.json"
 UNIT_COMMITS_PREFIX = "selkd/unit-commits"
 SUMMARY_KEY = "selkd/summary.json"
 SHARDS_GROUP = "shards"
+#: The per-token array of trained tokens (:mod:`selkd.cache.tokenizing`); optional, absent means all True.
+LOSS_MASK = "loss_mask"
 #: Where ``selkd-cache build --data`` prepares its token store inside the cache.
 CACHE_TOKENS_PREFIX = "tokens"
 #: Version of the corpus fingerprint a cache header records (``data.fingerprint_version``): 1 was the
@@ -125,6 +129,7 @@ class TokenStore:
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # [n_shards + 1]
         np.cumsum(lengths, out=self.offsets[1:])
         self._arrays: dict[str, tuple[Any, Any]] = {}
+        self._masks: dict[str, Any] = {}  # shard -> its loss_mask array, None where it has none
 
     @classmethod
     def open(cls, location: str, storage_options: dict[str, Any] | None = None) -> TokenStore:
@@ -176,23 +181,43 @@ class TokenStore:
             )
         return self._arrays[name]
 
-    def read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens (int32 [end - start]) and document starts (bool [end - start]) of ``[start, end)``
-        of the global stream, read from the one or few shards it covers."""
+    def _mask_array(self, index: int) -> Any:
+        name = self.shards[index]
+        if name not in self._masks:
+            path = shard_array(name, LOSS_MASK)
+            self._masks[name] = self.storage.open_array(path) if self.storage.exists(f"{path}/zarr.json") else None
+        return self._masks[name]
+
+    def _pieces(self, start: int, end: int, read: Callable[[int, int, int], Any]) -> list[Any]:
+        """``read(shard index, a, b)`` for the slice ``[a, b)`` of each shard that ``[start, end)`` covers."""
         if not 0 <= start <= end <= self.n_tokens:
             raise IndexError(f"token range [{start}, {end}) outside the stream of {self.n_tokens} tokens")
-        tokens, starts = [], []
+        out = []
         s = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while s < len(self.shards) and self.offsets[s] < end:
             base = int(self.offsets[s])
-            a, b = max(start, base) - base, min(end, int(self.offsets[s + 1])) - base
-            tok_arr, doc_arr = self._shard_arrays(s)
-            tokens.append(tok_arr[a:b])
-            starts.append(doc_arr[a:b])
+            out.append(read(s, max(start, base) - base, min(end, int(self.offsets[s + 1])) - base))
             s += 1
-        if not tokens:
+        return out
+
+    def read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (int32 [end - start]) and document starts (bool [end - start]) of ``[start, end)``
+        of the global stream, read from the one or few shards it covers."""
+        pieces = self._pieces(start, end, lambda s, a, b: tuple(array[a:b] for array in self._shard_arrays(s)))
+        if not pieces:
             return np.zeros(0, np.int32), np.zeros(0, np.bool_)
+        tokens, starts = zip(*pieces, strict=True)
         return np.concatenate(tokens).astype(np.int32, copy=False), np.concatenate(starts).astype(np.bool_, copy=False)
+
+    def read_mask(self, start: int, end: int) -> np.ndarray:
+        """The loss mask (bool [end - start]) of ``[start, end)``: True at trained tokens."""
+
+        def read(s: int, a: int, b: int) -> np.ndarray:
+            array = self._mask_array(s)
+            return np.ones(b - a, np.bool_) if array is None else np.asarray(array[a:b], dtype=np.bool_)
+
+        pieces = self._pieces(start, end, read)
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.bool_)
 
     def packed(self, max_seq_len: int) -> PackedTokens:
         return PackedTokens(self, max_seq_len)
@@ -291,22 +316,24 @@ class Packing:
             raise IndexError(f"sequence {bad} out of range for a corpus of {n} sequences")
         return np.where(idx < 0, idx + n, idx)
 
-    def read(self, indices: np.ndarray | Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Tokens (int32) and document starts (bool) of several sequences, in the order asked. Adjacent
-        sequences are read as one range, so a batch of consecutive sequences is one read."""
+    def _gather(
+        self, indices: np.ndarray | Sequence[int], read_range: Callable[[int, int], tuple[np.ndarray, ...]]
+    ) -> list[tuple[np.ndarray, ...]]:
+        """``read_range(start, end)`` (a tuple of per-token arrays) cut into the sequences asked, in the
+        order asked. Adjacent sequences are read as one range, so a batch of consecutive sequences is one
+        read."""
         idx = self._indices(indices)
         starts = idx * self.max_seq_len
         ends = np.minimum(starts + self.max_seq_len, self.n_tokens)
-        tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * len(idx)
-        docs: list[np.ndarray] = [np.zeros(0, np.bool_)] * len(idx)
+        out: list[tuple[np.ndarray, ...]] = [()] * len(idx)
         order = np.argsort(starts, kind="stable")
         run: list[int] = []
 
         def flush() -> None:
             a, b = int(starts[run[0]]), int(ends[run[-1]])
-            t, d = self._read_range(a, b)
+            arrays = read_range(a, b)
             for j in run:
-                tokens[j], docs[j] = t[starts[j] - a : ends[j] - a], d[starts[j] - a : ends[j] - a]
+                out[j] = tuple(x[starts[j] - a : ends[j] - a] for x in arrays)
 
         for j in order:
             if run and starts[j] > ends[run[-1]]:  # a gap: read what came so far
@@ -315,7 +342,25 @@ class Packing:
             run.append(int(j))
         if run:
             flush()
-        return tokens, docs
+        return out
+
+    def read(self, indices: np.ndarray | Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Tokens (int32) and document starts (bool) of several sequences, in the order asked (see
+        :meth:`_gather`)."""
+        seqs = self._gather(indices, self._read_range)
+        return [s[0] for s in seqs], [s[1] for s in seqs]
+
+    def loss_masks(self, indices: np.ndarray | Sequence[int], loss_on: str) -> list[np.ndarray]:
+        """The loss masks (bool [L], True at a trained token) of several sequences, in the order asked:
+        the stored ones (see :mod:`selkd.cache.tokenizing`) for ``--loss-on assistant``, all True for
+        ``all``."""
+        if loss_on == "all":
+            return [np.ones(b - a, np.bool_) for a, b in map(self.sequence_bounds, self._indices(indices))]
+        return [s[0] for s in self._gather(indices, lambda a, b: (self._read_mask_range(a, b),))]
+
+    def _read_mask_range(self, start: int, end: int) -> np.ndarray:
+        """The loss mask (bool) of ``[start, end)`` of the stream."""
+        raise NotImplementedError
 
     def sequences(self, indices: np.ndarray | Sequence[int]) -> list[np.ndarray]:
         """int32 tokens of several sequences (see :meth:`read`)."""
@@ -343,3 +388,6 @@ class PackedTokens(Packing):
 
     def _read_range(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         return self.store.read(start, end)
+
+    def _read_mask_range(self, start: int, end: int) -> np.ndarray:
+        return self.store.read_mask(start, end)

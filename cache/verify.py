@@ -62,6 +62,8 @@ def _common_problems(a: Mapping[str, np.ndarray], vocab: int, max_seq_len: int) 
     if (lengths < 2).any() or (lengths > max_seq_len).any():
         yield "seq_offsets", f"offsets not increasing by 2..{max_seq_len} tokens per sequence"
     n_targets = len(a["input_ids"]) - n_seq
+    if "loss_mask" in a and len(a["loss_mask"]) != len(a["input_ids"]):
+        yield "loss_mask", "length != the number of tokens (input_ids)"
     if ((a["input_ids"] < 0) | (a["input_ids"] >= vocab)).any():
         yield "input_ids", f"token ids outside [0, {vocab})"
     for name in ("teacher_entropy", "teacher_logprob"):

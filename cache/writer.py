@@ -73,9 +73,11 @@ class PartWriter:
         sequences: list[np.ndarray],
         doc_start: list[np.ndarray],
         outputs: TeacherOutputs,
+        loss_mask: list[np.ndarray] | None = None,
     ) -> None:
         """Add a batch: ``outputs`` holds the targets of every sequence's L_i - 1 positions,
-        concatenated in sequence order (leading shape [sum(L_i - 1)])."""
+        concatenated in sequence order (leading shape [sum(L_i - 1)]); ``loss_mask``: bool [L_i] per
+        sequence, True at trained tokens (None: all)."""
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         n_targets = int((lengths - 1).sum())
         if outputs.entropy.shape[0] != n_targets:
@@ -85,6 +87,9 @@ class PartWriter:
             "seq_offsets": lengths,
             "input_ids": np.concatenate(sequences).astype(np.int32),
             "doc_start": np.concatenate(doc_start).astype(np.bool_),
+            "loss_mask": np.concatenate(loss_mask).astype(np.bool_)
+            if loss_mask is not None
+            else np.ones(int(lengths.sum()), np.bool_),
             "teacher_entropy": outputs.entropy.cpu().numpy().astype(np.float16),
             "teacher_logprob": outputs.next_logprob.cpu().numpy().astype(np.float16),
             **self.codec.encode(outputs.targets, lengths - 1),
@@ -139,10 +144,12 @@ class PartWriter:
 def part_stats(codec: TargetCodec, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Counts and sums that ``info`` aggregates without reading the arrays again (the mode's from its codec)."""
     ent = arrays["teacher_entropy"].astype(np.float64)
+    mask, first = arrays["loss_mask"], arrays["seq_offsets"][:-1]
     return {
         "n_sequences": int(arrays["seq_index"].shape[0]),
         "n_tokens": int(arrays["input_ids"].shape[0]),
         "n_targets": int(ent.shape[0]),
+        "n_trained": int(mask.sum()) - int(mask[first].sum()),  # a sequence's first token is no target
         "sum_teacher_entropy": float(ent.sum()),
         **codec.stats(arrays),
     }

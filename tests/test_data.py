@@ -106,6 +106,7 @@ def _truncate(seq: CachedSequence, n: int) -> CachedSequence:
         teacher_entropy=seq.teacher_entropy[: n - 1],
         teacher_logprob=seq.teacher_logprob[: n - 1],
         targets=replace(t, ids=t.ids[: n - 1], logprobs=t.logprobs[: n - 1]),  # type: ignore[index]
+        trained=None if seq.trained is None else seq.trained[: n - 1],
     )
 
 

@@ -25,10 +25,12 @@ __all__ = ["IGNORE_INDEX", "Batch", "collate"]
 class Batch:
     """B sequences padded to the longest one (L tokens).
 
-    ``labels[b, t]`` is ``input_ids[b, t + 1]`` where the teacher has a target (positions
-    ``0 .. len_b - 2``) and -100 at the last real position and at padding; ``valid`` is
-    ``labels != -100``. ``targets`` has leading shape ``[B, L]`` (invalid positions: ids 0,
-    logprob -inf); ``teacher_entropy`` and ``teacher_logprob`` are 0 where invalid.
+    ``labels[b, t]`` is ``input_ids[b, t + 1]`` where the teacher has a target that trains (positions
+    ``0 .. len_b - 2`` whose :attr:`CachedSequence.trained` is set: with ``--loss-on assistant`` only
+    those before an assistant token of a chat row) and -100 elsewhere (the last real position, padding,
+    prompt positions); ``valid`` is ``labels != -100``: selection, KD and CE see only valid positions.
+    ``targets`` has leading shape ``[B, L]`` (past a sequence's end: ids 0, logprob -inf);
+    ``teacher_entropy`` and ``teacher_logprob`` are 0 where invalid.
     """
 
     input_ids: torch.Tensor  # [B, L] int64, padded with pad_id
@@ -108,20 +110,24 @@ def collate(seqs: list[CachedSequence], pad_id: int) -> Batch:
 
     input_ids = np.full((b, length), pad_id, dtype=np.int64)
     input_ids[tok_mask] = np.concatenate([s.input_ids for s in seqs])
+    valid = np.zeros((b, length), dtype=np.bool_)
+    valid[tgt_mask] = np.concatenate([np.ones(len(s) - 1, np.bool_) if s.trained is None else s.trained for s in seqs])
     labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
     labels[tgt_mask] = np.concatenate([s.input_ids[1:] for s in seqs])
+    labels[~valid] = IGNORE_INDEX
     entropy = np.zeros((b, length), dtype=np.float32)
     entropy[tgt_mask] = np.concatenate([s.teacher_entropy for s in seqs])
     logprob = np.zeros((b, length), dtype=np.float32)
     logprob[tgt_mask] = np.concatenate([s.teacher_logprob for s in seqs])
     doc_start = np.zeros((b, length), dtype=np.bool_)
     doc_start[tok_mask] = np.concatenate([s.doc_start for s in seqs])
+    entropy[~valid] = logprob[~valid] = 0.0
 
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(tok_mask.astype(np.int64)),
         labels=torch.from_numpy(labels),
-        valid=torch.from_numpy(tgt_mask),
+        valid=torch.from_numpy(valid),
         targets=SparseTargets.stack_padded([s.targets for s in seqs], length),
         teacher_entropy=torch.from_numpy(entropy),
         teacher_logprob=torch.from_numpy(logprob),

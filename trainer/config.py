@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from selkd.cache.config import LOSS_ON
 from selkd.cache.modes import ClassSpec
 from selkd.cache.options import (
     ConfigError,
@@ -191,6 +192,11 @@ class TrainConfig:
         help="each packed document attends only to itself, in the student (and the online teacher) (default: "
         "on in online mode; with --cache, what the cache's teacher pass used)"
     )
+    loss_on: str | None = opt(
+        help="positions trained: assistant (of a chat row only those before an assistant token) or all; "
+        "default assistant; with --cache fixed by the cache (another value is refused)",
+        choices=LOSS_ON,
+    )
     # ---------------------------------------------------------------- selection and loss
     select: str = opt(
         "student-entropy:0.2",
@@ -319,6 +325,7 @@ class TrainConfig:
             for key, default in ONLINE_DEFAULTS.items():
                 if getattr(self, key) is None:
                     setattr(self, key, default)
+            self.loss_on = self.loss_on or LOSS_ON[0]
         if (self.student is None) == (self.student_config is None):
             which = "both were given" if self.student is not None else "neither was given"
             raise ConfigError(

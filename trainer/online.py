@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from selkd.cache import format as fmt
 from selkd.cache.classes import teacher_outputs
+from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.modes import ClassSpec
@@ -41,9 +43,14 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def sequences(
-        self, seqs: list[np.ndarray], seq_index: np.ndarray, doc_start: list[np.ndarray]
+        self,
+        seqs: list[np.ndarray],
+        seq_index: np.ndarray,
+        doc_start: list[np.ndarray],
+        loss_mask: list[np.ndarray] | None = None,
     ) -> list[CachedSequence]:
-        """Teacher targets for equal- or mixed-length sequences (one forward per distinct length)."""
+        """Teacher targets for equal- or mixed-length sequences (one forward per distinct length);
+        ``loss_mask``: bool [L] per sequence, True at trained tokens (None: all), as a cache stores it."""
         out: list[CachedSequence | None] = [None] * len(seqs)
         lengths = np.array([len(s) for s in seqs])
         for length in np.unique(lengths):
@@ -69,6 +76,7 @@ class OnlineTeacher:
                     teacher_entropy=res.entropy[sl].float().cpu().numpy(),
                     teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
                     targets=res.targets.select(sl).to("cpu"),  # float32, as the reader gives them
+                    trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
 
@@ -77,7 +85,9 @@ class OnlineStream:
     """Batches of a packed corpus with live teacher targets; the same cursor semantics as
     :class:`selkd.trainer.data.CacheStream` (order from (seed, epoch); rank r of W takes global
     batch s*W + r of each step; the remainder is dropped; the cursor moves to the next epoch when
-    the last batch of an epoch is taken)."""
+    the last batch of an epoch is taken). ``loss_on``: which positions train (``selkd-cache build
+    --loss-on``); a sequence with none keeps its place in the batch and trains nothing, so that every
+    rank takes the same steps."""
 
     def __init__(
         self,
@@ -94,8 +104,9 @@ class OnlineStream:
         pad_id: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        loss_on: str = LOSS_ON[0],
     ) -> None:
-        self.corpus, self.teacher = corpus, teacher
+        self.corpus, self.teacher, self.loss_on = corpus, teacher, loss_on
         # the split has its own seed: a new training seed must not move sequences between the splits
         is_eval = eval_mask(corpus.n_sequences, eval_fraction, split_seed)
         self.index = np.flatnonzero(is_eval if split == "eval" else ~is_eval)
@@ -148,7 +159,8 @@ class OnlineStream:
             )
             idx = np.asarray(idx)
             seqs, docs = self.corpus.read(idx)
-            batch: Batch = collate(self.teacher.sequences(seqs, idx, docs), self.pad_id)
+            masks = self.corpus.loss_masks(idx, self.loss_on)
+            batch: Batch = collate(self.teacher.sequences(seqs, idx, docs, masks), self.pad_id)
             self._step += 1
             if self._step >= self.steps_per_epoch():
                 self._epoch, self._step = self._epoch + 1, 0

@@ -162,8 +162,9 @@ def check_resume(cfg: TrainConfig, run_dir: RunDir | None) -> Resume:
 
 
 def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
-    """The student's tokenizer and, in cache mode, the cache, checked against each other before any
-    weights are loaded (an incomplete cache is refused unless ``--allow-missing-parts``)."""
+    """The student's tokenizer and, in cache mode, the cache, checked against each other (and --loss-on
+    against the cache's) before any weights are loaded (an incomplete cache is refused unless
+    ``--allow-missing-parts``)."""
     student_src = cfg.student or cfg.student_config
     tokenizer = load_tokenizer(student_src, trust_remote_code=cfg.trust_remote_code)  # type: ignore[arg-type]
     if cfg.cache is None:
@@ -180,6 +181,11 @@ def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
         raise TrainError(
             f"the student's tokenizer ({student_src}) differs from the one the cache {cfg.cache} was built "
             "with (fingerprints differ); use a student that shares the teacher's tokenizer"
+        )
+    if cfg.loss_on is not None and cfg.loss_on != reader.loss_on:
+        raise TrainError(
+            f"--loss-on {cfg.loss_on}: {reader.url} was built with --loss-on {reader.loss_on}, which fixes the "
+            "positions that train; leave --loss-on out or build another cache"
         )
     return tokenizer, reader
 
@@ -315,6 +321,7 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         seed=cfg.seed,
         split_seed=cfg.split_seed,
         pad_id=pad_id,
+        loss_on=cfg.loss_on,
     )
     loader = OnlineStream(corpus, live, split="train", rank=dist_info.rank, world_size=dist_info.world_size, **common)
     eval_source = OnlineStream(corpus, live, split="eval", shuffle=False, drop_last=False, **common)
