@@ -2,8 +2,9 @@
 
 One suite, parametrised over: a local directory, ``Storage.memory()``, an fsspec ``memory://`` URL,
 and S3 (moto's server on 127.0.0.1) reached once through storage options and once through the
-standard AWS environment only. A behaviour that differs between backends is a bug in
-``cache/store.py``, not something callers should work around.
+standard AWS environment only. A behaviour that differs between backends is a bug in the
+backend's class (``cache/store_*.py``), not something callers should work around; a new backend is
+added to ``BACKENDS`` / ``open_backend`` and runs the whole contract.
 """
 
 from __future__ import annotations
