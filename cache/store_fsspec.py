@@ -170,6 +170,11 @@ class FsspecStorage(Storage):
         root = self.store.path.rstrip("/")
         return f"{root}/{key}" if root else key
 
+    def _hidden(self, key: str) -> bool:
+        """The store's own root path, which s3fs's ``find`` returns when a listing came back empty and
+        the prefix appeared just after (its follow-up ``info`` then finds a "directory"): not a key."""
+        return key == self.store.path.rstrip("/")
+
     @property
     def lease_safety(self) -> LeaseSafety:
         return "in-process" if "memory" in self.fs.protocol else "best-effort"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from typing import Any
 
 from zarr.core.sync import sync
 
-from selkd.cache.format import LEASES_PREFIX
 from selkd.cache.store import LeaseSafety, StoreError
 from selkd.cache.store_fsspec import FsspecStorage, error_code
 
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # S3 error codes meaning "your condition did not hold" (412) or "a concurrent conditional write is
 # in flight, you lost" (409): both mean another writer got there first.
 _LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+# The probe object of conditional writes: at the root, so that listings can hide it (another worker
+# opening the same empty store must not take it for foreign contents).
+_PROBE = re.compile(r"\.selkd-probe-[0-9a-f]{32}")
 
 
 def _lost_race(err: BaseException) -> bool:
@@ -86,6 +89,10 @@ class S3Storage(FsspecStorage):
     def read_root(self) -> object | None:
         return self._get("zarr.json")
 
+    def _hidden(self, key: str) -> bool:
+        """Probe objects of conditional writes (other workers' probes, while they open the store)."""
+        return _PROBE.fullmatch(key) is not None or super()._hidden(key)
+
     def _check_bucket(self) -> None:
         """One HEAD on the bucket: a missing bucket otherwise shows up as 'no such key' much later
         (or, in mode "r", as a misleading 'no cache there')."""
@@ -122,7 +129,7 @@ class S3Storage(FsspecStorage):
         """
         if self._s3_conditional is None:
             fs = self.fs
-            bucket, probe, _ = fs.split_path(self.fs_path(f"{LEASES_PREFIX}/.probe-{uuid.uuid4().hex}"))
+            bucket, probe, _ = fs.split_path(self.fs_path(f".selkd-probe-{uuid.uuid4().hex}"))
 
             async def call(method: str, **kwargs: Any) -> bool:
                 try:

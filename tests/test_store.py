@@ -419,6 +419,32 @@ def test_s3_sees_objects_written_by_other_clients(s3_endpoint: S3Endpoint) -> No
     assert not a.exists("selkd/commits/p-0.json")
 
 
+def test_s3_other_workers_probes_are_not_contents(s3_endpoint: S3Endpoint) -> None:
+    """Workers opening one empty store together: each writes a short-lived probe object (conditional
+    writes), which the others' listings must not show (a builder would take the store for foreign
+    contents; seen as tests/test_recipe.py's 2-rank build failing with "holds files that are not a
+    selkd cache")."""
+    s3 = s3_endpoint
+    url = s3.url(_unique("probes"))
+    watcher = Storage.open(url, storage_options=s3.storage_options, mode="w")
+
+    def open_several() -> None:
+        for _ in range(4):
+            Storage.open(url, storage_options=s3.storage_options, mode="w")
+
+    openers = [threading.Thread(target=open_several) for _ in range(2)]
+    for t in openers:
+        t.start()
+    seen: set[str] = set()
+    while any(t.is_alive() for t in openers):
+        seen.update(watcher.list_dir(""), watcher.list_prefix(""))
+        if not watcher.is_empty():
+            seen.add("is_empty() False")
+    for t in openers:
+        t.join()
+    assert seen == set()
+
+
 def test_s3_env_endpoint_is_used(aws_env: S3Endpoint) -> None:
     """Only the standard AWS variables: Storage finds the endpoint and credentials from them."""
     storage = Storage.open(aws_env.url(_unique("envcheck")), mode="w")
