@@ -7,7 +7,7 @@ command skips committed parts and redoes the rest; the last builder to finish fi
 
 Builders that would write the same part (two launched with the same rank, or a rerun started while
 the first run still goes) are kept apart by a lease per part in the store (``selkd/leases/``, see
-:mod:`selkd.cache.part_leases`): a builder writes a part only while it holds the part's lease, renews it
+:mod:`selkd.cache.leases`): a builder writes a part only while it holds the part's lease, renews it
 between batches and right before the commit record, and skips a part another live builder holds,
 coming back to it at the end (the other builder commits it, or its lease lapses and this builder
 takes the part over). A holder that lost its lease never writes the commit record.
@@ -33,7 +33,7 @@ from selkd.cache.config import SETTINGS_BEFORE_OPTION, SETTINGS_KEYS, BuildConfi
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs, check_separates
 from selkd.cache.errors import SelkdError
-from selkd.cache.part_leases import LeasedPartWriter, PartLeases, log, run_leased
+from selkd.cache.leases import LeasedPartWriter, PartLeases, log, run_leased
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheError, header_classes, read_header
 from selkd.cache.scoring import (

@@ -19,8 +19,8 @@ from selkd.cache.build import build_cache, finalize, torchrun_rank_world
 from selkd.cache.config import BuildConfig, PrepareConfig
 from selkd.cache.errors import Command, run_cli
 from selkd.cache.info import cache_info, info_dict
+from selkd.cache.leases import log
 from selkd.cache.options import OptionParser, add_arguments, from_args, parse_kv, read_config_file
-from selkd.cache.part_leases import log
 from selkd.cache.prepare import prepare_tokens
 from selkd.cache.reader import CacheReader, open_cache
 from selkd.cache.store import Storage

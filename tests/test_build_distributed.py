@@ -32,7 +32,7 @@ from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig
-from selkd.cache.part_leases import PartLeases, _pid_space
+from selkd.cache.leases import PartLeases, _pid_space, acquire_lease, read_lease, release_lease
 from selkd.cache.store import Storage
 
 pytestmark = pytest.mark.slow
@@ -145,14 +145,14 @@ def test_part_held_by_a_live_builder_is_left_to_it(
     out = _copy(reference, tmp_path, "part-00002", "part-00004")
     storage = Storage.open(str(out), mode="w")
     name = PartLeases.lease_name("part-00002")
-    assert storage.acquire_lease(name, OTHER_HOST, 600)
+    assert acquire_lease(storage, name, OTHER_HOST, 600)
 
     def other_builder() -> None:  # commits part-00002 once our builder is done with part-00004, then lets go
         deadline = time.monotonic() + 120
         while not (out / fmt.COMMITS_PREFIX / "part-00004.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         _restore_part(reference, out, "part-00002")
-        storage.release_lease(name, OTHER_HOST)
+        release_lease(storage, name, OTHER_HOST)
 
     thread = threading.Thread(target=other_builder)
     thread.start()
@@ -173,7 +173,7 @@ def test_lapsed_lease_is_taken_over(
 ) -> None:
     out = _copy(reference, tmp_path, "part-00002")
     storage = Storage.open(str(out), mode="w")
-    assert storage.acquire_lease(PartLeases.lease_name("part-00002"), OTHER_HOST, 2.0)  # holder stops renewing
+    assert acquire_lease(storage, PartLeases.lease_name("part-00002"), OTHER_HOST, 2.0)  # holder stops renewing
     result = build_cache(cfg(tiny_teacher_dir, text_corpus_dir, out))
     assert "part-00002: held by another builder" in capsys.readouterr().err
     assert result.parts_written == 1 and result.finalized
@@ -192,7 +192,7 @@ def test_dead_builder_on_this_host_is_taken_over_at_once(
     dead.wait()  # exited and reaped: its pid names no process
     owner = f"{socket.gethostname()}:{dead.pid}:{_pid_space()}:{uuid.uuid4().hex}"
     storage = Storage.open(str(out), mode="w")
-    assert storage.acquire_lease(PartLeases.lease_name("part-00002"), owner, 600)
+    assert acquire_lease(storage, PartLeases.lease_name("part-00002"), owner, 600)
     start = time.monotonic()
     result = build_cache(cfg(tiny_teacher_dir, text_corpus_dir, out))
     assert time.monotonic() - start < 120  # not the 600 s of the dead builder's lease
@@ -201,7 +201,7 @@ def test_dead_builder_on_this_host_is_taken_over_at_once(
     assert faults.cache_digest(out) == faults.cache_digest(reference)
     # a live process on this host keeps its lease
     me = f"{socket.gethostname()}:{os.getpid()}:{_pid_space()}:x"
-    from selkd.cache.part_leases import holder_is_dead
+    from selkd.cache.leases import holder_is_dead
 
     assert not holder_is_dead(me) and holder_is_dead(owner)
     assert not holder_is_dead(f"{socket.gethostname()}:{dead.pid}:another-space:x")  # other container: unknown
@@ -231,10 +231,10 @@ def test_builder_that_lost_its_lease_does_not_commit(
     def steal(storage: Storage) -> None:
         if not stolen["done"]:
             stolen["done"] = True
-            holder = storage.read_lease(name)
+            holder = read_lease(storage, name)
             assert holder is not None
-            assert storage.release_lease(name, holder["owner"])  # as if it had lapsed and been taken
-            assert storage.acquire_lease(name, OTHER_HOST, 2.0)
+            assert release_lease(storage, name, holder["owner"])  # as if it had lapsed and been taken
+            assert acquire_lease(storage, name, OTHER_HOST, 2.0)
             stolen["at"] = time.monotonic()
 
     if when == "mid-part":
