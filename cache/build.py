@@ -143,12 +143,14 @@ def open_output(cfg: BuildConfig) -> tuple[Storage, dict[str, Any] | None]:
     storage = Storage.open(cfg.out, store_options(cfg.out, cfg.storage_option), mode="w")
     if storage.is_empty():
         return storage, None
-    if not storage.exists("zarr.json") and set(storage.list_dir("")) != {CACHE_TOKENS_PREFIX}:
+    # One listing decides: under torchrun rank 0 may write the root between two separate checks.
+    names = set(storage.list_dir(""))
+    if "zarr.json" not in names and names - {CACHE_TOKENS_PREFIX}:
         raise BuildError(
             f"{storage.url}: holds files that are not a selkd cache; choose an empty or new location for --out"
         )
     try:
-        return storage, read_header(storage) if storage.exists("zarr.json") else None
+        return storage, read_header(storage) if "zarr.json" in names else None
     except CacheError as err:
         raise BuildError(f"{err}; choose an empty or new location for --out") from err
 
