@@ -173,7 +173,9 @@ def test_lapsed_lease_is_taken_over(
 ) -> None:
     out = _copy(reference, tmp_path, "part-00002")
     storage = Storage.open(str(out), mode="w")
-    assert acquire_lease(storage, PartLeases.lease_name("part-00002"), OTHER_HOST, 2.0)  # holder stops renewing
+    # The holder stops renewing. Its lease must still run when the builder reaches the part (after loading
+    # the models: seconds on a busy machine), so not too short; the builder then waits for it to lapse.
+    assert acquire_lease(storage, PartLeases.lease_name("part-00002"), OTHER_HOST, 12.0)
     result = build_cache(cfg(tiny_teacher_dir, text_corpus_dir, out))
     assert "part-00002: held by another builder" in capsys.readouterr().err
     assert result.parts_written == 1 and result.finalized
