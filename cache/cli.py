@@ -4,6 +4,10 @@ Exit codes: 0 success; 1 the command ran and found a problem (verify) or failed 
 2 bad usage or configuration. A full disk (ENOSPC, or EDQUOT: over quota) while writing is a
 one-line error naming the store, not a traceback: freeing space and rerunning the same command
 resumes the build (committed parts are kept; a part being written is invisible until committed).
+
+Start-up: only pure-Python modules are imported before the arguments are parsed, so ``--help``,
+``--version`` and a usage error answer at once; each command imports what it needs (torch and
+transformers for ``prepare`` and ``build``, zarr and numpy for ``info``, ``verify`` and ``finalize``).
 """
 
 from __future__ import annotations
@@ -12,21 +16,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from selkd.cache.build import build_cache, finalize, torchrun_rank_world
 from selkd.cache.config import BuildConfig, PrepareConfig
 from selkd.cache.errors import Command, run_cli
-from selkd.cache.info import cache_info, info_dict
-from selkd.cache.leases import log
-from selkd.cache.options import OptionParser, add_arguments, from_args, parse_kv, read_config_file
-from selkd.cache.prepare import prepare_tokens
-from selkd.cache.reader import CacheReader, open_cache
-from selkd.cache.store import Storage
-from selkd.cache.teacher import load_tokenizer
-from selkd.cache.tokens import TokenStore, read_header
-from selkd.cache.verify import verify_cache
+from selkd.cache.options import OptionParser, add_arguments, add_version, from_args, parse_kv, read_config_file
+
+if TYPE_CHECKING:
+    from selkd.cache.reader import CacheReader
+    from selkd.cache.tokens import TokenStore
 
 # What rerunning a build does with a store whose disk filled up.
 DISK_FULL_RERUN = "committed parts are kept, the part that was being written is not visible and is redone"
@@ -42,12 +40,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser = OptionParser(
         prog="selkd-cache", description="Build, inspect and verify selkd caches of sparse teacher outputs."
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "prepare",
         help="tokenize a corpus into a token store (what build --tokens and selkd-train --tokens read)",
         description="Tokenize a corpus into a sharded token store, in parallel and resumably.",
     )
+    add_version(p)
     p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
     add_arguments(p, PrepareConfig)
     p = sub.add_parser(
@@ -55,6 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="run the teacher over a corpus and write a cache",
         description="Run the teacher over a corpus and write a sharded Zarr cache.",
     )
+    add_version(p)
     p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
     add_arguments(p, BuildConfig)
     for name, helptext in (
@@ -63,6 +64,7 @@ def make_parser() -> argparse.ArgumentParser:
         ("finalize", "write the root summary once every part is committed"),
     ):
         q = sub.add_parser(name, help=helptext, description=helptext)
+        add_version(q)
         q.add_argument("store", metavar="STORE", help="the cache: a local directory or an fsspec URL")
         q.add_argument(
             "--storage-option",
@@ -80,46 +82,81 @@ def make_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str], cmd: Command) -> int:
     """Parse ``argv`` and run the command; ``cmd.out`` is set to the store it writes (a full disk's
     message names it)."""
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
     if args.command == "prepare":
-        cfg = from_args(PrepareConfig, args, read_config_file(args.config) if args.config else None)
-        cmd.out, cmd.disk_full_rerun = cfg.out, DISK_FULL_RERUN_TOKENS
-        store = _prepare(cfg, argv)
-        for warning in store.stats.warnings():
-            log(f"warning: {warning}")
-        summary = store.summary
-        log(
-            f"done: {summary['n_tokens']:,} tokens, {summary['n_documents']:,} documents in {len(store.shards)} "
-            f"shards -> {store.url}"
-        )
-        return 0
+        return _prepare(from_args(PrepareConfig, args, _file_values(args)), argv, cmd)
     if args.command == "build":
-        file_values = read_config_file(args.config) if args.config else None
-        cfg = from_args(BuildConfig, args, file_values)
+        cfg = from_args(BuildConfig, args, _file_values(args))
         cmd.out = cfg.out
-        result = build_cache(cfg, argv=["selkd-cache", *argv])
-        return 0 if result is not None else 1
+        from selkd.cache.build import build_cache  # torch and transformers: once the options are checked
+
+        return 0 if build_cache(cfg, argv=["selkd-cache", *argv]) is not None else 1
     options = _storage_options(args.storage_option)
     if args.command == "finalize":
-        cmd.out = args.store
-        Storage.open(args.store, options, mode="r")  # must exist: "w" would create it
-        summary = finalize(Storage.open(args.store, options, mode="w"))
-        print(json.dumps(summary, indent=2))
-        return 0
-    if args.command == "info" and _is_token_store(args.store, options):
-        store = TokenStore.open(args.store, options)
-        print(json.dumps(store.summary | {"header": store.header}, indent=2) if args.json else store.describe())
-        return 0
-    reader = open_cache(args.store, options, require_complete=False)
+        return _finalize(args.store, options, cmd)
     if args.command == "info":
-        info = cache_info(reader)
-        missing = _missing_lines(reader)
-        if args.json:
-            print(json.dumps({**info_dict(info), "missing_parts": reader.missing_parts}, indent=2))
-        else:
-            print("\n".join([str(info), *missing]))
+        return _info(args.store, options, args.json)
+    return _verify(args.store, options)
+
+
+def _file_values(args: argparse.Namespace) -> dict[str, object] | None:
+    return read_config_file(args.config) if args.config else None
+
+
+def _prepare(cfg: PrepareConfig, argv: Sequence[str], cmd: Command) -> int:
+    from selkd.cache.build import torchrun_rank_world
+    from selkd.cache.leases import log
+    from selkd.cache.prepare import prepare_tokens
+    from selkd.cache.teacher import load_tokenizer
+
+    cmd.out, cmd.disk_full_rerun = cfg.out, DISK_FULL_RERUN_TOKENS
+    rank, world = torchrun_rank_world(cfg)  # type: ignore[arg-type]
+    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    store = prepare_tokens(cfg, tokenizer, rank, world, argv=["selkd-cache", *argv])
+    for warning in store.stats.warnings():
+        log(f"warning: {warning}")
+    summary = store.summary
+    log(
+        f"done: {summary['n_tokens']:,} tokens, {summary['n_documents']:,} documents in {len(store.shards)} "
+        f"shards -> {store.url}"
+    )
+    return 0
+
+
+def _finalize(location: str, options: dict[str, object], cmd: Command) -> int:
+    from selkd.cache.build import finalize
+    from selkd.cache.store import Storage
+
+    cmd.out = location
+    Storage.open(location, options, mode="r")  # must exist: "w" would create it
+    print(json.dumps(finalize(Storage.open(location, options, mode="w")), indent=2))
+    return 0
+
+
+def _info(location: str, options: dict[str, object], as_json: bool) -> int:
+    from selkd.cache.info import cache_info, info_dict
+    from selkd.cache.reader import open_cache
+
+    store = _token_store(location, options)
+    if store is not None:
+        print(json.dumps(store.summary | {"header": store.header}, indent=2) if as_json else store.describe())
         return 0
+    reader = open_cache(location, options, require_complete=False)
+    info = cache_info(reader)
+    if as_json:
+        print(json.dumps({**info_dict(info), "missing_parts": reader.missing_parts}, indent=2))
+    else:
+        print("\n".join([str(info), *_missing_lines(reader)]))
+    return 0
+
+
+def _verify(location: str, options: dict[str, object]) -> int:
+    from tqdm import tqdm
+
+    from selkd.cache.reader import open_cache
+    from selkd.cache.verify import verify_cache
+
+    reader = open_cache(location, options, require_complete=False)
     bar = tqdm(total=len(reader.parts), unit="part", desc="verify", file=sys.stderr, dynamic_ncols=True)
     problems = verify_cache(reader, progress=lambda _name: bar.update(1))
     bar.close()
@@ -133,15 +170,14 @@ def run(argv: Sequence[str], cmd: Command) -> int:
     return 0
 
 
-def _prepare(cfg: PrepareConfig, argv: Sequence[str]) -> TokenStore:
-    rank, world = torchrun_rank_world(cfg)  # type: ignore[arg-type]
-    tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-    return prepare_tokens(cfg, tokenizer, rank, world, argv=["selkd-cache", *argv])
+def _token_store(location: str, options: dict[str, object]) -> TokenStore | None:
+    """The token store at ``location`` if it holds one (its root header says so), else None."""
+    from selkd.cache.store import Storage
+    from selkd.cache.tokens import TokenStore, read_header
 
-
-def _is_token_store(location: str, options: dict[str, object]) -> bool:
-    """Whether ``location`` holds a token store (its root header says so)."""
-    return read_header(Storage.open(location, options, mode="r")) is not None
+    if read_header(Storage.open(location, options, mode="r")) is None:
+        return None
+    return TokenStore.open(location, options)
 
 
 def _missing_lines(reader: CacheReader, shown: int = 5) -> list[str]:

@@ -33,30 +33,39 @@ _DATA_HELP = (
 class PrepareConfig:
     """Options of `selkd-cache prepare`: tokenize a corpus into a token store (see selkd.cache.prepare)."""
 
-    data: list[str] = opt(help=_DATA_HELP, required=True, metavar="SPEC")
+    data: list[str] = opt(help=_DATA_HELP, required=True, metavar="SPEC", group="data")
     tokenizer: str = opt(
         help="the teacher's tokenizer: a model directory or hub id (the teacher itself will do)",
         required=True,
         metavar="MODEL",
+        group="model",
     )
     out: str = opt(
         help="the token store: a local directory or an fsspec URL such as s3://bucket/tokens",
         required=True,
         metavar="TOKENS",
+        group="output",
     )
-    text_field: str = opt("text", help="field of .jsonl/.parquet/datasets rows that holds the text")
-    limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
+    text_field: str = opt("text", help="field of .jsonl/.parquet/datasets rows that holds the text", group="data")
+    limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2, group="data")
     shard_tokens: int = opt(
-        1 << 24, help="tokens per shard (a unit's last shard holds the rest); a worker holds one shard", lo=1024
+        1 << 24,
+        help="tokens per shard (a unit's last shard holds the rest); a worker holds one shard",
+        lo=1024,
+        group="output",
     )
-    workers: int = opt(1, help="tokenizer processes on this machine (each takes whole input units)", lo=1)
-    rank: int | None = opt(help="this preparer's rank (default: torchrun's RANK, else 0)", lo=0)
-    world_size: int | None = opt(help="number of preparers (default: torchrun's WORLD_SIZE, else 1)", lo=1)
+    workers: int = opt(
+        1, help="tokenizer processes on this machine (each takes whole input units)", lo=1, group="distributed"
+    )
+    rank: int | None = opt(help="this preparer's rank (default: torchrun's RANK, else 0)", lo=0, group="distributed")
+    world_size: int | None = opt(
+        help="number of preparers (default: torchrun's WORLD_SIZE, else 1)", lo=1, group="distributed"
+    )
     storage_option: dict[str, Any] = opt(
-        {}, help="fsspec storage option for --out and for --data URLs, repeatable", metavar="KEY=VALUE"
+        {}, help="fsspec storage option for --out and for --data URLs, repeatable", metavar="KEY=VALUE", group="data"
     )
-    trust_remote_code: bool = opt(False, help="allow tokenizer code from the model's repository to run")
-    progress: bool = opt(True, help="show a progress bar")
+    trust_remote_code: bool = opt(False, help="allow tokenizer code from the model's repository to run", group="model")
+    progress: bool = opt(True, help="show a progress bar", group="output")
 
     def __post_init__(self) -> None:
         check(self)
@@ -72,40 +81,55 @@ def _check_rank(rank: int | None, world_size: int | None) -> None:
 
 @dataclass
 class BuildConfig:
-    teacher: str = opt(help="teacher model: a local Hugging Face directory or a hub id", required=True, metavar="MODEL")
+    teacher: str = opt(
+        help="teacher model: a local Hugging Face directory or a hub id", required=True, metavar="MODEL", group="model"
+    )
     data: list[str] = opt(
-        [], help=_DATA_HELP + "; tokenized into STORE/tokens first (exclusive with --tokens)", metavar="SPEC"
+        [],
+        help=_DATA_HELP + "; tokenized into STORE/tokens first (exclusive with --tokens)",
+        metavar="SPEC",
+        group="data",
     )
     tokens: str | None = opt(
         help="instead of --data: a token store made by `selkd-cache prepare` with the teacher's tokenizer",
         metavar="TOKENS",
+        group="data",
     )
     out: str = opt(
         help="the cache: a local directory or an fsspec URL such as s3://bucket/prefix",
         required=True,
         metavar="STORE",
+        group="output",
     )
     classes: str = opt(
         "sample:50",
         help="classes kept per position: sample:N (RS-KD, N draws, N <= 255), topk:K (K largest + tail mass), or full",
         validate=_valid_classes,
         metavar="MODE",
+        group="classes",
     )
-    temperature: float = opt(1.0, help="teacher temperature of the stored targets", lo=0.0, lo_open=True)
-    max_seq_len: int = opt(512, help="tokens per packed sequence", lo=2)
+    temperature: float = opt(
+        1.0, help="teacher temperature of the stored targets", lo=0.0, lo_open=True, group="classes"
+    )
+    max_seq_len: int = opt(512, help="tokens per packed sequence", lo=2, group="data")
     loss_on: str = opt(
         "assistant",
         help="positions that get targets: assistant (of a chat row only those before an assistant token, of "
         "plain text all; a sequence with none is skipped) or all",
         choices=LOSS_ON,
+        group="data",
     )
-    text_field: str | None = opt(help="field of .jsonl/.parquet/datasets rows that holds the text (default: text)")
-    limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2)
+    text_field: str | None = opt(
+        help="field of .jsonl/.parquet/datasets rows that holds the text (default: text)", group="data"
+    )
+    limit_tokens: int | None = opt(help="stop reading the corpus after this many tokens", lo=2, group="data")
     eval_fraction: float = opt(
-        0.01, help="fraction of sequences held out for evaluation (never trained on)", lo=0.0, hi=0.5
+        0.01, help="fraction of sequences held out for evaluation (never trained on)", lo=0.0, hi=0.5, group="data"
     )
     student: str | None = opt(
-        help="frozen student that scores samples for --sample-ratio (same tokenizer)", metavar="MODEL"
+        help="frozen student that scores samples for --sample-ratio (same tokenizer)",
+        metavar="MODEL",
+        group="selection",
     )
     sample_ratio: float | None = opt(
         help="keep only this fraction of training sequences, the highest scored (needs --student unless "
@@ -113,33 +137,45 @@ class BuildConfig:
         lo=0.0,
         lo_open=True,
         hi=1.0,
+        group="selection",
     )
     sample_signal: str = opt(
-        "student-entropy", help="how sequences are scored for --sample-ratio", choices=SAMPLE_SIGNALS
+        "student-entropy", help="how sequences are scored for --sample-ratio", choices=SAMPLE_SIGNALS, group="selection"
     )
-    part_tokens: int = opt(1 << 20, help="about this many positions per part (one writer per part)", lo=2)
-    seed: int = opt(0, help="seed of class sampling, the eval split and random sample selection", lo=0)
-    device: str = opt("auto", help="device of the teacher and student: auto (cuda when available), cuda, cpu, cuda:N")
-    dtype: str = opt("auto", help="teacher dtype: auto (bf16 on GPU, fp32 on CPU)", choices=DTYPES)
-    batch_size: int = opt(8, help="sequences per teacher forward pass", lo=1)
+    part_tokens: int = opt(
+        1 << 20, help="about this many positions per part (one writer per part)", lo=2, group="output"
+    )
+    seed: int = opt(0, help="seed of class sampling, the eval split and random sample selection", lo=0, group="classes")
+    device: str = opt(
+        "auto", help="device of the teacher and student: auto (cuda when available), cuda, cpu, cuda:N", group="model"
+    )
+    dtype: str = opt("auto", help="teacher dtype: auto (bf16 on GPU, fp32 on CPU)", choices=DTYPES, group="model")
+    batch_size: int = opt(8, help="sequences per teacher forward pass", lo=1, group="model")
     doc_attention: bool = opt(
         True,
         help="each packed document attends only to itself (position ids restart per document); "
         "--no-doc-attention lets tokens attend across document boundaries",
+        group="model",
     )
-    trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
-    rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0)
-    world_size: int | None = opt(help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1)
+    trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run", group="model")
+    rank: int | None = opt(help="this builder's rank (default: torchrun's RANK, else 0)", lo=0, group="distributed")
+    world_size: int | None = opt(
+        help="number of builders (default: torchrun's WORLD_SIZE, else 1)", lo=1, group="distributed"
+    )
     storage_option: dict[str, Any] = opt(
-        {}, help="fsspec storage option for --out, --tokens and --data URLs, repeatable", metavar="KEY=VALUE"
+        {},
+        help="fsspec storage option for --out, --tokens and --data URLs, repeatable",
+        metavar="KEY=VALUE",
+        group="data",
     )
     lease_ttl: float = opt(
         600.0,
         help="seconds a builder's claim (lease) on a part lasts unless renewed; another builder takes the part "
         "over once it lapses (a dead builder on the same host is detected at once)",
         lo=5.0,
+        group="distributed",
     )
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = opt(True, help="show progress bars", group="output")
 
     def __post_init__(self) -> None:
         check(self)

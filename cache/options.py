@@ -1,7 +1,8 @@
 """Config dataclasses that declare every option once and generate their CLI flags.
 
-An option is a dataclass field made with :func:`opt`: its default, help text and range check live
-in one place. :func:`add_arguments` turns the fields into argparse flags, :func:`from_args` builds the
+An option is a dataclass field made with :func:`opt`: its default, help text, range check and help
+group live in one place. :func:`add_arguments` turns the fields into argparse flags, grouped in
+``--help`` by :data:`GROUPS` with each default and range appended to the help text, :func:`from_args` builds the
 dataclass back (flags override values from a ``--config`` file), and ``__post_init__`` of every
 config calls :func:`check` so a bad value fails the same way from the CLI, a file or Python.
 
@@ -30,6 +31,10 @@ _MISSING = dataclasses.MISSING
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 _TOML_PLACE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
 
+# The sections of every CLI's --help, in this order (an option declares its own with opt(group=...)).
+# "other" only collects an option declared without a group (tests refuse that).
+GROUPS = ("model", "data", "classes", "selection", "optimisation", "output", "distributed", "other")
+
 
 def opt(
     default: Any = _MISSING,
@@ -44,9 +49,13 @@ def opt(
     cli: bool = True,
     metavar: str | None = None,
     validate: Callable[[Any], str | None] | None = None,
+    group: str = "other",
 ) -> Any:
     """Declare one option. ``lo``/``hi`` bound numbers (``lo_open`` makes the low bound exclusive);
-    ``validate`` returns an error message or None; ``cli=False`` keeps it out of the flags."""
+    ``validate`` returns an error message or None; ``cli=False`` keeps it out of the flags; ``group``
+    is its section of ``--help`` (one of :data:`GROUPS`)."""
+    if group not in GROUPS:
+        raise ValueError(f"opt(group={group!r}): not one of {', '.join(GROUPS)}")
     meta = {
         "help": help,
         "lo": lo,
@@ -58,6 +67,7 @@ def opt(
         "cli": cli,
         "metavar": metavar,
         "validate": validate,
+        "group": group,
     }
     if isinstance(default, (list, dict)):
         value = default
@@ -268,25 +278,61 @@ def negated_flag(name: str) -> str:
     return "--no-" + name.replace("_", "-")
 
 
+def _show(value: Any) -> str:
+    """A default or bound as a user would type it: ``true``, ``0.0001``, ``1``, ``sample:50``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def range_text(meta: Mapping[str, Any]) -> str | None:
+    """An option's numeric range as ``x >= 1``, ``0 < x <= 1`` or ``x <= 0.5`` (None: unbounded)."""
+    lo, hi = meta["lo"], meta["hi"]
+    low = "<" if meta["lo_open"] else "<="
+    if lo is None:
+        return None if hi is None else f"x <= {_show(hi)}"
+    if hi is None:
+        return f"x {'>' if meta['lo_open'] else '>='} {_show(lo)}"
+    return f"{_show(lo)} {low} x <= {_show(hi)}"
+
+
 def _help(meta: Mapping[str, Any], default: Any, is_bool: bool, name: str) -> str:
-    notes = [f"default: {default}"] if default not in (None, [], {}, False) else []
-    if meta["required"]:
-        notes.append("required")
+    """The help text, then what the declaration says: required, the ``--no-x`` form, the default
+    (unless there is none: None or empty) and the range."""
+    notes = ["required"] if meta["required"] else []
     if is_bool:
         notes.append(f"{negated_flag(name)}: false")
+    if default not in (None, [], {}):
+        notes.append(f"default: {_show(default)}")
+    limits = range_text(meta)
+    if limits is not None:
+        notes.append(f"range: {limits}")
     return meta["help"] + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print ``PROG X.Y.Z`` (the package version) and exit 0, before any other check."""
+    from selkd.cache import __version__
+
+    parser.add_argument("--version", action="version", version=f"{parser.prog} {__version__}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per field of ``config_cls``. Defaults are left as None (SUPPRESS) so that
     :func:`from_args` can tell a flag the user gave from one they did not. A boolean option ``x``
-    takes ``--x``, ``--x BOOL`` (true/false/yes/no/1/0, as in config files) and ``--no-x``."""
+    takes ``--x``, ``--x BOOL`` (true/false/yes/no/1/0, as in config files) and ``--no-x``. Each flag
+    goes into its option's section of ``--help`` (sections in :data:`GROUPS` order; an empty one is
+    not shown)."""
     hints = typing.get_type_hints(config_cls)
+    groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         if not meta or not meta["cli"]:
             continue
         base, is_list, _ = _base_type(hints[f.name])
+        group = groups[meta["group"]]
         default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {"help": _help(meta, default, base is bool, f.name), "default": argparse.SUPPRESS}
         if meta["metavar"]:
@@ -294,7 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         if base is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
             off = {"action": "store_const", "const": False, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-            parser.add_argument(negated_flag(f.name), dest=f.name, **off)
+            group.add_argument(negated_flag(f.name), dest=f.name, **off)
         elif base is dict:
             kwargs.update(type=parse_kv, action="append", metavar=meta["metavar"] or "KEY=VALUE")
         else:
@@ -305,9 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kwargs["choices"] = meta["choices"]
         if meta["positional"]:
             kwargs.pop("default")
-            parser.add_argument(f.name, **kwargs)
+            group.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag_name(f.name), dest=f.name, **kwargs)
+            group.add_argument(flag_name(f.name), dest=f.name, **kwargs)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

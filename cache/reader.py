@@ -32,7 +32,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from zarr.api import asynchronous as zarr_async
@@ -44,8 +44,10 @@ from selkd.cache.codecs import CODECS, TargetCodec
 from selkd.cache.errors import SelkdError
 from selkd.cache.scoring import committed_score_parts, sort_scores
 from selkd.cache.store import Storage, StoreError
-from selkd.cache.targets import SparseTargets
 from selkd.cache.writer import array_checksum
+
+if TYPE_CHECKING:  # the codecs make them; info and verify read arrays without torch
+    from selkd.cache.targets import SparseTargets
 
 PART_NAME = re.compile(r"^part-\d{5}$")
 SCORE_NAME = re.compile(r"^score-\d{5}$")

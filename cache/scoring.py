@@ -10,19 +10,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from selkd.cache import format as fmt
-from selkd.cache.doc_attention import attention_inputs
-from selkd.cache.logits import apply_head, hidden_states, lm_head, logits_transform, softmax_entropy
 from selkd.cache.store import Storage
-from selkd.cache.teacher import ModelError
 from selkd.cache.writer import array_checksum, write_array
 
+if TYPE_CHECKING:
+    import torch
 
-@torch.no_grad()
+
 def mean_entropy(
     model: torch.nn.Module, batch: torch.Tensor, doc_start: torch.Tensor | None = None, chunk: int = 128
 ) -> torch.Tensor:
@@ -30,18 +29,28 @@ def mean_entropy(
     predicting positions of each sequence: [B, L] tokens -> [B] float32. With ``doc_start`` ([B, L]
     bool) each packed document attends only to itself (:mod:`selkd.cache.doc_attention`). The logits are
     ``model(...).logits`` (its post-head transform applied, as the trainer does), made from the final
-    hidden states a chunk of positions at a time, so [B, L, V] is never materialised."""
+    hidden states a chunk of positions at a time, so [B, L, V] is never materialised.
+
+    torch and transformers are imported here, not with the module: the reader reads score parts
+    through this module, and ``selkd-cache info`` / ``verify`` should not pay for them."""
+    import torch
+
+    from selkd.cache.doc_attention import attention_inputs
+    from selkd.cache.logits import apply_head, hidden_states, lm_head, logits_transform, softmax_entropy
+    from selkd.cache.teacher import ModelError
+
     try:
         transform = logits_transform(model)
     except ValueError as err:
         raise ModelError(f"sample scoring: {err}") from None
     head = lm_head(model)
-    hidden = hidden_states(model, batch, **attention_inputs(doc_start, None, doc_start is not None))[:, :-1]
-    b, n, h = hidden.shape
-    flat = hidden.reshape(-1, h)
-    ent = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    for s in range(0, flat.shape[0], chunk):
-        ent[s : s + chunk] = softmax_entropy(apply_head(head, flat[s : s + chunk], transform)).entropy
+    with torch.no_grad():
+        hidden = hidden_states(model, batch, **attention_inputs(doc_start, None, doc_start is not None))[:, :-1]
+        b, n, h = hidden.shape
+        flat = hidden.reshape(-1, h)
+        ent = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        for s in range(0, flat.shape[0], chunk):
+            ent[s : s + chunk] = softmax_entropy(apply_head(head, flat[s : s + chunk], transform)).entropy
     return ent.view(b, n).mean(-1)
 
 

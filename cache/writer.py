@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from selkd.cache import format as fmt
-from selkd.cache.classes import TeacherOutputs
 from selkd.cache.codecs import TargetCodec, codec_for
 from selkd.cache.store import Storage
+
+if TYPE_CHECKING:  # torch; verify checks checksums without it
+    from selkd.cache.classes import TeacherOutputs
 
 
 def array_checksum(values: np.ndarray) -> str:

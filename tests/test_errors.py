@@ -108,19 +108,19 @@ def _bug(*_args: object, **_kwargs: object) -> None:
     [
         (
             "selkd.cache.cli",
-            "build_cache",
+            "selkd.cache.build.build_cache",
             ["build", "--teacher", "T", "--data", "D", "--out", "O"],
             "selkd-cache: interrupted; rerun the same command to resume (committed parts are kept)",
         ),
         (
             "selkd.trainer.cli",
-            "train",
+            "selkd.trainer.loop.train",
             ["--cache", "C", "--student", "S", "--out", "O"],
             "selkd-train: interrupted; rerun the same command to resume from the last checkpoint",
         ),
         (
             "selkd.trainer.demo.cli",
-            "run_demo",
+            "selkd.trainer.demo.run.run_demo",
             ["--out", "O"],
             "selkd-demo: interrupted; rerun the same command to continue (finished stages are reused)",
         ),
@@ -140,9 +140,10 @@ def test_each_cli_maps_ctrl_c_to_130_and_lets_bugs_through(
 
     cli = importlib.import_module(module)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, target, _interrupt)
+    # the CLIs import what runs the command once its options are parsed: patch it where it lives
+    monkeypatch.setattr(target, _interrupt)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines() == [hint]
-    monkeypatch.setattr(cli, target, _bug)
+    monkeypatch.setattr(target, _bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(argv)

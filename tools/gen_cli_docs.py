@@ -14,35 +14,42 @@ import typing
 from pathlib import Path
 
 from selkd.cache.config import BuildConfig, PrepareConfig
-from selkd.cache.options import flag_name, negated_flag
+from selkd.cache.options import GROUPS, flag_name, negated_flag, range_text
 from selkd.trainer.config import TrainConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
+def option_row(f: dataclasses.Field[typing.Any], is_bool: bool) -> str:
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    shown = "required" if meta["required"] else ("" if default in (None, [], {}) else f"`{default}`")
+    extra = []
+    if meta["choices"]:
+        extra.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+    limits = range_text(meta)
+    if limits is not None:
+        extra.append(f"`{limits}`")
+    text = meta["help"].replace("|", "\\|") + (f" ({'; '.join(extra)})" if extra else "")
+    if is_bool:
+        flags = f"`{flag_name(f.name)}`, `{negated_flag(f.name)}`"
+    else:
+        flags = f"`{flag_name(f.name)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"
+    return f"| {flags} | {shown} | {text} |"
+
+
 def option_table(config_cls: type) -> str:
-    rows = ["| option | default | meaning |", "|---|---|---|"]
+    """One table per option group, in the order ``--help`` shows them."""
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        meta = f.metadata
-        if not meta or not meta["cli"]:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = "required" if meta["required"] else ("" if default in (None, [], {}) else f"`{default}`")
-        extra = []
-        if meta["choices"]:
-            extra.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
-        if meta["lo"] is not None or meta["hi"] is not None:
-            lo = "" if meta["lo"] is None else f"{'>' if meta['lo_open'] else '>='} {meta['lo']}"
-            hi = "" if meta["hi"] is None else f"<= {meta['hi']}"
-            extra.append(" and ".join(x for x in (lo, hi) if x))
-        text = meta["help"].replace("|", "\\|") + (f" ({'; '.join(extra)})" if extra else "")
-        if hints[f.name] in (bool, bool | None):  # a bool option, or one whose default is decided later
-            flags = f"`{flag_name(f.name)}`, `{negated_flag(f.name)}`"
-        else:
-            flags = f"`{flag_name(f.name)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"
-        rows.append(f"| {flags} | {shown} | {text} |")
-    return "\n".join(rows)
+    fields = [f for f in dataclasses.fields(config_cls) if f.metadata and f.metadata["cli"]]
+    tables = []
+    for group in GROUPS:
+        rows = [option_row(f, hints[f.name] in (bool, bool | None)) for f in fields if f.metadata["group"] == group]
+        if rows:
+            tables.append(
+                "\n".join([f"**{group} options**", "", "| option | default | meaning |", "|---|---|---|", *rows])
+            )
+    return "\n\n".join(tables)
 
 
 TEMPLATE = """# Command-line guide
@@ -60,6 +67,9 @@ is turned on by `--x` (or `--x true`) and off by `--no-x` (or `--x false`); in a
 `x: true` / `x: false`. Flags are spelled out in full (`--class` is not `--classes`; an unknown
 flag gets the nearest known ones as a hint). Exit codes: 0 success, 1 a run-time problem the message
 explains, 2 bad usage or configuration (one line naming the flag or the `--config` file and line).
+`--help` shows the options in groups (model, data, classes, selection, optimisation, output,
+distributed: the tables below follow the same groups), each with its default and range; `--version`
+(on every command and subcommand) prints the command and the package version.
 
 ## Data specs
 

@@ -37,6 +37,7 @@ from selkd.cache.options import (
     ConfigError,
     OptionParser,
     add_arguments,
+    add_version,
     build,
     check,
     flag_name,
@@ -136,146 +137,191 @@ def _below_one(value: float) -> str | None:
 class TrainConfig:
     # ---------------------------------------------------------------- data and models
     cache: str | None = opt(
-        help="the cache of teacher targets: a local directory or an fsspec URL (offline mode)", metavar="STORE"
+        help="the cache of teacher targets: a local directory or an fsspec URL (offline mode)",
+        metavar="STORE",
+        group="data",
     )
-    teacher: str | None = opt(help="teacher model run during training (online mode, with --data)", metavar="MODEL")
+    teacher: str | None = opt(
+        help="teacher model run during training (online mode, with --data)", metavar="MODEL", group="model"
+    )
     data: list[str] = opt(
         [],
         help="online mode: corpus .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs (local or fsspec URLs), "
         "a `datasets` save_to_disk directory or datasets:DIR; tokenized into OUT/tokens first",
         metavar="SPEC",
+        group="data",
     )
     tokens: str | None = opt(
         help="online mode, instead of --data: a token store made by `selkd-cache prepare` with the teacher's tokenizer",
         metavar="TOKENS",
+        group="data",
     )
     student: str | None = opt(
-        help="student to distil into: a local Hugging Face directory or a hub id", metavar="MODEL"
+        help="student to distil into: a local Hugging Face directory or a hub id", metavar="MODEL", group="model"
     )
     student_config: str | None = opt(
         help="instead of --student: start from random weights built from this config (directory or hub id)",
         metavar="CONFIG",
+        group="model",
     )
     out: str = opt(
         help="output directory: checkpoints/, final/, logs; a new or empty directory, or an earlier run to resume "
         "(never one of the inputs)",
         required=True,
         metavar="DIR",
+        group="output",
     )
     storage_option: dict[str, Any] = opt(
-        {}, help="fsspec storage option for --cache, --tokens and --data URLs, repeatable", metavar="KEY=VALUE"
+        {},
+        help="fsspec storage option for --cache, --tokens and --data URLs, repeatable",
+        metavar="KEY=VALUE",
+        group="data",
     )
     # online-mode data options (None in cache mode; see ONLINE_DEFAULTS)
     text_field: str | None = opt(
-        help="online mode: field of .jsonl/.parquet/datasets rows that holds the text (default: text)"
+        help="online mode: field of .jsonl/.parquet/datasets rows that holds the text (default: text)", group="data"
     )
-    max_seq_len: int | None = opt(help="online mode: tokens per packed sequence (default: 512)", lo=2)
-    limit_tokens: int | None = opt(help="online mode: stop reading the corpus after this many tokens", lo=2)
+    max_seq_len: int | None = opt(help="online mode: tokens per packed sequence (default: 512)", lo=2, group="data")
+    limit_tokens: int | None = opt(
+        help="online mode: stop reading the corpus after this many tokens", lo=2, group="data"
+    )
     eval_fraction: float | None = opt(
-        help="online mode: fraction of sequences held out for evaluation (default: 0.01)", lo=0.0, hi=0.5
+        help="online mode: fraction of sequences held out for evaluation (default: 0.01)", lo=0.0, hi=0.5, group="data"
     )
     split_seed: int | None = opt(
         help="online mode: seed of the held-out split (default: 0, as selkd-cache build's --seed); apart from "
         "--seed so that another training seed never moves sequences between the splits",
         lo=0,
+        group="data",
     )
     classes: str | None = opt(
         help="online mode: teacher classes per position: full (default: exact, the "
         "logits are in memory anyway), topk:K or sample:N",
         validate=_valid_classes,
         metavar="MODE",
+        group="classes",
     )
     temperature: float | None = opt(
-        help="online mode: teacher temperature of the targets (default: 1.0)", lo=0.0, lo_open=True
+        help="online mode: teacher temperature of the targets (default: 1.0)", lo=0.0, lo_open=True, group="classes"
     )
     doc_attention: bool | None = opt(
         help="each packed document attends only to itself, in the student (and the online teacher) (default: "
-        "on in online mode; with --cache, what the cache's teacher pass used)"
+        "on in online mode; with --cache, what the cache's teacher pass used)",
+        group="model",
     )
     loss_on: str | None = opt(
         help="positions trained: assistant (of a chat row only those before an assistant token) or all; "
         "default assistant; with --cache fixed by the cache (another value is refused)",
         choices=LOSS_ON,
+        group="data",
     )
     # ---------------------------------------------------------------- selection and loss
     select: str = opt(
         "student-entropy:0.2",
         help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNAL_NAMES)}) or none (full KD)",
         metavar="SIGNAL:FRACTION",
+        group="selection",
     )
-    select_policy: str = opt("sequence", help="how scores become a selection", choices=POLICY_NAMES)
-    global_queue: int = opt(DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1)
-    loss: str = opt("fkl", help="divergence at the selected positions", choices=LOSS_NAMES)
+    select_policy: str = opt("sequence", help="how scores become a selection", choices=POLICY_NAMES, group="selection")
+    global_queue: int = opt(
+        DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1, group="selection"
+    )
+    loss: str = opt("fkl", help="divergence at the selected positions", choices=LOSS_NAMES, group="optimisation")
     topk_renormalize: bool = opt(
         False,
         help="topk targets: the biased top-k baseline, the teacher's k probabilities renormalised (no tail) "
         "against the student's full distribution, which pushes all its mass onto the k classes",
+        group="classes",
     )
     kd_weight: float = opt(
         1.0,
         help="weight of the KD loss; 0 trains on the CE term alone, the plain-training baseline (needs "
         "--ce-weight > 0, --ce-on all and --select none)",
         lo=0.0,
+        group="optimisation",
     )
-    ce_weight: float = opt(0.0, help="weight of the next-token cross-entropy added to the KD loss", lo=0.0)
+    ce_weight: float = opt(
+        0.0, help="weight of the next-token cross-entropy added to the KD loss", lo=0.0, group="optimisation"
+    )
     ce_on: str = opt(
-        "all", help="positions the CE term covers: all valid positions or the selected ones", choices=CE_ON
+        "all",
+        help="positions the CE term covers: all valid positions or the selected ones",
+        choices=CE_ON,
+        group="optimisation",
     )
     sample_ratio: float | None = opt(
         help="train only on this fraction of training sequences, those with the highest mean student entropy",
         lo=0.0,
         lo_open=True,
         hi=1.0,
+        group="selection",
     )
     # ---------------------------------------------------------------- optimisation
-    batch_size: int = opt(8, help="sequences per step per rank (before --grad-accum)", lo=1)
-    grad_accum: int = opt(1, help="micro-batches accumulated per optimizer step", lo=1)
-    lr: float = opt(1e-4, help="peak learning rate (AdamW)", lo=0.0, lo_open=True)
-    weight_decay: float = opt(0.0, help="AdamW weight decay", lo=0.0)
-    adam_beta1: float = opt(0.9, help="AdamW beta1", validate=_below_one)
-    adam_beta2: float = opt(0.999, help="AdamW beta2", validate=_below_one)
-    adam_eps: float = opt(1e-8, help="AdamW epsilon", lo=0.0, lo_open=True)
-    warmup_steps: int = opt(0, help="linear warm-up steps", lo=0)
+    batch_size: int = opt(8, help="sequences per step per rank (before --grad-accum)", lo=1, group="optimisation")
+    grad_accum: int = opt(1, help="micro-batches accumulated per optimizer step", lo=1, group="optimisation")
+    lr: float = opt(1e-4, help="peak learning rate (AdamW)", lo=0.0, lo_open=True, group="optimisation")
+    weight_decay: float = opt(0.0, help="AdamW weight decay", lo=0.0, group="optimisation")
+    adam_beta1: float = opt(0.9, help="AdamW beta1", validate=_below_one, group="optimisation")
+    adam_beta2: float = opt(0.999, help="AdamW beta2", validate=_below_one, group="optimisation")
+    adam_eps: float = opt(1e-8, help="AdamW epsilon", lo=0.0, lo_open=True, group="optimisation")
+    warmup_steps: int = opt(0, help="linear warm-up steps", lo=0, group="optimisation")
     warmup_ratio: float | None = opt(
-        help="instead of --warmup-steps: warm up for this fraction of the steps", lo=0.0, hi=1.0
+        help="instead of --warmup-steps: warm up for this fraction of the steps", lo=0.0, hi=1.0, group="optimisation"
     )
-    schedule: str = opt("cosine", help="learning-rate decay after warm-up", choices=SCHEDULES)
-    min_lr_ratio: float = opt(0.0, help="final learning rate as a fraction of --lr", lo=0.0, hi=1.0)
-    max_grad_norm: float = opt(1.0, help="gradient clipping norm; 0 disables clipping", lo=0.0)
-    steps: int | None = opt(help="optimizer steps to train (exclusive with --epochs; default: 1 epoch)", lo=1)
+    schedule: str = opt("cosine", help="learning-rate decay after warm-up", choices=SCHEDULES, group="optimisation")
+    min_lr_ratio: float = opt(
+        0.0, help="final learning rate as a fraction of --lr", lo=0.0, hi=1.0, group="optimisation"
+    )
+    max_grad_norm: float = opt(1.0, help="gradient clipping norm; 0 disables clipping", lo=0.0, group="optimisation")
+    steps: int | None = opt(
+        help="optimizer steps to train (exclusive with --epochs; default: 1 epoch)", lo=1, group="optimisation"
+    )
     epochs: float | None = opt(
-        help="passes over the training data, may be fractional (exclusive with --steps)", lo=0.0, lo_open=True
+        help="passes over the training data, may be fractional (exclusive with --steps)",
+        lo=0.0,
+        lo_open=True,
+        group="optimisation",
     )
-    seed: int = opt(0, help="seed of initialisation, data order and random selection", lo=0)
+    seed: int = opt(0, help="seed of initialisation, data order and random selection", lo=0, group="optimisation")
     # ---------------------------------------------------------------- runtime
     dtype: str = opt(
         "auto",
         help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
         "(autocast; master weights stay fp32)",
         choices=DTYPES,
+        group="model",
     )
-    device: str = opt("auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local rank's GPU)")
-    gradient_checkpointing: bool = opt(False, help="recompute decoder activations in backward (less memory)")
-    entropy_chunk: int = opt(128, help="positions per no-grad scoring chunk of the LM head", lo=1)
-    num_workers: int = opt(1, help="DataLoader worker processes (0: load in the training process)", lo=0)
-    prefetch: int = opt(2, help="batches prefetched per worker", lo=1)
-    eval_every: int = opt(200, help="evaluate every N steps; 0 disables periodic evaluation", lo=0)
-    eval_batches: int | None = opt(help="batches per evaluation (default: the whole held-out split)", lo=1)
-    log_every: int = opt(10, help="log every N steps", lo=1)
-    save_every: int = opt(500, help="checkpoint every N steps; 0 saves only at the end", lo=0)
+    device: str = opt(
+        "auto", help="auto (cuda when available), cuda, cpu or cuda:N (torchrun: the local rank's GPU)", group="model"
+    )
+    gradient_checkpointing: bool = opt(
+        False, help="recompute decoder activations in backward (less memory)", group="model"
+    )
+    entropy_chunk: int = opt(128, help="positions per no-grad scoring chunk of the LM head", lo=1, group="selection")
+    num_workers: int = opt(1, help="DataLoader worker processes (0: load in the training process)", lo=0, group="data")
+    prefetch: int = opt(2, help="batches prefetched per worker", lo=1, group="data")
+    eval_every: int = opt(200, help="evaluate every N steps; 0 disables periodic evaluation", lo=0, group="output")
+    eval_batches: int | None = opt(
+        help="batches per evaluation (default: the whole held-out split)", lo=1, group="output"
+    )
+    log_every: int = opt(10, help="log every N steps", lo=1, group="output")
+    save_every: int = opt(500, help="checkpoint every N steps; 0 saves only at the end", lo=0, group="output")
     keep_checkpoints: int = opt(
         1,
         help="complete checkpoints kept in OUT/checkpoints (each holds the weights and the optimizer state, "
         "about 3x the fp32 final model): the newest N; 0 removes them once the run has finished and written "
         "OUT/final (at least one is kept while training, to resume from), and the run can then not be extended",
         lo=0,
+        group="output",
     )
-    resume: bool = opt(False, help="require an existing checkpoint in --out and continue from it")
-    fsdp: bool = opt(False, help="shard the student with FSDP2 (fully_shard) instead of DDP under torchrun")
-    allow_missing_parts: bool = opt(False, help="train on an incomplete cache (only its committed parts)")
-    progress: bool = opt(True, help="show progress bars")
-    trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run")
-    tensorboard: bool = opt(False, help="write TensorBoard event files to OUT/tensorboard")
+    resume: bool = opt(False, help="require an existing checkpoint in --out and continue from it", group="output")
+    fsdp: bool = opt(
+        False, help="shard the student with FSDP2 (fully_shard) instead of DDP under torchrun", group="distributed"
+    )
+    allow_missing_parts: bool = opt(False, help="train on an incomplete cache (only its committed parts)", group="data")
+    progress: bool = opt(True, help="show progress bars", group="output")
+    trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run", group="model")
+    tensorboard: bool = opt(False, help="write TensorBoard event files to OUT/tensorboard", group="output")
 
     def __post_init__(self) -> None:
         check(self)  # also coerces file/JSON values to the declared types
@@ -443,6 +489,7 @@ def build_parser(prog: str = "selkd-train") -> argparse.ArgumentParser:
         description="Distil a student from cached (or online) teacher targets, applying KD at the positions "
         "the student is least sure of (SE-KD).",
     )
+    add_version(parser)
     parser.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
     add_arguments(parser, TrainConfig)
     return parser

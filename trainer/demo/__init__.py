@@ -35,18 +35,37 @@ The CE-only baseline is ``selkd-train --kd-weight 0 --ce-weight 1 --select none`
 same batches in the same order as the cache-based KD runs, with the teacher's targets read and unused.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from selkd.trainer.demo.cli import build_parser, main
-from selkd.trainer.demo.corpus import chunk_text, split_documents, stdlib_documents, user_documents
-from selkd.trainer.demo.report import DemoResult, Row, format_table
-from selkd.trainer.demo.run import run_demo
-from selkd.trainer.demo.settings import (
-    BUDGETS,
-    CHUNK_CHARS,
-    STDLIB_EXCLUDED_DIRS,
-    Budget,
-    Shape,
-    plan_kd_steps,
-)
+
+# public name -> its module, imported on first use (PEP 562) so that `selkd-demo --help` (which
+# imports this package first) does not pay for torch and transformers
+_LAZY = {
+    "BUDGETS": "settings",
+    "CHUNK_CHARS": "settings",
+    "STDLIB_EXCLUDED_DIRS": "settings",
+    "Budget": "settings",
+    "DemoResult": "report",
+    "Row": "report",
+    "Shape": "settings",
+    "chunk_text": "corpus",
+    "format_table": "report",
+    "plan_kd_steps": "settings",
+    "run_demo": "run",
+    "split_documents": "corpus",
+    "stdlib_documents": "corpus",
+    "user_documents": "corpus",
+}
+
+if TYPE_CHECKING:
+    from selkd.trainer.demo.corpus import chunk_text, split_documents, stdlib_documents, user_documents
+    from selkd.trainer.demo.report import DemoResult, Row, format_table
+    from selkd.trainer.demo.run import run_demo
+    from selkd.trainer.demo.settings import BUDGETS, CHUNK_CHARS, STDLIB_EXCLUDED_DIRS, Budget, Shape, plan_kd_steps
 
 __all__ = [
     "BUDGETS",
@@ -66,3 +85,16 @@ __all__ = [
     "stdlib_documents",
     "user_documents",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'selkd.trainer.demo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"selkd.trainer.demo.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

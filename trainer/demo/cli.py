@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from selkd.cache.errors import Command, run_cli
-from selkd.trainer.demo.run import run_demo
+from selkd.cache.options import add_version
 
 INTERRUPTED = "interrupted; rerun the same command to continue (finished stages are reused)"
 DISK_FULL_RERUN = "finished stages are reused"
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default), build caches, distil with CE only / full KD (online, cached) / SE-KD / SE-KD 3X, and write a "
         "table and a report with loss curves. Later runs reuse every stage whose inputs are unchanged.",
     )
+    add_version(p)
     p.add_argument(
         "--quick",
         action="store_true",
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     def run() -> int:
+        from selkd.trainer.demo.run import run_demo  # torch and transformers: after the arguments are checked
+
         run_demo(
             quick=args.quick,
             data=args.data,
