@@ -108,13 +108,14 @@ def _kill_mid_part(nth: int) -> None:
 
 def _kill_mid_write(nth: int) -> None:
     from selkd.cache import writer
+    from selkd.cache.format import PARTS_GROUP
 
     original = writer.write_array
     hit = _Nth(nth)
 
     def write_array(storage: Any, path: str, values: Any) -> None:
         original(storage, path, values)
-        if hit():
+        if path.startswith(f"{PARTS_GROUP}/") and hit():  # part arrays only: not token shards, not scores
             die()
 
     writer.write_array = write_array  # type: ignore[assignment]
