@@ -568,6 +568,15 @@ def _datasets_module(what: str) -> Any:
     return datasets
 
 
+def _only_split(splits_of: Any, problem: Callable[[str, str], str]) -> Any:
+    """The one split of a dataset dictionary; a DataError worded by ``problem(names, first)`` when it has
+    none or several."""
+    splits = sorted(splits_of)
+    if len(splits) != 1:
+        raise DataError(problem(", ".join(splits) or "(none)", splits[0] if splits else "train"))
+    return splits_of[splits[0]]
+
+
 def load_saved_dataset(source: Source) -> Any:
     """The ``datasets.Dataset`` of a ``save_to_disk`` directory (memory-mapped, not read), a
     DatasetDict's only split; DataError naming the directory otherwise."""
@@ -578,13 +587,13 @@ def load_saved_dataset(source: Source) -> Any:
     except Exception as err:
         raise DataError(f"{path}: cannot load the saved dataset ({_one_line(err)})") from err
     if isinstance(ds, datasets.DatasetDict):
-        splits = sorted(ds)
-        if len(splits) != 1:
-            raise DataError(
-                f"{path}: is a DatasetDict with splits {', '.join(splits) or '(none)'}; "
-                f"pass one split directory instead, e.g. {Path(path) / (splits[0] if splits else 'train')}"
-            )
-        ds = ds[splits[0]]
+        return _only_split(
+            ds,
+            lambda names, first: (
+                f"{path}: is a DatasetDict with splits {names}; pass one split directory "
+                f"instead, e.g. {Path(path) / first}"
+            ),
+        )
     return ds
 
 
@@ -620,13 +629,9 @@ def load_streaming_dataset(source: Source) -> Any:
     except Exception as err:
         raise DataError(f"{spec}: cannot load the dataset ({_one_line(err)})") from err
     if isinstance(ds, datasets.IterableDatasetDict):
-        splits = sorted(ds)
-        if len(splits) != 1:
-            raise DataError(
-                f"{spec}: the dataset has splits {', '.join(splits) or '(none)'}; choose one with "
-                f"?split={splits[0] if splits else 'train'}"
-            )
-        ds = ds[splits[0]]
+        return _only_split(
+            ds, lambda names, first: f"{spec}: the dataset has splits {names}; choose one with ?split={first}"
+        )
     return ds
 
 
