@@ -354,3 +354,25 @@ def test_unreachable_url_is_one_line_and_fast(
         line = one_error_line(err, program)
         assert code == 1 and line.startswith(f"{program}: error: {url}: ") and expected in line, line
         assert seconds < 10, f"{argv[0]} took {seconds:.1f} s"
+
+
+def test_s3_data_with_wrong_credentials_or_endpoint_is_one_line(
+    s3_auth: AuthS3Endpoint, tiny_teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--data s3://...`` that cannot be listed (a wrong secret, an endpoint nobody serves) is one line
+    naming the spec and what to check (exit 1), and no token store is left behind."""
+    spec = s3_auth.url("data/corpus/")
+    out = tmp_path / "tokens"
+    for flags, expected in (
+        (option_flags(s3_auth.options("writer", secret="not-the-secret")), "access denied ("),
+        (
+            option_flags({"endpoint_url": "http://127.0.0.1:1", "key": "k", "secret": "s"}),
+            "cannot list it (EndpointConnectionError: ",
+        ),
+    ):
+        argv = ["prepare", "--data", spec, "--tokenizer", str(tiny_teacher_dir), "--out", str(out), *flags]
+        code, _, err = run(cache_main, argv, capsys)
+        line = one_error_line(err, "selkd-cache")
+        assert code == 1 and line.startswith(f"selkd-cache: error: {spec.rstrip('/')}: "), line
+        assert expected in line and "; check the " in line, line
+        assert not out.exists() or not any(out.iterdir())
