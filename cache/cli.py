@@ -42,22 +42,24 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
-        "prepare",
-        help="tokenize a corpus into a token store (what build --tokens and selkd-train --tokens read)",
-        description="Tokenize a corpus into a sharded token store, in parallel and resumably.",
-    )
-    add_version(p)
-    p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
-    add_arguments(p, PrepareConfig)
-    p = sub.add_parser(
-        "build",
-        help="run the teacher over a corpus and write a cache",
-        description="Run the teacher over a corpus and write a sharded Zarr cache.",
-    )
-    add_version(p)
-    p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
-    add_arguments(p, BuildConfig)
+    for name, config, helptext, description in (
+        (
+            "prepare",
+            PrepareConfig,
+            "tokenize a corpus into a token store (what build --tokens and selkd-train --tokens read)",
+            "Tokenize a corpus into a sharded token store, in parallel and resumably.",
+        ),
+        (
+            "build",
+            BuildConfig,
+            "run the teacher over a corpus and write a cache",
+            "Run the teacher over a corpus and write a sharded Zarr cache.",
+        ),
+    ):
+        p = sub.add_parser(name, help=helptext, description=description)
+        add_version(p)
+        p.add_argument("--config", metavar="FILE", help="options from a YAML or TOML file (flags override it)")
+        add_arguments(p, config)
     for name, helptext in (
         ("info", "show what a cache (or a token store) holds and what it costs"),
         ("verify", "check every committed part (checksums and contents)"),

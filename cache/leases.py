@@ -149,30 +149,36 @@ def renew_lease(storage: Storage, name: str, owner: str, ttl_s: float) -> bool:
     """Extend ``owner``'s lease to ``ttl_s`` seconds from now. False means ``owner`` no longer holds
     it (released, or expired and taken over): stop the guarded work. A lease that expired but
     that nobody took over is still ``owner``'s and is renewed."""
-    key = lease_key(name)
     _check_lease_args(owner, ttl_s)
     storage.check_writable("renew_lease")
-    for _ in range(_MAX_LEASE_ATTEMPTS):
-        current, held = _held(storage, key)
-        if current is None or held is None or held["owner"] != owner:
-            return False
-        if _write_lease(storage, key, current[1], _lease_record(owner, ttl_s, storage.clock(), held)):
-            return True
-    return False
+    return _update_own(
+        storage,
+        name,
+        owner,
+        lambda key, token, held: _write_lease(storage, key, token, _lease_record(owner, ttl_s, storage.clock(), held)),
+    )
 
 
 def release_lease(storage: Storage, name: str, owner: str) -> bool:
     """Give up ``owner``'s lease so that others can take it at once. True if this call removed
     it; False if ``owner`` did not hold it (never did, or it was taken over). Never removes
     another owner's lease, even one written between our read and our delete."""
-    key = lease_key(name)
     _check_lease_args(owner, None)
     storage.check_writable("release_lease")
+    return _update_own(storage, name, owner, lambda key, token, held: storage.swap(key, token, None))
+
+
+def _update_own(
+    storage: Storage, name: str, owner: str, update: Callable[[str, str | None, dict[str, Any]], bool]
+) -> bool:
+    """Apply ``update(key, token, held)`` (a compare-and-swap against ``token``) to ``owner``'s lease,
+    retrying when another writer got in between; False once ``owner`` does not hold it."""
+    key = lease_key(name)
     for _ in range(_MAX_LEASE_ATTEMPTS):
         current, held = _held(storage, key)
         if current is None or held is None or held["owner"] != owner:
             return False
-        if storage.swap(key, current[1], None):
+        if update(key, current[1], held):
             return True
     return False
 
