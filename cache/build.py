@@ -348,17 +348,12 @@ def _load_corpus(cfg: BuildConfig, tokenizer: Any, classes: int, rank: int, worl
     its packed sequences; the corpus's warnings are logged, and a token id the teacher has no logit for
     is refused."""
     tokens = corpus_tokens(
-        tokens=cfg.tokens,
-        data=cfg.data,
+        cfg,
         prepare_into=f"{cfg.out.rstrip('/')}/{CACHE_TOKENS_PREFIX}",
         tokenizer=tokenizer,
         tokenizer_name=cfg.teacher,
-        text_field=cfg.text_field,
-        limit_tokens=cfg.limit_tokens,
-        storage_options=cfg.storage_option,
         rank=rank,
         world=world,
-        progress=cfg.progress and rank == 0,
     )
     corpus = tokens.packed(cfg.max_seq_len)
     for warning in corpus.stats.warnings():

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -489,24 +489,31 @@ def _finalize(
 # The token store of a build or an online run
 
 
+class CorpusOptions(Protocol):
+    """The corpus options a build and an online run share (a BuildConfig and a TrainConfig have them)."""
+
+    tokens: str | None
+    data: list[str]
+    text_field: str | None
+    limit_tokens: int | None
+    storage_option: dict[str, Any]
+    progress: bool
+
+
 def corpus_tokens(
+    options: CorpusOptions,
     *,
-    tokens: str | None,
-    data: list[str],
     prepare_into: str,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_name: str,
-    text_field: str | None,
-    limit_tokens: int | None,
-    storage_options: dict[str, Any],
     rank: int,
     world: int,
-    progress: bool,
 ) -> TokenStore:
-    """The finished token store a consumer reads: ``tokens`` (prepared before) opened and checked to
-    hold ``tokenizer``'s ids, or ``data`` prepared into ``prepare_into`` (resumed when it is there)."""
-    if tokens is not None:
-        store = TokenStore.open(tokens, storage_options or None)
+    """The finished token store a consumer reads: ``options.tokens`` (prepared before) opened and checked
+    to hold ``tokenizer``'s ids, or ``options.data`` prepared into ``prepare_into`` (resumed when it is
+    there; rank 0 shows progress)."""
+    if options.tokens is not None:
+        store = TokenStore.open(options.tokens, options.storage_option or None)
         if not same_tokenizer(store.tokenizer_fingerprint, tokenizer):
             raise TokenStoreError(
                 f"{store.url} holds ids of another tokenizer ({store.header['tokenizer']}) than {tokenizer_name}'s "
@@ -514,12 +521,12 @@ def corpus_tokens(
             )
         return store
     cfg = PrepareConfig(
-        data=data,
+        data=options.data,
         tokenizer=tokenizer_name,
         out=prepare_into,
-        text_field=text_field or "text",
-        limit_tokens=limit_tokens,
-        storage_option=storage_options,
-        progress=progress,
+        text_field=options.text_field or "text",
+        limit_tokens=options.limit_tokens,
+        storage_option=options.storage_option,
+        progress=options.progress and rank == 0,
     )
     return prepare_tokens(cfg, tokenizer, rank, world)

@@ -300,17 +300,12 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
     except ValueError as err:
         raise TrainError(str(err)) from err
     corpus = corpus_tokens(  # every rank tokenizes its share into OUT/tokens (or opens --tokens)
-        tokens=cfg.tokens,
-        data=cfg.data,
+        cfg,
         prepare_into=str(Path(cfg.out) / CACHE_TOKENS_PREFIX),
         tokenizer=teacher_tok,
         tokenizer_name=cfg.teacher,  # type: ignore[arg-type]
-        text_field=cfg.text_field,
-        limit_tokens=cfg.limit_tokens,
-        storage_options=cfg.storage_option,
         rank=dist_info.rank,
         world=dist_info.world_size,
-        progress=cfg.progress and dist_info.is_main,
     ).packed(cfg.max_seq_len or 512)
     live = OnlineTeacher(
         teacher, spec, cfg.temperature, seed=cfg.seed + dist_info.rank, classes=classes, doc_attention=doc_attention
