@@ -65,6 +65,38 @@ def assert_same_stream(packed: Any, reference: PackedCorpus) -> None:
     np.testing.assert_array_equal(np.concatenate(docs), reference.doc_start[: sum(map(len, docs))])
 
 
+_THREADS_PROBE = """
+import os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+from selkd.cache.prepare import limit_tokenizer_threads
+limit_tokenizer_threads(int(sys.argv[1]))
+def threads():
+    return int(open("/proc/self/status").read().split("Threads:")[1].split()[0])
+before = threads()
+tok = Tokenizer(models.BPE()); tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+tok.encode_batch(["some text to split"] * 20000)
+print(os.environ["RAYON_NUM_THREADS"], threads() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads in /proc")
+@pytest.mark.parametrize(("user", "asked", "expected"), [(None, 1, "1"), (None, 3, "3"), ("2", 1, "2")])
+def test_worker_tokenizer_pool_sized_to_its_share(user: str | None, asked: int, expected: str) -> None:
+    """A worker's tokenizer pool starts exactly the threads it is given (its share of the cores, so W
+    workers do not run W pools of one thread per core), unless the user set RAYON_NUM_THREADS."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    if user is not None:
+        env["RAYON_NUM_THREADS"] = user
+    run = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(asked)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    setting, started = run.stdout.split()
+    assert setting == expected
+    assert int(started) == (0 if expected == "1" else int(expected))  # one thread: the caller's own
+
+
 def test_stream_independent_of_workers_ranks_and_shards(
     tmp_path: Path, tok: Any, tiny_tokenizer_dir: Path, text_corpus_dir: Path
 ) -> None:

@@ -13,7 +13,11 @@ store of 2 workers equals that of 1 (same content hash) and that a cache built f
 2 builder ranks equals a 1-rank build (commit-record checksums of every array), with a tiny random
 teacher over ``--build-tokens`` tokens.
 
-    python tools/bench_prepare.py [--sizes 5000000 50000000] [--workers 1 2] [--work DIR] [--keep]
+    python tools/bench_prepare.py [--sizes 5000000 50000000] [--workers 1 2] [--pin] [--work DIR] [--keep]
+
+With ``--pin`` a run of W workers may use only the first W cores (``sched_setaffinity``), so that
+"1 process" means one core's work and the rows measure how processes scale; without it every run
+may use every core (one worker's tokenizer then runs a thread per core, W workers a share each).
 
 Goals (issue 11): peak RSS at 50M <= 1.25x peak RSS at 5M; 2 workers <= 0.65x the wall time of 1.
 """
@@ -85,7 +89,11 @@ def write_corpus(out: Path, n_files: int, max_chars: int, max_doc_chars: int) ->
 
 
 def measure_one(argv: list[str]) -> None:
-    """The ``_measure`` mode: run `selkd-cache ARGV` in this process and print its time and peak RSS."""
+    """The ``_measure`` mode: run `selkd-cache ARGV` in this process and print its time and peak RSS
+    (``_measure --cores N ARGV``: on the first N cores only)."""
+    if argv[:1] == ["--cores"]:
+        os.sched_setaffinity(0, range(int(argv[1])))
+        argv = argv[2:]
     from selkd.cache.cli import main
 
     start = time.perf_counter()
@@ -96,12 +104,13 @@ def measure_one(argv: list[str]) -> None:
     print(json.dumps({"code": code, "seconds": seconds, "main_kib": int(hwm.split()[1]), "worker_kib": children}))
 
 
-def prepare(work: Path, tokenizer: Path, tokens: int, workers: int, out: Path) -> dict[str, Any]:
-    """One measured `selkd-cache prepare` in a fresh process."""
+def prepare(work: Path, tokenizer: Path, tokens: int, workers: int, out: Path, pin: bool = False) -> dict[str, Any]:
+    """One measured `selkd-cache prepare` in a fresh process (on ``workers`` cores if ``pin``)."""
     argv = ["prepare", "--data", str(work / "corpus"), "--tokenizer", str(tokenizer), "--out", str(out),
             "--limit-tokens", str(tokens), "--workers", str(workers), "--no-progress"]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "_measure", *argv], capture_output=True, text=True)
+    cores = ["--cores", str(workers)] if pin else []
+    proc = subprocess.run([sys.executable, __file__, "_measure", *cores, *argv], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{proc.stderr[-3000:]}")
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-tokens", type=int, default=300_000, help="tokens of the build check (0: skip it)")
     ap.add_argument("--work", type=Path, help="work directory (default: a temporary one, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--pin", action="store_true", help="run W workers on the first W cores only")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="selkd-bench-prepare-"))
@@ -205,7 +215,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for workers in args.workers:
             out = work / f"tokens-{size}-{workers}"
             shutil.rmtree(out, ignore_errors=True)
-            rows.append(prepare(work, tok_dir, size, workers, out))
+            rows.append(prepare(work, tok_dir, size, workers, out, args.pin))
             print(json.dumps(rows[-1]), file=sys.stderr)
     same = {r["tokens"]: r["content"] for r in rows if r["workers"] == args.workers[0]}
     stores_equal = all(r["content"] == same[r["tokens"]] for r in rows)
