@@ -55,7 +55,10 @@ class PrepareConfig:
         group="output",
     )
     workers: int = opt(
-        1, help="tokenizer processes on this machine (each takes whole input units)", lo=1, group="distributed"
+        1,
+        help="tokenizer processes on this machine (each takes whole input units and runs cores / workers tokenizer threads)",
+        lo=1,
+        group="distributed",
     )
     rank: int | None = opt(help="this preparer's rank (default: torchrun's RANK, else 0)", lo=0, group="distributed")
     world_size: int | None = opt(
