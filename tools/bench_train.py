@@ -30,20 +30,26 @@ from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer,
 
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
+from selkd.trainer.cli import main as train_main
 from selkd.trainer.data import CacheStream
 from selkd.trainer.loader import make_loader
 
 
-def run_train(args: list[str], nproc: int = 1) -> dict[str, float]:
-    """One ``python -m selkd.trainer ARGS`` process (``nproc`` > 1: under ``torchrun --standalone``);
-    its median step time, peak memory and tokens/s (all ranks) from ``metrics.jsonl``, and its wall time."""
+def run_train(args: list[str], nproc: int = 1, in_process: bool = False) -> dict[str, float]:
+    """One ``python -m selkd.trainer ARGS`` process (``nproc`` > 1: under ``torchrun --standalone``;
+    ``in_process``: ``selkd.trainer.cli.main`` in this process, which saves the start-up on CPU); its
+    median step time, peak memory and tokens/s (all ranks) from ``metrics.jsonl``, and its wall time."""
     out = Path(args[args.index("--out") + 1])
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *launch, "-m", "selkd.trainer", *args], capture_output=True, text=True)
+    if in_process:
+        if train_main(args) != 0:
+            raise RuntimeError("selkd-train failed (its error is above)")
+    else:
+        proc = subprocess.run([sys.executable, *launch, "-m", "selkd.trainer", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"selkd-train failed:\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"selkd-train failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if not r.get("eval")]
     times = [r["step_time_s"] for r in train_rows[2:]] or [r["step_time_s"] for r in train_rows]
