@@ -4,7 +4,7 @@ LevelDB-style log of protobuf records, read here with wandb's own protobuf class
 continues the same W&B and Trackio runs.
 
 One real ``selkd-train`` run (online teacher, 2 steps, then extended to 4 by a rerun that resumes at
-step 2) in a subprocess, with W&B offline and Trackio's directory under the test's tmp, serves the
+step 2) in a fresh interpreter, with W&B offline and Trackio's directory under the test's tmp, serves the
 three backend tests.
 """
 
@@ -26,12 +26,14 @@ from selkd.trainer.report import RUN_ID_FILE, RunInfo, TensorBoardReporter, scal
 BACKENDS = "tensorboard,wandb,trackio"
 
 
-def _train_argv(teacher: Path, student: Path, corpus: Path, out: Path, steps: int) -> list[str]:
+def _train_argv(
+    teacher: Path, student: Path, corpus: Path, out: Path, steps: int, report_to: str = BACKENDS
+) -> list[str]:
     flags = {
         "teacher": teacher, "data": corpus, "max-seq-len": 64, "limit-tokens": 1500, "eval-fraction": 0.1,
         "student": student, "out": out, "batch-size": 4, "steps": steps, "save-every": 2, "eval-every": 2,
         "eval-batches": 1, "log-every": 1, "num-workers": 0, "progress": "false", "device": "cpu",
-        "report-to": BACKENDS,
+        "report-to": report_to,
     }  # fmt: skip
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
@@ -45,10 +47,14 @@ def reported_run(
     out, trackio_dir = root / "run", root / "tmp" / "trackio"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(trackio_dir),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    for steps in (2, 4):
-        argv = _train_argv(tiny_teacher_dir, tiny_student_dir, text_corpus_dir, out, steps)
-        proc = subprocess.run([sys.executable, "-m", "selkd.trainer", *argv], env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [_train_argv(tiny_teacher_dir, tiny_student_dir, text_corpus_dir, out, steps) for steps in (2, 4)]
+    # both runs in one fresh interpreter (W&B and Trackio keep process-wide state; one start-up is cheaper)
+    code = (
+        "import json, sys\nfrom selkd.trainer.cli import main\nsys.exit(max(main(a) for a in json.loads(sys.argv[1])))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
     return out, trackio_dir
 
 
@@ -176,4 +182,24 @@ def test_a_missing_library_is_one_line_before_anything_loads(
         "selkd-train: error: --report-to: wandb: wandb is not installed; run pip install 'selkd[report]' "
         "(or pip install wandb)"
     )
+    assert not out.exists()
+
+
+def test_a_backend_that_cannot_start_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    tiny_student_dir: Path,
+    text_corpus_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """W&B refusing its settings (here an unknown WANDB_MODE) stops the run with W&B's reason on one line
+    (exit 1); the run had no checkpoint, so its directory is removed."""
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    out = tmp_path / "out"
+    rc = main(_train_argv(tiny_teacher_dir, tiny_student_dir, text_corpus_dir, out, 1, "wandb"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("selkd-train: error: --report-to wandb: could not start the run: ")
+    assert "mode" in err[-1] and err[-1].endswith("; fix that or leave wandb out")
     assert not out.exists()

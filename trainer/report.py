@@ -212,7 +212,7 @@ def open_reporters(names: Sequence[str], out: Path, step: int, config: Mapping[s
         except Exception as err:  # the library's own error, whatever its class: one line, not a traceback
             for reporter in opened:
                 reporter.close()
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            problem = f"--report-to {name}: could not start the run: {first}"
+            said = " ".join(str(err).split())[:300] or type(err).__name__  # the library's message, on one line
+            problem = f"--report-to {name}: could not start the run: {said}"
             raise ReportError(f"{problem}; fix that or leave {name} out") from err
     return opened
