@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from selkd.trainer.cli import main
+from selkd.trainer.metrics import MetricsLog
 from selkd.trainer.report import RUN_ID_FILE, RunInfo, TensorBoardReporter, scalars
 
 BACKENDS = "tensorboard,wandb,trackio"
@@ -203,3 +204,11 @@ def test_a_backend_that_cannot_start_is_one_line_and_leaves_nothing(
     assert err[-1].startswith("selkd-train: error: --report-to wandb: could not start the run: ")
     assert "mode" in err[-1] and err[-1].endswith("; fix that or leave wandb out")
     assert not out.exists()
+
+
+def test_only_rank_0_reports(tmp_path: Path) -> None:
+    """Another rank's MetricsLog opens no backend and writes nothing (rank 0's rows are the global values)."""
+    other = MetricsLog(tmp_path, 0, ["tensorboard"], main=False, config={})
+    other.write({"step": 1, "loss": 1.0})
+    other.close()
+    assert other.reporters == [] and list(tmp_path.iterdir()) == []
