@@ -148,6 +148,7 @@ class TrackioReporter:
     def __init__(self, run: RunInfo) -> None:
         import trackio
 
+        self.trackio = trackio
         with contextlib.redirect_stdout(sys.stderr):
             self.run = trackio.init(
                 project="selkd",
@@ -164,7 +165,7 @@ class TrackioReporter:
 
     def close(self) -> None:
         with contextlib.redirect_stdout(sys.stderr):
-            self.run.finish()
+            self.trackio.finish()  # this run (the current one), and trackio forgets it (no second finish at exit)
 
 
 REPORTERS: dict[str, Any] = {
