@@ -19,9 +19,11 @@ Where it goes, and what a resume does
   checkpoint, exactly as ``metrics.jsonl`` drops those rows.
 * ``wandb``: the run's files in ``OUT/wandb`` (``WANDB_MODE=offline`` needs no network: ``wandb sync``
   uploads them later); project ``$WANDB_PROJECT`` or ``selkd``, run name OUT's name. The run id is kept in
-  ``OUT/report-run-id``, so a resumed run continues the same W&B run (``resume="allow"``). W&B does not
-  rewrite history: a redone step at or below the last step the interrupted run logged is dropped by W&B
-  (it warns), so those steps keep the interrupted run's values (the same numbers on CPU; on GPU nearly).
+  ``OUT/report-run-id``, so a resumed run continues the same W&B run (``resume="allow"``; offline, each
+  process writes its own ``offline-run-*-ID`` directory under that one id). W&B does not rewrite history:
+  online, the redone steps below the last step the interrupted run logged are ignored by W&B (it warns,
+  steps must increase), so they keep the interrupted run's values (the same numbers on CPU; on GPU
+  nearly). That online behaviour is W&B's documented one, not tested here (no network).
 * ``trackio``: its local SQLite database, project ``selkd`` under ``$TRACKIO_DIR`` (trackio's default:
   ``~/.cache/huggingface/trackio``), run name ``OUTNAME-ID``. A resumed run continues that run
   (``resume="allow"``); Trackio appends, so steps redone after a resume appear twice there.
