@@ -46,8 +46,17 @@ def reported_run(
     """(OUT, TRACKIO_DIR) of a run reported to all three backends: 2 steps, then resumed and extended to 4."""
     root = tmp_path_factory.mktemp("report")
     out, trackio_dir = root / "run", root / "tmp" / "trackio"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(trackio_dir),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    wandb_home = {
+        f"WANDB_{name}_DIR": str(root / "tmp" / f"wandb-{name.lower()}") for name in ("CACHE", "CONFIG", "DATA")
+    }
+    env = {
+        **os.environ,
+        **wandb_home,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "TRACKIO_DIR": str(trackio_dir),
+        "OMP_NUM_THREADS": "1",
+    }  # nothing of W&B's or Trackio's lands outside the test's directory
     runs = [_train_argv(tiny_teacher_dir, tiny_student_dir, text_corpus_dir, out, steps) for steps in (2, 4)]
     # both runs in one fresh interpreter (W&B and Trackio keep process-wide state; one start-up is cheaper)
     code = (
