@@ -38,7 +38,7 @@ def test_defaults_from_cli() -> None:
     assert cfg.steps is None and cfg.epochs is None and cfg.total_steps(40) == 40  # 1 epoch
     assert cfg.save_every == 500 and cfg.eval_every == 200 and cfg.log_every == 10
     assert cfg.num_workers == 1 and cfg.prefetch == 2 and cfg.entropy_chunk == 128
-    assert cfg.global_queue == 30_000 and not cfg.tensorboard and cfg.progress
+    assert cfg.global_queue == 30_000 and cfg.report_to == "none" and cfg.report_backends == [] and cfg.progress
     # online-only options stay unset in cache mode
     assert all(getattr(cfg, k) is None for k in ONLINE_DEFAULTS)
     assert cfg.class_spec is None
@@ -147,6 +147,10 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
             ["--kd-weight", "0", "--ce-weight", "1", "--select", "none", "--ce-on", "selected"],
             r"--kd-weight 0 with --ce-on selected trains on no position",
         ),
+        (["--report-to", "tensorbord"], r"--report-to: 'tensorbord' is not one of: none, tensorboard, wandb, trackio$"),
+        (["--report-to", "none,wandb"], r"--report-to: 'none' is not one of: .* \(none goes alone\)$"),
+        (["--report-to", "wandb,wandb"], r"--report-to: 'wandb,wandb' names a backend twice$"),
+        (["--report-to", ","], r"--report-to: expected a comma list of none, tensorboard, wandb, trackio, got ','$"),
         (["--bogus-flag"], r"--bogus-flag: unknown option; see selkd-train --help"),
         (["extra"], r"unexpected argument\(s\): extra"),
     ],
@@ -284,7 +288,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         "--ce-on",
         "--fsdp",
         "--allow-missing-parts",
-        "--tensorboard",
+        "--report-to",
         "--config",
     ):
         assert flag in text
@@ -293,7 +297,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
 def test_config_differences_ignores_mutable_keys() -> None:
     saved = json.loads(json.dumps(cli("--steps", "100").to_dict()))  # as read back from config.json
     same = cli("--steps", "300", "--progress", "false", "--log-every", "1", "--eval-every", "0",
-               "--save-every", "7", "--resume", "--num-workers", "0", "--prefetch", "4", "--tensorboard",
+               "--save-every", "7", "--resume", "--num-workers", "0", "--prefetch", "4", "--report-to", "tensorboard",
                "--out", "elsewhere", "--entropy-chunk", "64", "--fsdp")  # fmt: skip
     assert config_differences(saved, same) == []
     changed = cli("--steps", "100", "--lr", "1e-3", "--select", "student-entropy:0.1")
@@ -308,7 +312,7 @@ def test_config_differences_ignores_mutable_keys() -> None:
         "resume",
         "num_workers",
         "prefetch",
-        "tensorboard",
+        "report_to",
     } <= set(RESUME_MUTABLE)
 
 

@@ -30,16 +30,26 @@ from make_tiny import make_llama, save_model, stdlib_texts, train_bpe_tokenizer,
 
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
+from selkd.trainer.cli import main as train_main
 from selkd.trainer.data import CacheStream
+from selkd.trainer.loader import make_loader
 
 
-def run_train(args: list[str]) -> dict[str, float]:
+def run_train(args: list[str], nproc: int = 1, in_process: bool = False) -> dict[str, float]:
+    """One ``python -m selkd.trainer ARGS`` process (``nproc`` > 1: under ``torchrun --standalone``;
+    ``in_process``: ``selkd.trainer.cli.main`` in this process, which saves the start-up on CPU); its
+    median step time, peak memory and tokens/s (all ranks) from ``metrics.jsonl``, and its wall time."""
     out = Path(args[args.index("--out") + 1])
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "selkd.trainer", *args], capture_output=True, text=True)
+    if in_process:
+        if train_main(args) != 0:
+            raise RuntimeError("selkd-train failed (its error is above)")
+    else:
+        proc = subprocess.run([sys.executable, *launch, "-m", "selkd.trainer", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"selkd-train failed:\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"selkd-train failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if not r.get("eval")]
     times = [r["step_time_s"] for r in train_rows[2:]] or [r["step_time_s"] for r in train_rows]
@@ -52,14 +62,21 @@ def run_train(args: list[str]) -> dict[str, float]:
     }
 
 
-def loader_tokens_per_s(cache: Path, batch_size: int, batches: int) -> float:
+def loader_tokens_per_s(cache: Path, batch_size: int, batches: int, device: torch.device | None = None) -> float:
+    """Tokens/s read from ``cache``: the bare stream in this process, or with ``device`` the trainer's own
+    loader (one worker, pinned memory on CUDA) with each batch copied to ``device`` as the loop does."""
     stream = CacheStream(str(cache), batch_size=batch_size, seed=0)
+    source = stream if device is None else make_loader(stream, 1, 2, pin_memory=device.type == "cuda")
     start = time.perf_counter()
     tokens = 0
-    for i, batch in enumerate(stream):
-        tokens += batch.num_tokens
+    for i, batch in enumerate(source):
+        tokens += batch.num_tokens  # on the host: no device sync
+        if device is not None:
+            batch.to(device, non_blocking=True)
         if i + 1 >= batches:
             break
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return tokens / (time.perf_counter() - start)
 
 

@@ -45,6 +45,7 @@ from selkd.cache.options import (
     opt,
     read_config_file,
 )
+from selkd.trainer.report import REPORT_NONE, check_report_to, parse_report_to
 from selkd.trainer.spec import (
     DEFAULT_GLOBAL_CAPACITY,
     FULL_KD,
@@ -99,7 +100,7 @@ RESUME_MUTABLE: tuple[str, ...] = (
     "resume",
     "num_workers",
     "prefetch",
-    "tensorboard",
+    "report_to",
     "out",
     "storage_option",
     "device",
@@ -321,7 +322,14 @@ class TrainConfig:
     allow_missing_parts: bool = opt(False, help="train on an incomplete cache (only its committed parts)", group="data")
     progress: bool = opt(True, help="show progress bars", group="output")
     trust_remote_code: bool = opt(False, help="allow model code from the model's repository to run", group="model")
-    tensorboard: bool = opt(False, help="write TensorBoard event files to OUT/tensorboard", group="output")
+    report_to: str = opt(
+        REPORT_NONE,
+        help="also log metrics.jsonl's scalars to these (a comma list): tensorboard (OUT/tensorboard), wandb "
+        "(OUT/wandb; WANDB_MODE=offline needs no network), trackio (its local database), or none",
+        validate=check_report_to,
+        metavar="NAMES",
+        group="output",
+    )
 
     def __post_init__(self) -> None:
         check(self)  # also coerces file/JSON values to the declared types
@@ -419,6 +427,11 @@ class TrainConfig:
     def effective_policy(self) -> str:
         """The policy the loop should use: ``none`` when ``--select none``, else ``--select-policy``."""
         return FULL_KD if self.select_spec.full_kd else self.select_policy
+
+    @property
+    def report_backends(self) -> list[str]:
+        """``--report-to`` as backend names (``[]`` for none)."""
+        return parse_report_to(self.report_to)
 
     @property
     def class_spec(self) -> ClassSpec | None:

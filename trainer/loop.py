@@ -110,9 +110,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
         restore(resume.latest, out, model, opt, data, state, main)
     start_step = state.step
 
-    # --- logging: the config, metrics.jsonl (truncated to the resumed step), TensorBoard ---------------
+    # --- logging: the config, metrics.jsonl (truncated to the resumed step), --report-to -----------------
     _log_start(cfg, model, data, objective, opt, dist_info)
-    metrics = MetricsLog(out, state.step, cfg.tensorboard, main)
+    metrics = MetricsLog(out, state.step, cfg.report_backends, main, cfg.to_dict())
 
     # --- the loop --------------------------------------------------------------------------------------
     batches = batches_forever(data.loader)

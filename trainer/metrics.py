@@ -1,5 +1,5 @@
-"""What a run reports: ``selkd-train:`` lines on stderr, ``metrics.jsonl`` and TensorBoard, and the
-logging window's sums.
+"""What a run reports: ``selkd-train:`` lines on stderr, ``metrics.jsonl`` (and the same scalars to the
+``--report-to`` backends, :mod:`selkd.trainer.report`), and the logging window's sums.
 
 Resuming and ``metrics.jsonl``
 ------------------------------
@@ -20,12 +20,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from selkd.trainer import distributed as D
+from selkd.trainer.report import Reporter, open_reporters, scalars
 
 __all__ = ["METRICS_FILE", "WINDOW_KEYS", "MetricsLog", "StepStats", "Window", "log", "truncate_metrics"]
 
@@ -116,12 +118,13 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 class MetricsLog:
-    """``OUT/metrics.jsonl`` (truncated to the resumed step when opened) and, with ``--tensorboard``,
-    ``OUT/tensorboard``; written on rank 0 only (``main``), a no-op elsewhere."""
+    """``OUT/metrics.jsonl`` (truncated to the resumed step when opened) and the ``--report-to`` backends
+    (:mod:`selkd.trainer.report`), which get each row's scalars; written on rank 0 only (``main``), a no-op
+    elsewhere. ``config``: the run's options, for the backends that record them."""
 
-    def __init__(self, out: Path, step: int, tensorboard: bool, main: bool) -> None:
+    def __init__(self, out: Path, step: int, report_to: Sequence[str], main: bool, config: dict[str, Any]) -> None:
         self.file: Any = None
-        self.tb: Any = None
+        self.reporters: list[Reporter] = []
         if not main:
             return
         path = out / METRICS_FILE
@@ -129,25 +132,19 @@ class MetricsLog:
         if dropped:
             log(f"{path}: dropped {dropped} row(s) after step {step} (those steps are redone)")
         self.file = path.open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                log("--tensorboard: tensorboard is not installed (pip install selkd[tensorboard]); skipping")
+        self.reporters = open_reporters(report_to, out, step, config)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(("eval/" if row.get("eval") else "train/") + k, v, row["step"])
+        if self.reporters:
+            step, values = scalars(row)
+            for reporter in self.reporters:
+                reporter.log(values, step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
