@@ -96,8 +96,8 @@ def _run_demo(
     caches = cache_stage(run, corpus, teacher_dir, base_dir)  # 5
     eval_seqs = held_out(caches["full"].path, corpus.eval_fraction)
     runs = students_stage(run, corpus, teacher_dir, base_dir, caches)  # 6
-    rows = evaluation_stage(run, pre, teacher_dir, base_dir, caches, runs, eval_seqs)  # 7
-    return report_stage(run, corpus, pre, teacher_dir, base_dir, caches, rows, len(eval_seqs))  # 8
+    evaluated = evaluation_stage(run, pre, teacher_dir, base_dir, caches, runs, eval_seqs)  # 7
+    return report_stage(run, corpus, pre, teacher_dir, base_dir, caches, evaluated, len(eval_seqs))  # 8
 
 
 # ----------------------------------------------------------------------------- 1. corpus

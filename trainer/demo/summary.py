@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,8 +11,11 @@ from typing import Any
 
 from selkd.trainer.demo.caches import Cache
 from selkd.trainer.demo.machine import machine_info
+from selkd.trainer.demo.passage import Passage
+from selkd.trainer.demo.plots import make_plots
 from selkd.trainer.demo.pretraining import Pretraining
-from selkd.trainer.demo.report import DemoResult, Row, format_table, make_plots, write_report
+from selkd.trainer.demo.reading import EqualTime, base_sentence, equal_time, reading, table_note, winners
+from selkd.trainer.demo.report import DemoResult, Row, format_table, write_report
 from selkd.trainer.demo.settings import CLASSES, SAMPLE_RATIO, SEED, SELECT, Shape
 from selkd.trainer.demo.state import Corpus, Run
 from selkd.trainer.demo.util import fmt_s, human_bytes, say, write_json
@@ -24,26 +28,34 @@ def report_stage(
     teacher_dir: Path,
     base_dir: Path,
     caches: dict[str, Cache],
-    rows: list[Row],
+    evaluated: tuple[list[Row], Passage],
     n_eval: int,
 ) -> DemoResult:
-    """The table, report.md, the plots and results.json; the table and the warnings are printed too."""
+    """The table with its reading, report.md, the plots and results.json; the table, the reading and the
+    warnings are printed too."""
+    rows, passage = evaluated
     run.warnings += _teacher_warnings(rows)
+    eq = equal_time(rows)  # fills each student's eq_time_ce
     table = format_table(rows)
+    words = [*reading(rows, eq), base_sentence(pre.records["base"])]
     cache_stats = {name: c.stats for name, c in caches.items()}
     settings = _settings(run, corpus, pre, teacher_dir, base_dir, cache_stats, n_eval)
     with run.stages.stage("report", "report"):
         notes = [*run.warnings, *(_cache_note(n, s) for n, s in cache_stats.items())]
-        plots, plot_note = make_plots(rows, pre.records, run.out)
-        if plot_note:
-            notes.append(plot_note)
+        plots = make_plots(rows, pre.records, eq, passage, run.out)
         machine = machine_info(run.threads)
         stage_seconds = dict(run.stages.seconds)
-        report = write_report(run.out, rows, table, settings, machine, stage_seconds, run.commands, plots, notes)
+        note = table_note(eq, rows)
+        report = write_report(
+            run.out, rows, table, settings, machine, stage_seconds, run.commands, plots, notes, words, note
+        )
         total = time.perf_counter() - run.t_start
-        result = DemoResult(rows, table, report, plots, settings, stage_seconds, total, run.warnings)
+        result = DemoResult(rows, table, report, plots, settings, stage_seconds, total, run.warnings, words)
         results = {
             "rows": [dataclasses.asdict(r) for r in rows],
+            "equal_time": None if eq is None else dataclasses.asdict(eq),
+            "winners": winners(rows),
+            "reading": words,
             "settings": settings,
             "machine": machine,
             "stage_seconds": stage_seconds,
@@ -51,12 +63,20 @@ def report_stage(
             "warnings": run.warnings,
         }
         write_json(run.out / "results.json", results)
+    _print(run, table, eq, rows, words, report)
+    return result
+
+
+def _print(run: Run, table: str, eq: EqualTime | None, rows: Sequence[Row], words: Sequence[str], report: Path) -> None:
     say("")
     say(table)
+    say("")
+    for paragraph in (table_note(eq, rows), *words):
+        say(textwrap.fill(paragraph.replace("**", ""), 110))
+        say("")
     for w in run.warnings:
         say(f"warning: {w}")
-    say(f"\nreport: {report}   (total {fmt_s(time.perf_counter() - run.t_start)})")
-    return result
+    say(f"report: {report}   (total {fmt_s(time.perf_counter() - run.t_start)})")
 
 
 def _teacher_warnings(rows: Sequence[Row], margin: float = 0.1) -> list[str]:
