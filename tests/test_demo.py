@@ -98,10 +98,11 @@ def _check_equal_time_and_reading(results: dict, printed: str, report: str) -> N
     by_key = {r["key"]: r for r in students}
     assert by_key[fastest]["eq_time_ce"] == by_key[fastest]["eval_ce"]
     labels = {r["key"]: r["label"] for r in students}
-    for column, paragraph in (("eval_ce", 0), ("eq_time_ce", 1)):
+    for column, opening in (("eval_ce", "At equal steps"), ("eq_time_ce", "At equal wall time")):
         best = min(students, key=lambda r: r[column])["key"]
         assert results["winners"]["steps" if column == "eval_ce" else "time"] == best
-        assert f"**{labels[best]}** had the lowest" in results["reading"][paragraph]
+        paragraph = next(p for p in results["reading"] if p.startswith(opening))
+        assert f"**{labels[best]}** had the lowest" in paragraph
         assert labels[best] in report.split("## Reading")[1].split("##")[0]
 
 
@@ -258,6 +259,9 @@ def test_reading_follows_the_numbers() -> None:
     text = reading.reading(better, reading.equal_time(better))
     assert text[0].startswith("At equal steps (4 each), **SEKD** had the lowest")
     assert "worse" not in text[2] and "gave as much as distilling all of them" in text[3]
+
+    better[0].eval_ce = 4.95  # a teacher no better than the base: said first
+    assert reading.reading(better, None)[0].startswith("Caution: the teacher (4.950) is not clearly better")
 
 
 def test_passage_marks_the_positions_se_kd_selects(tiny_student_dir: Path, tiny_tokenizer: object) -> None:

@@ -138,11 +138,26 @@ PAPER = (
 )
 
 
+def _teacher_caution(by: dict[str, Row], margin: float = 0.1) -> list[str]:
+    """A first paragraph when the teacher is not clearly (``margin`` nats) better than the base student:
+    then KD can only pull the students towards a weaker model, and the comparison says little."""
+    teacher, base = by["teacher"].eval_ce, by["base"].eval_ce
+    if teacher <= base - margin:
+        return []
+    return [
+        f"Caution: the teacher ({teacher:.3f}) is not clearly better than the base student ({base:.3f}), so "
+        "distilling from it can only pull the students towards a model no better than where they started; "
+        "read the rest with that in mind (the teacher trains for a number of seconds: a slow or busy machine "
+        "or a smaller --budget-scale leaves it weak)."
+    ]
+
+
 def reading(rows: Sequence[Row], eq: EqualTime | None) -> list[str]:
     """The plain reading under the table, one paragraph per item, every claim from ``rows``."""
     by = {r.key: r for r in rows}
     n = max((int(r.clock[-1][0]) for r in students(rows) if r.clock), default=0)
-    out = [_winner_sentence(rows, "eval_ce", f"At equal steps ({n} each)" if n else "At equal steps")]
+    out = _teacher_caution(by)
+    out.append(_winner_sentence(rows, "eval_ce", f"At equal steps ({n} each)" if n else "At equal steps"))
     if eq is not None:
         label = by[eq.fastest].label
         out.append(_winner_sentence(rows, "eq_time_ce", f"At equal wall time ({eq.seconds:.1f} s, {label}'s)"))
