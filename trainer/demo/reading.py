@@ -126,7 +126,7 @@ def _why(by: dict[str, Row], n_steps: int) -> str:
         )
     return (
         f"Why at this scale: {speed}, and even over {n_steps} steps of a tiny student, distilling only the most "
-        "uncertain fifth of the positions gave as much as distilling all of them."
+        "uncertain fifth of the positions gave at least as much as distilling all of them."
     )
 
 
@@ -160,7 +160,8 @@ def reading(rows: Sequence[Row], eq: EqualTime | None) -> list[str]:
     out.append(_winner_sentence(rows, "eval_ce", f"At equal steps ({n} each)" if n else "At equal steps"))
     if eq is not None:
         label = by[eq.fastest].label
-        out.append(_winner_sentence(rows, "eq_time_ce", f"At equal wall time ({eq.seconds:.1f} s, {label}'s)"))
+        how = f"At equal wall time ({eq.seconds:.1f} s of training, what {label} needed for its steps)"
+        out.append(_winner_sentence(rows, "eq_time_ce", how))
     out += [_sekd_sentence(by), _why(by, n), PAPER]
     return out
 
