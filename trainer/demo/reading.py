@@ -19,6 +19,7 @@ import numpy as np
 from selkd.trainer.demo.report import Row
 
 REFERENCE_ROWS = ("teacher", "base")  # rows that are not compared students
+TEACHER_MARGIN = 0.1  # nats: a teacher less than this much better than a student is not clearly better
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,11 @@ PAPER = (
 )
 
 
-def _teacher_caution(by: dict[str, Row], margin: float = 0.1) -> list[str]:
-    """A first paragraph when the teacher is not clearly (``margin`` nats) better than the base student:
+def _teacher_caution(by: dict[str, Row]) -> list[str]:
+    """A first paragraph when the teacher is not clearly (TEACHER_MARGIN) better than the base student:
     then KD can only pull the students towards a weaker model, and the comparison says little."""
     teacher, base = by["teacher"].eval_ce, by["base"].eval_ce
-    if teacher <= base - margin:
+    if teacher <= base - TEACHER_MARGIN:
         return []
     return [
         f"Caution: the teacher ({teacher:.3f}) is not clearly better than the base student ({base:.3f}), so "

@@ -14,7 +14,15 @@ from selkd.trainer.demo.machine import machine_info
 from selkd.trainer.demo.passage import Passage
 from selkd.trainer.demo.plots import make_plots
 from selkd.trainer.demo.pretraining import Pretraining
-from selkd.trainer.demo.reading import EqualTime, base_sentence, equal_time, reading, table_note, winners
+from selkd.trainer.demo.reading import (
+    TEACHER_MARGIN,
+    EqualTime,
+    base_sentence,
+    equal_time,
+    reading,
+    table_note,
+    winners,
+)
 from selkd.trainer.demo.report import DemoResult, Row, format_table, write_report
 from selkd.trainer.demo.settings import CLASSES, SAMPLE_RATIO, SEED, SELECT, Shape
 from selkd.trainer.demo.state import Corpus, Run
@@ -79,8 +87,8 @@ def _print(run: Run, table: str, eq: EqualTime | None, rows: Sequence[Row], word
     say(f"report: {report}   (total {fmt_s(time.perf_counter() - run.t_start)})")
 
 
-def _teacher_warnings(rows: Sequence[Row], margin: float = 0.1) -> list[str]:
-    """A warning for each student the teacher is not clearly (``margin`` nats) better than."""
+def _teacher_warnings(rows: Sequence[Row]) -> list[str]:
+    """A warning for each student the teacher is not clearly (TEACHER_MARGIN) better than."""
     by_key = {r.key: r for r in rows}
     teacher = by_key["teacher"].eval_ce
     return [
@@ -89,7 +97,7 @@ def _teacher_warnings(rows: Sequence[Row], margin: float = 0.1) -> list[str]:
         "teacher trained too little (a slow or busy machine, --quick or --budget-scale below 1; the full demo "
         "trains a stronger one)"
         for other in ("base", "ce-only")
-        if teacher > by_key[other].eval_ce - margin
+        if teacher > by_key[other].eval_ce - TEACHER_MARGIN
     ]
 
 
