@@ -13,6 +13,14 @@ import torch
 from selkd.trainer import demo
 
 EXPECTED_ROWS = ["teacher", "base", "ce-only", "kd-online", "kd-cache", "sekd", "sekd-3x"]
+PLOTS = (
+    "ce_vs_time.png",
+    "ce_vs_bytes.png",
+    "bars.png",
+    "train_loss.png",
+    "pretrain_loss.png",
+    "selection_heatmap.png",
+)
 
 
 def _finite_numbers(row: dict) -> list[tuple[str, float]]:
@@ -58,10 +66,11 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, capsys: pytest.CaptureF
 
     report = (out / "report.md").read_text()
     assert "| method" in report and "SE-KD 3X" in report
-    for png in ("eval_ce.png", "train_loss.png", "pretrain_loss.png"):
-        if "matplotlib is not installed" not in report:
-            assert (out / png).stat().st_size > 0
-            assert f"]({png})" in report
+    for png in PLOTS:  # matplotlib is a base dependency: the plots are always drawn
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000, png
+        assert f"]({png})" in report
+    assert "<span" in (out / "selection.html").read_text()
+    _check_equal_time_and_reading(results, printed, report)
     for key in EXPECTED_ROWS[2:]:
         assert (out / "runs" / key / "metrics.jsonl").is_file()
         assert (out / "runs" / key / "final" / "config.json").is_file()
@@ -73,6 +82,28 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path: Path, capsys: pytest.CaptureF
     first = {r["key"]: r["eval_ce"] for r in rows}
     for r in again.rows:  # the same models on the same held-out sequences
         assert r.eval_ce == pytest.approx(first[r.key], abs=1e-5)
+
+
+def _check_equal_time_and_reading(results: dict, printed: str, report: str) -> None:
+    """The equal-time column is there and filled for every student (the fastest one's is its final CE),
+    and the reading names, as the winner at equal steps and at equal time, the student with the lowest
+    CE in that column."""
+    for text in (printed, report):
+        header = next(line for line in text.splitlines() if line.startswith("| method"))
+        assert "| CE, equal time |" in header
+    students = [r for r in results["rows"] if r["key"] not in ("teacher", "base")]
+    fastest = results["equal_time"]["fastest"]
+    for r in students:
+        assert math.isfinite(r["eq_time_ce"]), r["key"]
+    by_key = {r["key"]: r for r in students}
+    assert by_key[fastest]["eq_time_ce"] == by_key[fastest]["eval_ce"]
+    labels = {r["key"]: r["label"] for r in students}
+    for column, opening in (("eval_ce", "At equal steps"), ("eq_time_ce", "At equal wall time")):
+        best = min(students, key=lambda r: r[column])["key"]
+        assert results["winners"]["steps" if column == "eval_ce" else "time"] == best
+        paragraph = next(p for p in results["reading"] if p.startswith(opening))
+        assert f"**{labels[best]}** had the lowest" in paragraph
+        assert labels[best] in report.split("## Reading")[1].split("##")[0]
 
 
 def test_every_option_has_help() -> None:
@@ -178,3 +209,73 @@ def test_as_cli_commands_parse_back_to_the_same_config() -> None:
     command = as_cli("selkd-train", train, TrainConfig(cache="C", student="S", out="O"))
     assert "--no-progress" in command.split() and "--resume" in command.split()
     assert TrainConfig.from_cli(shlex.split(command)[1:]) == train
+
+
+def _row(key: str, ce: float, step_s: float, curve: list[list[float]]) -> demo.Row:
+    """A student row that trained 4 steps of ``step_s`` seconds, evaluated along ``curve`` ([step, CE])."""
+    row = demo.Row(key, key.upper(), ce, math.exp(ce), 0.5, 4 * step_s + 1, 500.0, None, None, None)
+    row.clock = [[s, s * step_s] for s in range(1, 5)]
+    row.eval_curve = [[0, 5.0], *curve, [4, ce]]
+    return row
+
+
+def _rows(sekd_ce: float) -> list[demo.Row]:
+    """Teacher, base (5.0) and five students; SE-KD and SE-KD 3X take half a full-KD step's time."""
+    ref = [
+        demo.Row(k, k, ce, math.exp(ce), None, 10.0, 500.0, None, None, None)
+        for k, ce in (("teacher", 4.0), ("base", 5.0))
+    ]
+    return [
+        *ref,
+        _row("ce-only", 4.70, 0.8, [[2, 4.85]]),
+        _row("kd-online", 4.60, 2.0, [[2, 4.80]]),
+        _row("kd-cache", 4.65, 1.0, [[2, 4.90]]),
+        _row("sekd", sekd_ce, 0.5, [[2, 4.95]]),
+        _row("sekd-3x", 4.98, 0.5, [[2, 4.99]]),
+    ]
+
+
+def test_reading_follows_the_numbers() -> None:
+    """CE at equal wall time is read off each run's evaluations at the fastest run's training time, and
+    the reading names the lowest CE in each column and says plainly when SE-KD ends worse than its base."""
+    from selkd.trainer.demo import reading
+
+    rows = _rows(sekd_ce=5.10)
+    eq = reading.equal_time(rows)
+    assert eq is not None and eq.seconds == 2.0 and eq.fastest == "sekd"  # first of the two fastest
+    by = {r.key: r for r in rows}
+    assert by["kd-cache"].eq_time_ce == pytest.approx(4.90)  # step 2 took it 2 s
+    assert by["kd-online"].eq_time_ce == pytest.approx(4.90)  # step 1 of 4: between 5.0 (0 s) and 4.80 (4 s)
+    assert by["ce-only"].eq_time_ce == pytest.approx(4.85 + (4.70 - 4.85) * (2.0 - 1.6) / 1.6)
+    assert by["sekd"].eq_time_ce == 5.10
+    text = reading.reading(rows, eq)
+    assert text[0].startswith("At equal steps (4 each), **KD-ONLINE** had the lowest held-out CE (4.600), 0.050")
+    assert "**CE-ONLY** had the lowest" in text[1]  # 4.81 at 2 s, ahead of the slower KD runs
+    assert reading.winners(rows) == {"steps": "kd-online", "time": "ce-only"}
+    assert "0.100 nats *worse* than the base student" in text[2]
+    assert "fifth of full KD's teacher signal" in text[3] and "0.50x the time" in text[3]
+
+    better = _rows(sekd_ce=4.50)
+    text = reading.reading(better, reading.equal_time(better))
+    assert text[0].startswith("At equal steps (4 each), **SEKD** had the lowest")
+    assert "worse" not in text[2] and "gave at least as much as distilling all of them" in text[3]
+
+    better[0].eval_ce = 4.95  # a teacher no better than the base: said first
+    assert reading.reading(better, None)[0].startswith("Caution: the teacher (4.950) is not clearly better")
+
+
+def test_passage_marks_the_positions_se_kd_selects(tiny_student_dir: Path, tiny_tokenizer: object) -> None:
+    """The heat map's data come from the trainer's selection: ceil(20% of L-1) positions, the ones with the
+    highest student entropy; the HTML marks exactly those tokens."""
+    from selkd.cache.teacher import load_causal_lm
+    from selkd.trainer.demo.passage import passage_html, select_passage
+
+    model = load_causal_lm(str(tiny_student_dir), "cpu", torch.float32)
+    seq = torch.randint(0, len(tiny_tokenizer), (41,), generator=torch.Generator().manual_seed(0)).numpy()
+    p = select_passage(model, tiny_tokenizer, seq, "student-entropy:0.2", "sequence", shown=41)
+    assert len(p.tokens) == len(p.entropy) == len(p.selected) == 41 and not p.selected[0]
+    assert sum(p.selected) == math.ceil(0.2 * 40)
+    chosen = [e for e, s in zip(p.entropy[1:], p.selected[1:]) if s]
+    others = [e for e, s in zip(p.entropy[1:], p.selected[1:]) if not s]
+    assert min(chosen) >= max(others)
+    assert passage_html(p).count("text-decoration: underline") == sum(p.selected)

@@ -9,16 +9,19 @@ capable student and sees the same data. So the demo
    (the caches and the students use it; its held-out split is the cache's eval split) and extra text
    that only pretraining sees;
 2. trains a byte-level BPE tokenizer, a Llama-style teacher and the *base student* (the student
-   architecture pretrained briefly with plain CE), all with time budgets, and keeps them as Hugging
-   Face directories under ``--models`` (default ``~/.cache/selkd``), keyed by the corpus and the
-   settings, so later runs reuse them. Neither ever sees a held-out sequence;
+   architecture pretrained with plain CE to near its plateau, so that what KD adds to it means
+   something), all with time budgets, and keeps them as Hugging Face directories under ``--models``
+   (default ``~/.cache/selkd``), keyed by the corpus and the settings, so later runs reuse them.
+   Neither ever sees a held-out sequence;
 3. builds two caches with ``selkd-cache build`` (``sample:50``: every sequence, and the top 20% of
    sequences by the base student's entropy);
 4. continues the base student for the same number of steps on the same data with each method: CE
    only, full KD with the teacher online, full KD from the cache, SE-KD (student entropy, 20% of
    positions) and SE-KD 3X (positions + sampled classes + 20% of samples);
 5. scores the teacher, the base student and every trained student on the same held-out sequences
-   and writes one table, ``report.md`` and loss curves into ``--out``.
+   and writes into ``--out`` one table (held-out CE at equal steps and at equal wall time, see
+   :mod:`.reading`), a plain reading of it generated from its numbers, ``report.md`` and the plots
+   (:mod:`.plots`, including which tokens of a held-out passage SE-KD selects).
 
 The cache builds and trainings run in this process through the same functions as ``selkd-cache
 build`` and ``selkd-train`` (one Python start-up instead of six, which matters on 2 cores); the demo

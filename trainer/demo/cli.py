@@ -19,14 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selkd-demo",
         description="Train a tokenizer, a teacher and a base student on a corpus (the Python standard library by "
         "default), build caches, distil with CE only / full KD (online, cached) / SE-KD / SE-KD 3X, and write a "
-        "table and a report with loss curves. Later runs reuse every stage whose inputs are unchanged.",
+        "table with a plain reading of it and a report with plots. Later runs reuse every stage whose inputs are "
+        "unchanged.",
     )
     add_version(p)
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller teacher and budgets, the same stages and table: under 4 minutes on 2 CPU cores from an empty "
-        "cache (measured 2.5 on 2 shared cores); the full demo takes under 15 the first time (measured 11-12)",
+        help="smaller teacher and budgets, the same stages, table and plots: about 3 minutes on 2 quiet CPU cores from "
+        "an empty cache (under 4); the full demo takes under 15 the first time",
     )
     p.add_argument(
         "--data",

@@ -1,4 +1,4 @@
-"""The demo's results: the table, the loss-curve plots, the findings and report.md."""
+"""The demo's results: the table, the findings and report.md (the plots: plots.py; the reading: reading.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ class Row:
     cache_build_s: float | None = None  # time the cache this method reads took to build
     params: int | None = None
     curve: list[list[float]] = field(default_factory=list)  # [step, train loss]
-    eval_curve: list[list[float]] = field(default_factory=list)  # [step, held-out CE]
+    eval_curve: list[list[float]] = field(default_factory=list)  # [step, held-out CE], step 0: the base
+    kd_curve: list[list[float]] = field(default_factory=list)  # [step, KD divergence] (KD methods)
+    ce_curve: list[list[float]] = field(default_factory=list)  # [step, CE term] (where it is weighted)
+    clock: list[list[float]] = field(default_factory=list)  # [step, cumulative seconds of training steps]
+    eq_time_ce: float | None = None  # held-out CE at equal wall time (see reading.py)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class DemoResult:
     stage_seconds: dict[str, float]
     total_seconds: float
     warnings: list[str]
+    reading: list[str] = field(default_factory=list)  # the plain reading under the table (reading.py)
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -55,6 +60,7 @@ def format_table(rows: Sequence[Row]) -> str:
     head = [
         "method",
         "held-out CE",
+        "CE, equal time",
         "PPL",
         "top-1 agree",
         "wall time",
@@ -74,6 +80,7 @@ def format_table(rows: Sequence[Row]) -> str:
             [
                 r.label + (" *" if r.reused else ""),
                 f"{r.eval_ce:.3f}",
+                opt(r.eq_time_ce, ".3f"),
                 f"{r.eval_ppl:.1f}",
                 opt(r.top1_agree, ".3f"),
                 fmt_s(r.wall_s),
@@ -94,82 +101,47 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([line(head), sep, *(line(b) for b in body)])
 
 
-def read_metrics(path: Path) -> tuple[list[list[float]], list[list[float]]]:
-    """([step, train loss], [step, held-out CE]) from a run's ``metrics.jsonl``."""
-    train, ev = [], []
+@dataclass
+class Metrics:
+    """A student run's curves, from its ``metrics.jsonl``: each a list of [step, value]."""
+
+    loss: list[list[float]] = field(default_factory=list)  # the training objective
+    kd: list[list[float]] = field(default_factory=list)  # its divergence term
+    ce: list[list[float]] = field(default_factory=list)  # its CE term
+    eval_ce: list[list[float]] = field(default_factory=list)  # held-out CE
+    clock: list[list[float]] = field(default_factory=list)  # cumulative seconds of training steps
+
+
+def read_metrics(path: Path) -> Metrics:
+    """The curves of a run's ``metrics.jsonl`` (a torn or unreadable line is skipped). The clock adds each
+    logged window's steps times its mean step time, so evaluations and saving do not count."""
+    m = Metrics()
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return train, ev
+        return m
+    last_step, seconds = 0, 0.0
     for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
             continue
+        step = row.get("step", 0)
         if row.get("eval"):
             if "eval_ce" in row:
-                ev.append([row["step"], row["eval_ce"]])
-        elif "loss" in row:
-            train.append([row["step"], row["loss"]])
-    return train, ev
-
-
-def make_plots(rows: Sequence[Row], pretrain: dict[str, dict[str, Any]], out: Path) -> tuple[list[Path], str | None]:
-    """Loss curves as PNG: held-out CE per step and training loss per step of every compared student,
-    and the teacher's and base student's pretraining CE. matplotlib is optional (``selkd[plots]``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "matplotlib is not installed (pip install 'selkd[plots]'), so the report has no plots"
-    students = [r for r in rows if r.key not in ("teacher", "base")]
-    ref = {r.key: r.eval_ce for r in rows if r.key in ("teacher", "base")}
-    paths = []
-
-    def save(fig: Any, ax: Any, name: str, xlabel: str, ylabel: str, title: str) -> None:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in students:
-        if r.eval_curve:
-            xs, ys = zip(*r.eval_curve)
-            ax.plot(xs, ys, marker="o", ms=3, label=r.label)
-    for key, style in (("teacher", ":"), ("base", "--")):
-        if key in ref:
-            ax.axhline(ref[key], color="grey", ls=style, lw=1, label=f"{key} ({ref[key]:.3f})")
-    save(fig, ax, "eval_ce.png", "step", "held-out CE (nats)", "Held-out cross-entropy of the students")
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in students:
-        if r.curve:
-            xs, ys = zip(*r.curve)
-            ax.plot(xs, ys, label=r.label)
-    save(
-        fig,
-        ax,
-        "train_loss.png",
-        "step",
-        "training objective",
-        "Training loss (KD divergence; CE for the CE-only student)",
-    )
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, info in pretrain.items():
-        curve = info.get("curve") or []
-        if curve:
-            ax.plot([c[1] for c in curve], [c[2] for c in curve], label=f"{key} ({info['params'] / 1e6:.2f}M params)")
-    save(fig, ax, "pretrain_loss.png", "seconds", "training CE (nats)", "Pretraining (time-budgeted, plain CE)")
-    return paths, None
+                m.eval_ce.append([step, row["eval_ce"]])
+            continue
+        if "loss" not in row:
+            continue
+        m.loss.append([step, row["loss"]])
+        for key, curve in (("kd", m.kd), ("ce", m.ce)):
+            if key in row:
+                curve.append([step, row[key]])
+        if "step_time_s" in row and step > last_step:
+            seconds += row["step_time_s"] * (step - last_step)
+            m.clock.append([step, seconds])
+            last_step = step
+    return m
 
 
 def _vs(ce: float, ref: float) -> str:
@@ -182,17 +154,10 @@ def findings(rows: Sequence[Row]) -> list[str]:
     """Plain statements read off the table (no claims beyond these numbers and this budget)."""
     by = {r.key: r for r in rows}
     teacher, base, ce_only = by["teacher"], by["base"], by["ce-only"]
-    students = [r for r in rows if r.key not in ("teacher", "base")]
     out = [
         f"The teacher is {_vs(teacher.eval_ce, base.eval_ce)} the base student and "
         f"{_vs(teacher.eval_ce, ce_only.eval_ce)} the CE-only student on held-out CE."
     ]
-    ranked = sorted(students, key=lambda r: r.eval_ce)
-    out.append(
-        "Held-out CE, best first: "
-        + "; ".join(f"{r.label} {r.eval_ce:.3f} ({r.eval_ce - base.eval_ce:+.3f} from the base)" for r in ranked)
-        + "."
-    )
     full, sekd, three = by["kd-cache"], by["sekd"], by["sekd-3x"]
     size = (three.cache_bytes or 0) / max(1, full.cache_bytes or 1)
     build = (three.cache_build_s or 0.0) / max(1e-9, full.cache_build_s or 0.0)
@@ -214,6 +179,8 @@ def write_report(
     commands: Sequence[str],
     plots: Sequence[Path],
     notes: Sequence[str],
+    reading: Sequence[str],
+    eq_note: str,
 ) -> Path:
     """``OUT/report.md``: the table, what was compared and how, the machine, the curves."""
     b = settings["budget"]
@@ -225,8 +192,9 @@ def write_report(
         "",
         table,
         "",
-        TABLE_NOTE + reused,
+        TABLE_NOTE + " " + eq_note + reused,
         "",
+        *_section("Reading", [f"{p}\n" for p in reading]),
         *_section("Findings", [f"- {f}" for f in findings(rows)]),
         *(_section("Notes", [f"- {n}" for n in notes]) if notes else []),
         *_section("What was compared", _methods_compared(b)),
@@ -236,7 +204,7 @@ def write_report(
         *_section(
             "Commands", ["The demo runs these stages in-process; each is equivalent to:", "", "```sh", *commands, "```"]
         ),
-        *(_section("Curves", ["\n\n".join(f"![{p.stem}]({p.name})" for p in plots)]) if plots else []),
+        *(_section("Plots", ["\n\n".join(f"![{p.stem}]({p.name})" for p in plots)]) if plots else []),
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -35,7 +35,7 @@ class Budget:
     teacher: Shape
     student: Shape
     teacher_seconds: float
-    base_seconds: float
+    base_seconds: float  # long enough to bring the base student near its CE plateau: KD from it then means something
     pretrain_batch: int
     teacher_lr: float
     base_lr: float
@@ -43,7 +43,7 @@ class Budget:
     kd_batch: int
     kd_lr: float
     warmup_steps: int
-    evals: int  # held-out evaluations per student run (for the curves), the final one included
+    evals: int  # held-out evaluations per student run (the curves, CE at equal wall time), the final one included
     target_seconds: float  # the first run's wall-time goal: the teacher's budget shrinks to meet it
     # cost of everything after the teacher (caches, students, evaluation, report, start-up), in base-student
     # pretraining steps: per KD step (all methods together), per KD-corpus batch, fixed. Measured on 2 cores.
@@ -92,7 +92,7 @@ BUDGETS: dict[str, Budget] = {
         teacher=Shape(hidden=96, layers=4, heads=4, intermediate=256),
         student=Shape(hidden=64, layers=2, heads=2, intermediate=192),
         teacher_seconds=360.0,
-        base_seconds=50.0,
+        base_seconds=150.0,
         pretrain_batch=8,
         teacher_lr=3e-3,
         base_lr=3e-3,
@@ -100,8 +100,8 @@ BUDGETS: dict[str, Budget] = {
         kd_batch=8,
         kd_lr=1e-3,
         warmup_steps=8,
-        evals=4,
-        target_seconds=840.0,
+        evals=8,
+        target_seconds=860.0,
         rest_cost=(10.0, 1.9, 90.0),
         ref_step_s=0.24,
     ),
@@ -117,7 +117,7 @@ BUDGETS: dict[str, Budget] = {
         teacher=Shape(hidden=96, layers=3, heads=4, intermediate=256),
         student=Shape(hidden=64, layers=2, heads=2, intermediate=192),
         teacher_seconds=60.0,
-        base_seconds=15.0,
+        base_seconds=45.0,
         pretrain_batch=8,
         teacher_lr=3e-3,
         base_lr=3e-3,
@@ -125,8 +125,8 @@ BUDGETS: dict[str, Budget] = {
         kd_batch=8,
         kd_lr=1e-3,
         warmup_steps=4,
-        evals=4,
-        target_seconds=225.0,
+        evals=8,
+        target_seconds=240.0,
         rest_cost=(18.5, 4.5, 120.0),
         ref_step_s=0.125,
     ),
