@@ -790,6 +790,10 @@ OPTION_CASES = (
     [pytest.param("topk", ("--select", f"{s}:0.3"), id=f"signal-{s}") for s in SIGNALS]
     + [pytest.param("topk", ("--select-policy", p), id=f"policy-{p}") for p in POLICIES]
     + [pytest.param("topk", ("--select", "none", "--select-policy", "none"), id="full-kd")]
+    + [
+        pytest.param("topk", ("--select", "student-entropy:0.15+random:0.05"), id="hybrid-random-share"),
+        pytest.param("topk", ("--select-policy", "stochastic", "--no-importance-weights"), id="stochastic-uncorrected"),
+    ]
     + [pytest.param(c, ("--loss", loss), id=f"{loss}-{c}") for c in ("topk", "full") for loss in ("fkl", "rkl", "jsd")]
     + [
         pytest.param("sample", (), id="fkl-sample"),
