@@ -698,8 +698,13 @@ def test_student_with_a_larger_vocabulary_trains(
         (("--select", "entropy:0.2"), "valid signals: none, student-entropy, teacher-entropy"),
         (("--select-policy", "top"), "choose from 'sequence', 'batch', 'global', 'stochastic', 'curriculum'"),
         (("--loss", "kl"), "choose from 'fkl', 'rkl', 'jsd'"),
+        (
+            ("--select", "kl:0.1+random:0.1", "--select-policy", "stochastic"),
+            "--select kl:0.1+random:0.1 with --select-policy stochastic: that policy draws its positions",
+        ),
+        (("--select", "kl:0.9+random:0.2"), "the fraction and the random share add up to more than 1"),
     ],
-    ids=["fraction-0", "fraction-1.5", "signal", "policy", "loss"],
+    ids=["fraction-0", "fraction-1.5", "signal", "policy", "loss", "share-on-stochastic", "share-too-big"],
 )
 def test_bad_options_exit_2(
     tmp_path: Path,

@@ -71,7 +71,7 @@ class Objective:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, what backward runs on
-    kd: torch.Tensor  # scalar (detached)
+    kd: torch.Tensor  # scalar (detached): the policy's mean of the divergence, before kd_weight and kd_scale
     ce: torch.Tensor  # scalar (detached), 0 when ce_weight == 0
     per_position: torch.Tensor  # [B, L] float32 KD value at selected positions (detached), 0 elsewhere
     selected: torch.Tensor  # [B, L] bool
