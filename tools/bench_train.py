@@ -9,8 +9,9 @@ the machine and the command.
     python tools/bench_train.py [--vocabs 32768 151936] [--steps 12] [--batch-size 4] [--seq-len 256]
 
 ``--ce-cost R`` measures instead what the CE term on every valid position costs on top of SE-KD 20%
-(``--ce-weight 1 --ce-on all``: the LM head and CE a chunk at a time, recomputed in backward): the two
-runs alternate R times each (A, B, A, B, ...) so that load on a shared machine hits both alike.
+(``--ce-weight 1 --ce-on all``: the LM head and CE a chunk at a time, recomputed in backward), with
+full KD for scale: the three runs alternate R times each (A, B, C, A, B, C, ...) so that load on a
+shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def loader_tokens_per_s(cache: Path, batch_size: int, batches: int) -> float:
 CE_VARIANTS = {
     "SE-KD 20%": ["--select", "student-entropy:0.2"],
     "SE-KD 20% + CE on all": ["--select", "student-entropy:0.2", "--ce-weight", "1", "--ce-on", "all"],
+    "full KD": ["--select", "none"],
 }
 
 
@@ -88,7 +90,7 @@ def ce_cost(cache: Path, work: Path, common: list[str], repeats: int) -> dict[st
 def print_ce_cost(args: argparse.Namespace, results: list) -> None:
     """The ``--ce-cost`` table: median over the repeats of each run's median step time, and peak memory."""
     print(
-        f"### SE-KD 20% with and without CE on all positions (student hidden {args.student_hidden}, "
+        f"### SE-KD 20% with and without CE on all positions, and full KD (student hidden {args.student_hidden}, "
         f"{args.student_layers} layers; batch {args.batch_size} x {args.seq_len}; {args.steps} steps; "
         f"{args.ce_cost} interleaved runs each)\n"
     )
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-layers", type=int, default=4)
     ap.add_argument("--classes", default="sample:50")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--ce-cost", type=int, default=0, metavar="R", help="only SE-KD vs SE-KD + CE on all, R times each")
+    ap.add_argument("--ce-cost", type=int, default=0, metavar="R", help="only SE-KD, SE-KD + CE on all, full KD")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="selkd-bench-train-"))
