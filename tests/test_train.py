@@ -698,8 +698,13 @@ def test_student_with_a_larger_vocabulary_trains(
         (("--select", "entropy:0.2"), "valid signals: none, student-entropy, teacher-entropy"),
         (("--select-policy", "top"), "choose from 'sequence', 'batch', 'global', 'stochastic', 'curriculum'"),
         (("--loss", "kl"), "choose from 'fkl', 'rkl', 'jsd'"),
+        (
+            ("--select", "kl:0.1+random:0.1", "--select-policy", "stochastic"),
+            "--select kl:0.1+random:0.1 with --select-policy stochastic: that policy draws its positions",
+        ),
+        (("--select", "kl:0.9+random:0.2"), "the fraction and the random share add up to more than 1"),
     ],
-    ids=["fraction-0", "fraction-1.5", "signal", "policy", "loss"],
+    ids=["fraction-0", "fraction-1.5", "signal", "policy", "loss", "share-on-stochastic", "share-too-big"],
 )
 def test_bad_options_exit_2(
     tmp_path: Path,
@@ -790,6 +795,10 @@ OPTION_CASES = (
     [pytest.param("topk", ("--select", f"{s}:0.3"), id=f"signal-{s}") for s in SIGNALS]
     + [pytest.param("topk", ("--select-policy", p), id=f"policy-{p}") for p in POLICIES]
     + [pytest.param("topk", ("--select", "none", "--select-policy", "none"), id="full-kd")]
+    + [
+        pytest.param("topk", ("--select", "student-entropy:0.15+random:0.05"), id="hybrid-random-share"),
+        pytest.param("topk", ("--select-policy", "stochastic", "--no-importance-weights"), id="stochastic-uncorrected"),
+    ]
     + [pytest.param(c, ("--loss", loss), id=f"{loss}-{c}") for c in ("topk", "full") for loss in ("fkl", "rkl", "jsd")]
     + [
         pytest.param("sample", (), id="fkl-sample"),

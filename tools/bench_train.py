@@ -7,12 +7,18 @@ memory is CUDA max-allocated on GPU, the process's peak RSS on CPU. Prints markd
 the machine and the command.
 
     python tools/bench_train.py [--vocabs 32768 151936] [--steps 12] [--batch-size 4] [--seq-len 256]
+
+``--ce-cost R`` measures instead what the CE term on every valid position costs on top of SE-KD 20%
+(``--ce-weight 1 --ce-on all``: the LM head and CE a chunk at a time, recomputed in backward), with
+full KD for scale: the three runs alternate R times each (A, B, C, A, B, C, ...) so that load on a
+shared machine hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -80,6 +86,47 @@ def loader_tokens_per_s(cache: Path, batch_size: int, batches: int, device: torc
     return tokens / (time.perf_counter() - start)
 
 
+CE_VARIANTS = {
+    "SE-KD 20%": ["--select", "student-entropy:0.2"],
+    "SE-KD 20% + CE on all": ["--select", "student-entropy:0.2", "--ce-weight", "1", "--ce-on", "all"],
+    "full KD": ["--select", "none"],
+}
+
+
+def ce_cost(cache: Path, work: Path, common: list[str], repeats: int) -> dict[str, list[dict[str, float]]]:
+    """Each of :data:`CE_VARIANTS` ``repeats`` times, interleaved: {variant: [run_train results]}."""
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in CE_VARIANTS}
+    for r in range(repeats):
+        for i, (name, extra) in enumerate(CE_VARIANTS.items()):
+            run_dir = work / f"{r}-{i}"
+            out[name].append(run_train(["--cache", str(cache), "--out", str(run_dir), *extra, *common]))
+            shutil.rmtree(run_dir)
+    return out
+
+
+def print_ce_cost(args: argparse.Namespace, results: list) -> None:
+    """The ``--ce-cost`` table: median over the repeats of each run's median step time, and peak memory."""
+    print(
+        f"### SE-KD 20% with and without CE on all positions, and full KD (student hidden {args.student_hidden}, "
+        f"{args.student_layers} layers; batch {args.batch_size} x {args.seq_len}; {args.steps} steps; "
+        f"{args.ce_cost} interleaved runs each)\n"
+    )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads; ", end="")
+    print(f"torch {torch.__version__}; load average (1, 5, 15 min) at the end: {load}")
+    print(f"command: `python {' '.join(sys.argv)}`\n")
+    print("| vocab | method | step time (s), per run | median | / SE-KD | peak memory (MB) | / SE-KD |")
+    print("|---|---|---|---|---|---|---|")
+    for vocab, runs in results:
+        base_t = statistics.median(r["step_time_s"] for r in runs["SE-KD 20%"])
+        base_m = max(r["peak_memory_mb"] for r in runs["SE-KD 20%"])
+        for name, rs in runs.items():
+            t = statistics.median(r["step_time_s"] for r in rs)
+            m = max(r["peak_memory_mb"] for r in rs)
+            each = ", ".join(f"{r['step_time_s']:.3f}" for r in rs)
+            print(f"| {vocab:,} | {name} | {each} | {t:.3f} | {t / base_t:.2f}x | {m:,.0f} | {m / base_m:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocabs", type=int, nargs="+", default=[32768, 151936])
@@ -92,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-layers", type=int, default=4)
     ap.add_argument("--classes", default="sample:50")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--ce-cost", type=int, default=0, metavar="R", help="only SE-KD, SE-KD + CE on all, full KD")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="selkd-bench-train-"))
@@ -152,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--device",
                 args.device,
             ]
+            if args.ce_cost:
+                results.append((vocab, ce_cost(cache, work / f"ce-{vocab}", common, args.ce_cost)))
+                shutil.rmtree(cache)
+                continue
             runs = {}
             for name, extra in (("full KD", ["--select", "none"]), ("SE-KD 20%", ["--select", "student-entropy:0.2"])):
                 runs[name] = run_train(
@@ -184,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if args.ce_cost:
+        print_ce_cost(args, results)
+        return 0
     dev = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine())
     print(

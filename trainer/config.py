@@ -47,10 +47,12 @@ from selkd.cache.options import (
 )
 from selkd.trainer.report import REPORT_NONE, check_report_to, parse_report_to
 from selkd.trainer.spec import (
+    DEFAULT_CURRICULUM_STEPS,
     DEFAULT_GLOBAL_CAPACITY,
     FULL_KD,
     LOSS_NAMES,
     POLICY_NAMES,
+    SAMPLING_POLICIES,
     SIGNAL_NAMES,
     SelectSpec,
     parse_select,
@@ -203,7 +205,11 @@ class TrainConfig:
         group="classes",
     )
     temperature: float | None = opt(
-        help="online mode: teacher temperature of the targets (default: 1.0)", lo=0.0, lo_open=True, group="classes"
+        help="online mode: teacher temperature of the targets (default: 1.0); the student's logits are divided by "
+        "it too and the KD term is multiplied by T^2",
+        lo=0.0,
+        lo_open=True,
+        group="classes",
     )
     doc_attention: bool | None = opt(
         help="each packed document attends only to itself, in the student (and the online teacher) (default: "
@@ -219,13 +225,35 @@ class TrainConfig:
     # ---------------------------------------------------------------- selection and loss
     select: str = opt(
         "student-entropy:0.2",
-        help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNAL_NAMES)}) or none (full KD)",
+        help=f"positions distilled: SIGNAL:FRACTION (signals: {', '.join(SIGNAL_NAMES)}), none (full KD), or the "
+        "hybrid SIGNAL:FRACTION+random:SHARE (e.g. student-entropy:0.15+random:0.05: the policy's selection plus "
+        "that share of each sequence drawn uniformly from the positions it left)",
         metavar="SIGNAL:FRACTION",
         group="selection",
     )
-    select_policy: str = opt("sequence", help="how scores become a selection", choices=POLICY_NAMES, group="selection")
+    select_policy: str = opt(
+        "sequence",
+        help="how scores become a selection: sequence (top-k per sequence, the paper's), batch (top-k of the "
+        "batch), global (threshold from a queue of recent scores, GLS), stochastic (draws with replacement in "
+        "proportion to the score, Pos RS-KD), curriculum (a window sliding from the lowest scores to the top-k)",
+        choices=POLICY_NAMES,
+        group="selection",
+    )
     global_queue: int = opt(
         DEFAULT_GLOBAL_CAPACITY, help="scores kept by --select-policy global", lo=1, group="selection"
+    )
+    curriculum_steps: int = opt(
+        DEFAULT_CURRICULUM_STEPS,
+        help="--select-policy curriculum: optimizer steps until the window reaches the top-k, where it stays",
+        lo=1,
+        group="selection",
+    )
+    importance_weights: bool = opt(
+        True,
+        help="--select-policy stochastic: weight each draw by 1 / (n q), so that the loss is an unbiased estimate "
+        "of full KD (Hansen-Hurwitz); off: the plain mean over the draws, an unbiased estimate of the "
+        "score-weighted KD",
+        group="selection",
     )
     loss: str = opt("fkl", help="divergence at the selected positions", choices=LOSS_NAMES, group="optimisation")
     topk_renormalize: bool = opt(
@@ -236,7 +264,8 @@ class TrainConfig:
     )
     kd_weight: float = opt(
         1.0,
-        help="weight of the KD loss; 0 trains on the CE term alone, the plain-training baseline (needs "
+        help="weight of the KD loss, which is also multiplied by T^2 when the targets' temperature T is not 1 "
+        "(keeps its gradient scale); 0 trains on the CE term alone, the plain-training baseline (needs "
         "--ce-weight > 0, --ce-on all and --select none)",
         lo=0.0,
         group="optimisation",
@@ -347,6 +376,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--select-policy none keeps every position, which contradicts --select {self.select}; "
                 "use --select none for full KD"
+            )
+        if self.select_spec.random_share and self.select_policy in SAMPLING_POLICIES:
+            raise ConfigError(
+                f"--select {self.select} with --select-policy {self.select_policy}: that policy draws its positions "
+                "at random already; drop the +random share or use --select-policy sequence"
             )
 
     def _check_sources(self) -> None:

@@ -184,7 +184,7 @@ def step(
                 *batch.student_inputs(),
                 objective,
                 state.policy_state,
-                progress=state.step / max(1, opt.total),
+                step=state.step,
                 generator=state.generator,
                 doc_start=batch.doc_start,
             )

@@ -12,25 +12,41 @@ entropy / CE come from one chunked no-grad pass of the student's head, teacher e
 next-token log-prob come from the cache, KL / reverse KL are computed lazily by a callable the loop
 provides (e.g. ``head.chunked_divergence``).
 
-Policies (``fraction`` = f, ``n`` = number of valid positions of a sequence):
+Policies (``fraction`` = f, ``n`` = number of valid positions of a sequence), registered as
+:class:`Policy` objects, which also say how the KD term is averaged (:meth:`Policy.mean`):
 
-* ``sequence``: per sequence, the top ``ceil(f * n)`` valid positions; ties go to the earlier
-  position (deterministic).
+* ``sequence`` (the paper's top-k, the default): per sequence, the top ``ceil(f * n)`` valid positions;
+  ties go to the earlier position (deterministic). The KD term is the paper's two-level mean (per
+  sequence, then over sequences), as for every policy but ``global``.
 * ``batch``: the top ``ceil(f * N)`` over all ``N`` valid positions of the batch.
 * ``global`` (GLS): a FIFO queue of the most recent valid scores (:class:`GlobalQueue`, default
-  30,000); the batch's scores are pushed first, then the threshold is the ``ceil(f * len(queue))``-th
-  largest queued score and every valid position with ``score >= threshold`` is selected. Its state is
-  per process (under DDP each rank keeps its own queue) and checkpointable.
-* ``stochastic``: per sequence, ``ceil(f * n)`` positions drawn without replacement with probability
-  proportional to the score (Gumbel-top-k). Scores are shifted so the smallest valid one is 0 when any
-  is negative, and floored at a tiny positive weight. Optional importance weights correct towards the
-  full-KD mean: ``1 / pi`` with ``pi = min(1, k * w / sum w)`` (the first-order inclusion
-  probability), normalised to mean 1 over each sequence's selected positions (self-normalised).
-* ``curriculum``: per sequence, a window of ``ceil(f * n)`` consecutive ranks slides from the
-  lowest-scoring positions (``progress = 0``: the easiest, e.g. where the student is most certain) to
-  the highest-scoring ones (``progress = 1``: identical to ``sequence``), linearly in ``progress``:
-  the window starts at rank ``round((1 - progress) * (n - k))`` counted from the top.
+  30,000). The threshold is the empirical ``1 - f`` quantile of the queue *before* this batch's scores
+  join it (the reference code's order); every valid position with ``score >= threshold`` is selected,
+  then the batch's scores are queued. The first batch (empty queue) selects per sequence. The KD term
+  is the mean over all selected positions of the batch (the paper normalises every policy but GLS per
+  sequence), so a sequence with many high scores weighs more. Its state is per process (under DDP each
+  rank keeps its own queue) and checkpointable.
+* ``stochastic`` (the paper's Pos RS-KD): per sequence, ``K = ceil(f * n)`` positions drawn *with
+  replacement* with probability ``q_t`` proportional to the score (shifted so the smallest valid one is
+  0 when any is negative, floored at a tiny positive weight); a position drawn ``c_t`` times counts
+  ``c_t`` times (its logits are computed once). With importance weights (the default, Pos RS-KD*) the
+  estimate is Hansen-Hurwitz's ``(1 / K) sum c_t l_t / (n q_t)``, exactly unbiased for the full-KD mean
+  at any budget; without (``--no-importance-weights``) it is ``(1 / K) sum c_t l_t``, unbiased for the
+  score-weighted mean ``sum q_t l_t`` (the paper's uncorrected variant). Fewer than K distinct
+  positions may be selected when a position is drawn twice.
+* ``curriculum``: per sequence, a window of ``k = ceil(f * n)`` consecutive ranks slides from the
+  lowest-scoring positions (step 0: the easiest, where the student is most certain) to the top ``k``
+  (identical to ``sequence``), reached after ``--curriculum-steps`` optimizer steps (the paper: 4000)
+  and kept from then on. The window starts at ascending rank ``floor(phase * (n - k))`` with
+  ``phase = min(1, step / curriculum_steps)``, linear as in the reference code (whose schedule power
+  and start/end fractions we do not expose; the paper used the defaults, 1, 0 and 1).
 * ``none``: every valid position (full KD).
+
+Hybrid, ``--select SIGNAL:FRACTION+random:SHARE`` (e.g. ``student-entropy:0.15+random:0.05``): after
+the policy (any but ``stochastic``, which samples already), ``ceil(SHARE * n)`` more positions per
+sequence drawn uniformly without replacement from the valid positions it left. The paper does not
+define it; the KD term averages every selected position alike (no importance weights: like top-k, it
+is a selection, not an estimate of full KD).
 
 Invalid positions are never selected by any policy.
 """
@@ -44,13 +60,15 @@ from typing import Any, Literal, overload
 
 import torch
 
-from selkd.trainer.spec import DEFAULT_GLOBAL_CAPACITY
+from selkd.trainer import losses as L
+from selkd.trainer.spec import DEFAULT_CURRICULUM_STEPS, DEFAULT_GLOBAL_CAPACITY, SAMPLING_POLICIES
 
 __all__ = [
     "DEFAULT_GLOBAL_CAPACITY",
     "POLICIES",
     "SIGNALS",
     "GlobalQueue",
+    "Policy",
     "Signal",
     "SignalInputs",
     "compute_scores",
@@ -217,6 +235,12 @@ def _take_ranks(order: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -
     return torch.zeros_like(take).scatter(-1, order, take)
 
 
+def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """float64 uniforms in [0, 1) of ``shape`` on ``device``, drawn on the generator's device."""
+    where = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, device=where, dtype=torch.float64).to(device)
+
+
 PolicyResult = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -237,14 +261,32 @@ def _policy_batch(scores: torch.Tensor, valid: torch.Tensor, fraction: float, **
 
 
 def _policy_curriculum(
-    scores: torch.Tensor, valid: torch.Tensor, fraction: float, *, progress: float = 0.0, **_: Any
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    fraction: float,
+    *,
+    step: int = 0,
+    curriculum_steps: int = DEFAULT_CURRICULUM_STEPS,
+    **_: Any,
 ) -> PolicyResult:
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"curriculum progress must be in [0, 1], got {progress}")
+    """The window of ``k = ceil(f * n)`` consecutive ranks starts at ascending rank
+    ``floor(phase * (n - k))``, ``phase = min(1, step / curriculum_steps)`` (the reference code's rule)."""
+    if curriculum_steps < 1 or step < 0:
+        raise ValueError(f"curriculum needs step >= 0 and curriculum_steps >= 1, got {step} and {curriculum_steps}")
+    phase = min(1.0, step / curriculum_steps)
     n = valid.sum(-1)
     k = selection_budget(n, fraction)
-    start = torch.round((1.0 - progress) * (n - k).double()).long()
-    return _take_ranks(_order(scores, valid), start, k), None
+    from_bottom = torch.floor(phase * (n - k).double() + 1e-8).long()
+    return _take_ranks(_order(scores, valid), (n - k) - from_bottom, k), None
+
+
+def _sampling_weights(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] float64 sampling weights: the scores shifted so that the smallest valid one is 0 when any is
+    negative, floored at a tiny positive weight (every valid position can be drawn); 0 where invalid."""
+    s = torch.where(valid & torch.isfinite(scores), scores.double(), 0.0)
+    lowest = torch.where(valid, s, float("inf")).amin(-1, keepdim=True)
+    shift = torch.where(lowest < 0, lowest, 0.0)
+    return torch.where(valid, (s - shift).clamp_min(_MIN_WEIGHT), 0.0)
 
 
 def _policy_stochastic(
@@ -253,26 +295,30 @@ def _policy_stochastic(
     fraction: float,
     *,
     generator: torch.Generator | None = None,
+    importance_weights: bool = True,
     **_: Any,
 ) -> PolicyResult:
-    s = torch.where(valid, scores.float(), 0.0)
-    s = torch.where(torch.isfinite(s), s, 0.0)
-    lowest = torch.where(valid, s, float("inf")).amin(-1, keepdim=True)
-    shift = torch.where(lowest < 0, lowest, 0.0)
-    w = torch.where(valid, (s - shift).clamp_min(_MIN_WEIGHT), 0.0)
+    """``K = ceil(f * n)`` draws with replacement from ``q_t = w_t / sum w`` per sequence (the paper's
+    Pos RS-KD); the mask holds the positions drawn at least once (``c_t`` times). The weights make
+    :func:`~selkd.trainer.losses.sequence_mean`, which divides by the number of selected positions, equal
+    to ``(1 / K) sum_t c_t l_t / (n q_t)`` (Hansen-Hurwitz: exactly unbiased for the full-KD mean of the
+    sequence at any budget) or, without importance weights, ``(1 / K) sum_t c_t l_t`` (unbiased for the
+    score-weighted mean ``sum_t q_t l_t``)."""
+    w = _sampling_weights(scores, valid)
+    n = valid.sum(-1, keepdim=True)
+    k = selection_budget(n, fraction)  # [B, 1] draws per sequence
+    q = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+    rows = torch.where(n > 0, q, 1.0)  # a sequence without valid positions draws nothing below
+    most = max(1, math.ceil(fraction * valid.shape[-1] - 1e-6))  # >= every k, known without a host sync
     device = generator.device if generator is not None else scores.device
-    u = torch.rand(tuple(scores.shape), generator=generator, device=device, dtype=torch.float64).to(scores.device)
-    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
-    keys = torch.where(valid, w.double().log() + gumbel, float("-inf"))
-    n = valid.sum(-1)
-    k = selection_budget(n, fraction)
-    mask = _take_ranks(_order(keys, valid), torch.zeros_like(k), k)
-    # importance weights: 1 / pi, pi ~= min(1, k w / sum w), normalised to mean 1 over the selected
-    pi = (k.unsqueeze(-1).double() * w.double() / w.double().sum(-1, keepdim=True).clamp_min(1e-300)).clamp(max=1.0)
-    inv = torch.where(mask, 1.0 / pi.clamp_min(1e-300), 0.0)
-    mean_inv = inv.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)
-    weights = torch.where(mask, inv / mean_inv.clamp_min(1e-300), 0.0).float()
-    return mask, weights
+    draws = torch.multinomial(rows.to(device), most, replacement=True, generator=generator).to(scores.device)
+    used = torch.arange(most, device=scores.device).unsqueeze(0) < k
+    counts = torch.zeros_like(w).scatter_add_(-1, draws, used.double())  # c_t
+    mask = counts > 0
+    per_draw = counts / k.clamp_min(1)
+    if importance_weights:
+        per_draw = per_draw / (n * q).clamp_min(1e-300)
+    return mask, (per_draw * mask.sum(-1, keepdim=True)).float()
 
 
 class GlobalQueue:
@@ -293,13 +339,18 @@ class GlobalQueue:
         old = self.scores.to(new.device)
         self.scores = torch.cat([old, new])[-self.capacity :]
 
-    def threshold(self, fraction: float) -> float | torch.Tensor:
-        """The ``ceil(fraction * len)``-th largest queued score (``-inf`` when empty)."""
+    def threshold(self, fraction: float) -> torch.Tensor:
+        """The empirical ``1 - fraction`` quantile of the queued scores, linearly interpolated between order
+        statistics as ``torch.quantile`` does (the reference code's threshold); needs a non-empty queue.
+        Computed with two ``kthvalue`` calls, as ``torch.quantile`` refuses more than 2**24 scores."""
         n = len(self)
         if n == 0:
-            return float("-inf")
-        k = int(selection_budget(torch.tensor([n]), fraction).item())
-        return torch.kthvalue(self.scores, n - k + 1).values
+            raise ValueError("the global queue is empty: there is no threshold yet")
+        pos = (1.0 - fraction) * (n - 1)
+        lo = math.floor(pos)
+        low = torch.kthvalue(self.scores, lo + 1).values
+        high = torch.kthvalue(self.scores, min(lo + 2, n)).values
+        return low + (high - low) * (pos - lo)
 
     def state_dict(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "scores": self.scores.detach().cpu().clone()}
@@ -312,23 +363,64 @@ class GlobalQueue:
 def _policy_global(
     scores: torch.Tensor, valid: torch.Tensor, fraction: float, *, state: Any = None, **_: Any
 ) -> PolicyResult:
+    """GLS: the threshold comes from the scores of earlier batches only; this batch's scores are queued
+    after selecting. The first batch (empty queue) selects per sequence, as the reference code does."""
     if not isinstance(state, GlobalQueue):
         raise ValueError("the global policy needs state=GlobalQueue(...) (see make_policy_state)")
     finite = valid & torch.isfinite(scores)
+    if len(state) == 0:
+        mask = _policy_sequence(scores, finite, fraction)[0]
+    else:
+        mask = finite & (scores >= state.threshold(fraction))
     state.push(scores[finite])
-    thr = state.threshold(fraction)
-    return finite & (scores >= thr), None
+    return mask, None
 
 
-Policy = Callable[..., PolicyResult]
+def _add_random_share(
+    mask: torch.Tensor, valid: torch.Tensor, share: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The hybrid's random share: per sequence, ``ceil(share * n)`` more positions (at most as many as are
+    left), drawn uniformly without replacement from the valid positions ``mask`` did not select."""
+    rest = valid & ~mask
+    k = torch.minimum(selection_budget(valid.sum(-1), share), rest.sum(-1))
+    keys = _uniform(valid.shape, generator, valid.device)
+    return mask | _take_ranks(_order(keys, rest), torch.zeros_like(k), k)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A registered selection policy: ``fn(scores, valid, fraction, **kw) -> (mask, weights or None)``, and
+    how the KD term is averaged over what it selects (:meth:`mean`)."""
+
+    name: str
+    fn: Callable[..., PolicyResult]
+    flat_mean: bool = False  # average over the batch's selected positions (GLS), not per sequence first
+    make_state: Callable[[int], Any] | None = None  # state kept across steps, made from --global-queue
+
+    @property
+    def samples(self) -> bool:
+        """Whether the policy draws positions at random itself (no random share on top)."""
+        return self.name in SAMPLING_POLICIES
+
+    def mean(self, values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The KD term from per-position values [B, L]: the paper's per-sequence mean, or for GLS the mean
+        over all selected positions of the batch (the reference code's; the paper normalises every policy
+        but GLS per sequence). Returns a scalar float32."""
+        if self.flat_mean:
+            return L.masked_mean(values, mask, weights)
+        return L.sequence_mean(values, mask, weights)
+
 
 POLICIES: dict[str, Policy] = {
-    "sequence": _policy_sequence,
-    "batch": _policy_batch,
-    "global": _policy_global,
-    "stochastic": _policy_stochastic,
-    "curriculum": _policy_curriculum,
-    "none": _policy_none,
+    p.name: p
+    for p in (
+        Policy("sequence", _policy_sequence),
+        Policy("batch", _policy_batch),
+        Policy("global", _policy_global, flat_mean=True, make_state=GlobalQueue),
+        Policy("stochastic", _policy_stochastic),
+        Policy("curriculum", _policy_curriculum),
+        Policy("none", _policy_none),
+    )
 }
 
 
@@ -341,8 +433,8 @@ def get_policy(name: str) -> Policy:
 
 def make_policy_state(policy: str, capacity: int = DEFAULT_GLOBAL_CAPACITY) -> GlobalQueue | None:
     """The state object a policy keeps across steps (a :class:`GlobalQueue` for ``global``), or None."""
-    get_policy(policy)
-    return GlobalQueue(capacity) if policy == "global" else None
+    make = get_policy(policy).make_state
+    return None if make is None else make(capacity)
 
 
 @overload
@@ -352,10 +444,8 @@ def select_positions(
     fraction: float,
     policy: str | Policy = ...,
     *,
-    state: Any = ...,
-    progress: float = ...,
-    generator: torch.Generator | None = ...,
     return_weights: Literal[False] = ...,
+    **kw: Any,
 ) -> torch.Tensor: ...
 
 
@@ -366,10 +456,8 @@ def select_positions(
     fraction: float,
     policy: str | Policy = ...,
     *,
-    state: Any = ...,
-    progress: float = ...,
-    generator: torch.Generator | None = ...,
     return_weights: Literal[True],
+    **kw: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -380,29 +468,47 @@ def select_positions(
     policy: str | Policy = "sequence",
     *,
     state: Any = None,
-    progress: float = 0.0,
+    step: int = 0,
+    curriculum_steps: int = DEFAULT_CURRICULUM_STEPS,
     generator: torch.Generator | None = None,
+    importance_weights: bool = True,
+    random_share: float = 0.0,
     return_weights: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The position mask of one batch.
 
     scores: [B, L] float (higher = more important; ignored by ``none``); valid: [B, L] bool;
-    fraction in (0, 1]; policy: a name in :data:`POLICIES` or the policy itself; state: the policy's state
-    (:func:`make_policy_state`); progress in [0, 1] (curriculum); generator (stochastic).
+    fraction in (0, 1]; policy: a name in :data:`POLICIES` or the :class:`Policy` itself; state: the
+    policy's state (:func:`make_policy_state`); step (optimizer steps done) and curriculum_steps
+    (curriculum); generator (stochastic draws, the random share); importance_weights (stochastic);
+    random_share: the hybrid's uniform share of the positions the policy left (not with ``stochastic``).
     Returns mask [B, L] bool (a subset of ``valid``), and with ``return_weights=True`` also weights
-    [B, L] float32 (importance weights for ``stochastic``; 1.0 at selected positions otherwise;
-    0 elsewhere).
+    [B, L] float32 (for ``stochastic`` the ones :func:`_policy_stochastic` describes; 1.0 at selected
+    positions otherwise; 0 elsewhere).
     """
-    fn = get_policy(policy) if isinstance(policy, str) else policy
+    pol = get_policy(policy) if isinstance(policy, str) else policy
     if valid.dtype != torch.bool:
         raise ValueError(f"valid must be a bool mask, got {valid.dtype}")
     if scores.shape != valid.shape or valid.dim() != 2:
         raise ValueError(f"scores and valid must both be [B, L], got {tuple(scores.shape)} and {tuple(valid.shape)}")
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if random_share and pol.samples:
+        raise ValueError(f"the {pol.name} policy draws its positions at random already: it takes no random share")
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    mask, weights = fn(scores, valid, fraction, state=state, progress=progress, generator=generator)
+    mask, weights = pol.fn(
+        scores,
+        valid,
+        fraction,
+        state=state,
+        step=step,
+        curriculum_steps=curriculum_steps,
+        generator=generator,
+        importance_weights=importance_weights,
+    )
     mask = mask & valid
+    if random_share > 0:
+        mask = _add_random_share(mask, valid, random_share, generator)
     if not return_weights:
         return mask
     if weights is None:

@@ -363,6 +363,9 @@ def setup_objective(cfg: TrainConfig, temperature: float) -> Objective:
         ce_weight=cfg.ce_weight,
         ce_on=cfg.ce_on,
         chunk=cfg.entropy_chunk,
+        importance_weights=cfg.importance_weights,
+        curriculum_steps=cfg.curriculum_steps,
+        random_share=cfg.select_spec.random_share,
     )
 
 

@@ -22,7 +22,7 @@ from selkd.cache.targets import SparseTargets
 from selkd.trainer import head as H
 from selkd.trainer import losses as L
 from selkd.trainer import selection as S
-from selkd.trainer.spec import FULL_KD
+from selkd.trainer.spec import DEFAULT_CURRICULUM_STEPS, FULL_KD
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Objective:
 
     The fields name them (as the options do); the objects they name are looked up once, when the
     objective is made, not in every step: ``scorer`` (the :class:`~selkd.trainer.selection.Signal`, None
-    for full KD), ``selector`` (the policy) and ``loss_fn`` (the divergence)."""
+    for full KD), ``selector`` (the :class:`~selkd.trainer.selection.Policy`) and ``loss_fn`` (the
+    divergence). The step's loss is ``kd_weight * kd_scale * KD + ce_weight * CE`` (:attr:`kd_scale`)."""
 
     signal: str  # a name in selection.SIGNALS, or "none" (full KD)
     fraction: float
@@ -43,6 +44,17 @@ class Objective:
     ce_weight: float = 0.0
     ce_on: str = "all"  # "all" valid positions or the "selected" ones
     chunk: int = 128
+    importance_weights: bool = True  # stochastic policy: Hansen-Hurwitz weights (unbiased for full KD)
+    curriculum_steps: int = DEFAULT_CURRICULUM_STEPS  # curriculum policy: steps until plain top-k
+    random_share: float = 0.0  # hybrid: a uniform share of the positions the policy left
+
+    @property
+    def kd_scale(self) -> float:
+        """``T**2``: the KD term's factor at temperature ``T``. Dividing the logits by ``T`` scales the
+        divergence's gradient by ``1 / T**2`` (Hinton et al. 2015); the factor restores it, so that the
+        KD term's gradient stays comparable with the CE term's and with ``T = 1`` (the reference code
+        multiplies by ``T**2`` too). 1 at ``T = 1``, the paper's setting."""
+        return self.temperature**2
 
     def __post_init__(self) -> None:
         # Plain attributes, not fields: dataclasses.replace (which torch's wrappers may apply to forward's
@@ -59,7 +71,7 @@ class Objective:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, what backward runs on
-    kd: torch.Tensor  # scalar (detached)
+    kd: torch.Tensor  # scalar (detached): the policy's mean of the divergence, before kd_weight and kd_scale
     ce: torch.Tensor  # scalar (detached), 0 when ce_weight == 0
     per_position: torch.Tensor  # [B, L] float32 KD value at selected positions (detached), 0 elsewhere
     selected: torch.Tensor  # [B, L] bool
@@ -153,14 +165,15 @@ class SelectiveStudent(nn.Module):
         teacher_logprob: torch.Tensor,
         objective: Objective,
         policy_state: Any = None,
-        progress: float = 0.0,
+        step: int = 0,
         generator: torch.Generator | None = None,
         evaluate: bool = False,
         doc_start: torch.Tensor | None = None,
     ) -> StepOutput | EvalSums:
         """Shapes: input_ids, attention_mask, labels, valid, teacher_*, doc_start [B, L]; targets leading
-        [B, L]. ``evaluate=True`` returns held-out statistics instead (call it under no_grad). With
-        ``doc_attention`` and ``doc_start`` given, each packed document attends only to itself."""
+        [B, L]. ``step``: optimizer steps done (the curriculum's clock). ``evaluate=True`` returns held-out
+        statistics instead (call it under no_grad). With ``doc_attention`` and ``doc_start`` given, each
+        packed document attends only to itself."""
         obj = objective
         attention = attention_inputs(doc_start, attention_mask, self.doc_attention)
         hidden = H.hidden_states(self.model, input_ids, **attention)  # [B, L, H], with grad
@@ -170,7 +183,7 @@ class SelectiveStudent(nn.Module):
         signal_inputs = S.SignalInputs(
             valid=valid, teacher_entropy=teacher_entropy, teacher_logprob=teacher_logprob, generator=generator
         )
-        mask, weights = self._select(head, hidden, labels, targets, signal_inputs, obj, policy_state, progress)
+        mask, weights = self._select(head, hidden, labels, targets, signal_inputs, obj, policy_state, step)
 
         # --- the LM head with grad only at the selected positions --------------------------------
         logits = H.selected_logits(head, hidden, mask, self.transform)  # [N_sel, V]
@@ -178,12 +191,12 @@ class SelectiveStudent(nn.Module):
         kd_sel = L.chunked(obj.loss_fn, obj.chunk, checkpoint=True)(logits, targets.select(mask), **loss_kw)
         per_position = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         per_position = per_position.masked_scatter(mask, kd_sel.float())
-        kd = L.sequence_mean(per_position, mask, weights)
+        kd = obj.selector.mean(per_position, mask, weights)
 
         ce = torch.zeros((), device=hidden.device)  # 0 unless the CE term is on
         if obj.ce_weight > 0:
             ce = self._ce(head, hidden, logits, labels, valid, mask, obj)
-        loss = obj.kd_weight * kd + obj.ce_weight * ce  # ce is 0 when its weight is
+        loss = obj.kd_weight * obj.kd_scale * kd + obj.ce_weight * ce  # ce is 0 when its weight is
         return StepOutput(
             loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
         )
@@ -197,7 +210,7 @@ class SelectiveStudent(nn.Module):
         inputs: S.SignalInputs,
         obj: Objective,
         policy_state: Any,
-        progress: float,
+        step: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which positions are distilled: (mask [B, L] bool, weights [B, L] float32). The signal's scores
         come from no-grad, chunked statistics; only the ones it needs are computed."""
@@ -226,8 +239,11 @@ class SelectiveStudent(nn.Module):
             obj.fraction,
             obj.selector,
             state=policy_state,
-            progress=progress,
+            step=step,
+            curriculum_steps=obj.curriculum_steps,
             generator=inputs.generator,
+            importance_weights=obj.importance_weights,
+            random_share=obj.random_share,
             return_weights=True,
         )
 
