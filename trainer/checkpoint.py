@@ -40,6 +40,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -67,6 +68,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from selkd.cache.errors import SelkdError, disk_full_error, disk_full_message
+from selkd.trainer import checkpoint_dcp as DCP
 from selkd.trainer import distributed as D
 
 __all__ = [
@@ -168,6 +170,74 @@ def _gather_model(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return get_optimizer_state_dict(model, optimizer, options=_sd_options(cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+class _Gathered:
+    """The full state on rank 0: ``model.safetensors`` and the optimizer in ``optimizer.pt``. Loading reads
+    them on rank 0 and broadcasts (``broadcast_from_rank0``)."""
+
+    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Full, CPU-offloaded state dicts (a collective; empty off rank 0)."""
+        state = {"model": _gather_model(model), "aliases": _tied_aliases(model)}
+        return {**state, "optimizer": _gather_optimizer(model, optimizer) if optimizer is not None else None}
+
+    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
+        """Nothing: rank 0 writes everything (:meth:`rank0_files`)."""
+
+    def optimizer_file(self, payload: dict[str, Any]) -> Any:
+        return payload["optimizer"]
+
+    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
+        return {MODEL_FILE: lambda path: _save_weights(path, payload["model"], payload["aliases"])}
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return _load_weights(path / MODEL_FILE)
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
+        opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
+        _restore_model(path, model, data["model"], opts)
+        if optimizer is not None:
+            _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
+
+
+class _Sharded:
+    """Every rank's shard of the weights and optimizer moments, written and read by every rank
+    (:mod:`selkd.trainer.checkpoint_dcp`); ``optimizer.pt`` holds only the ``param_groups``."""
+
+    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        return DCP.local_state(model, optimizer)
+
+    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
+        DCP.save_shards(tmp, payload, coordinator=D.rank() == 0)
+
+    def optimizer_file(self, payload: dict[str, Any]) -> Any:
+        return None if payload["param_groups"] is None else {"param_groups": payload["param_groups"]}
+
+    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
+        return {}
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return {}  # every rank reads its part in restore()
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
+        try:
+            state = DCP.load_shards(path, model, optimizer)
+        except Exception as err:
+            raise CheckpointError(f"{path}: the sharded state is unreadable or does not fit this model: {err}") from err
+        opts = StateDictOptions(strict=True)
+        _restore_model(path, model, state["model"], opts)
+        if optimizer is not None:
+            groups = D.broadcast_object(data["optim"]["optimizer"]["param_groups"] if D.rank() == 0 else None)
+            _restore_optimizer(path, model, optimizer, {"state": state["optimizer"], "param_groups": groups}, opts)
+
+
+# The layout of a run's checkpoints, by its parallelism (distributed.parallelism): FSDP2 ranks each write
+# their shard; a DDP replica or a single process has the full state anyway, and rank 0 writes it.
+LAYOUT_BY_PARALLELISM = {"none": "gathered", "ddp": "gathered", "fsdp2": "sharded"}
+_LAYOUTS: dict[str, _Gathered | _Sharded] = {"gathered": _Gathered(), "sharded": _Sharded()}
 
 
 # --------------------------------------------------------------------------- RNG
@@ -439,36 +509,43 @@ def save_checkpoint(
 ) -> Path:
     """Write ``OUT/checkpoints/step-{step:06d}`` atomically and keep the newest ``keep`` (None: all).
 
-    A collective under a process group: call it on every rank (rank 0 writes; the others send their RNG
-    states and ``rank_state``). ``loader_state``, ``config`` and ``extra`` must be JSON-able (rank 0's
-    values are written); ``rank_state`` is anything ``torch.load(weights_only=True)`` accepts (tensors,
-    numbers, strings, containers), e.g. ``GlobalQueue.state_dict()``. An existing checkpoint of the same
-    step is replaced. Returns the checkpoint's path on every rank.
+    A collective under a process group: call it on every rank (rank 0 writes the gathered layout; under
+    FSDP2 every rank writes its shard; the others send their RNG states and ``rank_state``). The layout
+    follows the model's parallelism (:data:`LAYOUT_BY_PARALLELISM`). ``loader_state``, ``config`` and
+    ``extra`` must be JSON-able (rank 0's values are written); ``rank_state`` is anything
+    ``torch.load(weights_only=True)`` accepts (tensors, numbers, strings, containers), e.g.
+    ``GlobalQueue.state_dict()``. An existing checkpoint of the same step is replaced. Returns the
+    checkpoint's path on every rank.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    aliases = _tied_aliases(model)
-    model_sd = _gather_model(model)
-    optim_sd = _gather_optimizer(model, optimizer) if optimizer is not None else None
+    name = LAYOUT_BY_PARALLELISM[D.parallelism(model)]
+    layout = _LAYOUTS[name]
+    payload = layout.collect(model, optimizer)
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
     final = _checkpoints_root(out_dir) / _step_dir_name(step)
-    optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    state = {"format": FORMAT_VERSION, "step": int(step), "extra": dict(extra or {})}
+    tmp, rerun = _run_on_rank0(lambda: _open_tmp(out_dir, final), f"saving checkpoint {final}")
+    with _half_written(tmp, final, rerun) if D.rank() == 0 else contextlib.nullcontext():
+        layout.write_collective(tmp, payload)
+    sched = scheduler.state_dict() if scheduler is not None else None
+    optim = {"optimizer": layout.optimizer_file(payload), "scheduler": sched}
+    state = {"format": FORMAT_VERSION, "layout": name, "step": int(step), "extra": dict(extra or {})}
 
     def write() -> Path:
         assert per_rank is not None
         world = len(per_rank)
         files = {
-            MODEL_FILE: lambda path: _save_weights(path, model_sd, aliases),
+            **layout.rank0_files(payload),
             OPTIMIZER_FILE: lambda path: _torch_save(path, optim),
             **{f"rank-{r:05d}.pt": functools.partial(_torch_save, obj=obj) for r, obj in enumerate(per_rank)},
             LOADER_FILE: lambda path: _write_json(path, dict(loader_state)),
             CONFIG_FILE: lambda path: _write_json(path, dict(config)),
             STATE_FILE: lambda path: _write_json(path, {**state, "world_size": world, "saved_at": time.time()}),
         }
-        _write_checkpoint_dir(out_dir, final, int(step), files)
+        with _half_written(tmp, final, rerun):
+            _finish_checkpoint_dir(tmp, final, int(step), files)
         if keep is not None:
             prune_checkpoints(out_dir, keep)
         return final
@@ -476,12 +553,9 @@ def save_checkpoint(
     return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
 
 
-def _write_checkpoint_dir(
-    out_dir: str | Path, final: Path, step: int, files: Mapping[str, Callable[[Path], None]]
-) -> None:
-    """Write ``files`` ({name: writer(path)}, in order) into ``final`` atomically: a ``.tmp-<pid>``
-    directory, ``COMPLETE`` (the files and their sizes) last, fsynced, then renamed into place. Anything
-    that stops it removes the tmp directory (see :func:`_half_written`)."""
+def _open_tmp(out_dir: str | Path, final: Path) -> tuple[Path, str]:
+    """A fresh ``final.tmp-<pid>`` directory to write into (rank 0; half-written ones of a crash are removed
+    first), and what rerunning the training command does if this save fails."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     clean_incomplete(out_dir)
@@ -491,16 +565,22 @@ def _write_checkpoint_dir(
     tmp.mkdir()
     previous = latest_checkpoint(out_dir)
     rerun = f"it resumes from {previous.name}" if previous else "it starts over (no checkpoint was complete yet)"
-    with _half_written(tmp, final, rerun):
-        for name, write in files.items():
-            write(tmp / name)
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
-        _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        tmp.rename(final)
-    _fsync_dir(root)
+    return tmp, rerun
+
+
+def _finish_checkpoint_dir(tmp: Path, final: Path, step: int, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write ``files`` ({name: writer(path)}, in order) into ``tmp`` (next to what every rank wrote there),
+    ``COMPLETE`` (every file and its size) last, fsynced, then rename ``tmp`` to ``final``. The caller
+    removes ``tmp`` when this fails (see :func:`_half_written`)."""
+    for name, write in files.items():
+        write(tmp / name)
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
+    _fsync_dir(tmp)
+    if final.exists():
+        _discard(final)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
 
 
 def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
@@ -515,6 +595,9 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
             raise CheckpointError(f"{path}: {name} is missing or has the wrong size (damaged checkpoint)")
     state = _read_json(path / STATE_FILE)
     world = int(state.get("world_size", 1))
+    layout = state.get("layout", "gathered")  # checkpoints from before the sharded layout are gathered
+    if layout not in _LAYOUTS:
+        raise CheckpointError(f"{path}: unknown layout {layout!r} in {STATE_FILE} (written by a newer selkd?)")
     optim = _torch_load(path / OPTIMIZER_FILE)
     if not isinstance(optim, dict):
         raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected a dict, got {type(optim).__name__}")
@@ -523,7 +606,8 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
     if need_scheduler and optim.get("scheduler") is None:
         raise CheckpointError(f"{path}: holds no scheduler state")
     return {
-        "model": _load_weights(path / MODEL_FILE),
+        "layout": layout,
+        "model": _LAYOUTS[layout].read(path),
         "optim": optim,
         "ranks": [
             _torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
@@ -553,10 +637,7 @@ def load_checkpoint(
     """
     path = Path(path)
     data = _read_on_rank0(path, optimizer is not None, scheduler is not None)
-    opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
-    _restore_model(path, model, data["model"], opts)
-    if optimizer is not None:
-        _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
+    _LAYOUTS[data["layout"]].restore(path, model, optimizer, data)
     small = D.broadcast_object(
         {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": data["optim"].get("scheduler")}
         if D.rank() == 0
@@ -598,11 +679,11 @@ def _read_on_rank0(path: Path, need_optimizer: bool, need_scheduler: bool) -> di
                 raise
             error = str(err)
     if distributed:
-        error = D.broadcast_object(error)
+        error, layout = D.broadcast_object((error, data["layout"] if data is not None else None))
         if error is not None:
             raise CheckpointError(error)
     if data is None:
-        data = {"model": {}, "optim": {"optimizer": {}, "scheduler": None}, "ranks": None}
+        data = {"layout": layout, "model": {}, "optim": {"optimizer": {}, "scheduler": None}, "ranks": None}
     return data
 
 
