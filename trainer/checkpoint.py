@@ -2,13 +2,16 @@
 
 Layout of one checkpoint (every file is written, flushed and fsynced before ``COMPLETE``)::
 
-    model.safetensors    full (unsharded) state dict; tied weights stored once, aliases in metadata
-    optimizer.pt         {"optimizer": ..., "scheduler": ...}; loaded ONLY with weights_only=True
+    model.safetensors    gathered layout: the full state dict; tied weights stored once, aliases in metadata
+    __<rank>_0.distcp    sharded layout (FSDP2): each rank's shard of the weights and AdamW moments
+    dcp-metadata.pt      sharded layout: DCP's index of the shards (see selkd.trainer.checkpoint_dcp)
+    optimizer.pt         {"optimizer": ..., "scheduler": ...}; loaded ONLY with weights_only=True (in the
+                         sharded layout "optimizer" holds only the param_groups)
     rank-00000.pt        per rank: RNG states (python, numpy, torch CPU, CUDA) and the caller's
                          ``rank_state`` (e.g. a GlobalQueue); weights_only-loadable
     loader.json          the data loader's state
     config.json          the run's config (TrainConfig.to_dict())
-    state.json           step, world size, the caller's ``extra`` (metrics, ...)
+    state.json           step, world size, layout, the caller's ``extra`` (metrics, ...)
     COMPLETE             written last: {"step": ..., "files": {name: size}}
 
 Why it is built this way:
@@ -29,13 +32,24 @@ Why it is built this way:
 * No pickle of arbitrary objects: weights are safetensors, everything else is JSON or a
   ``torch.load(weights_only=True)`` file (tensors, numbers, strings, lists, tuples, dicts). AdamW's
   state dict and LambdaLR's are within that subset; a file holding anything else is refused.
-* Distributed (DDP, FSDP2): saving and loading are collectives. Every rank calls them; state dicts are
-  gathered as full, CPU-offloaded dicts with ``torch.distributed.checkpoint.state_dict`` (so only rank 0
-  holds the full copy), rank 0 writes, and on load rank 0 reads and broadcasts
-  (``broadcast_from_rank0``), so host memory holds one full copy per node, not one per rank, and only
-  rank 0 needs to see ``OUT``. Checkpoints are interchangeable between plain, DDP and FSDP2 runs (keys
-  are the unwrapped module's parameter names; optimizer state is keyed by those names, not by index).
-  Without a process group the same functions work on a plain module.
+* Distributed (DDP, FSDP2): saving and loading are collectives that every rank calls. The layout is
+  looked up from the model's parallelism (:data:`LAYOUT_BY_PARALLELISM`) and recorded in ``state.json``;
+  loading follows the recorded one.
+
+  - gathered (one process, DDP): state dicts are gathered as full, CPU-offloaded dicts with
+    ``torch.distributed.checkpoint.state_dict``, rank 0 writes, and on load rank 0 reads and broadcasts
+    (``broadcast_from_rank0``); only rank 0 needs to see ``OUT``.
+  - sharded (FSDP2): gathering would put about 16 bytes per parameter on rank 0 (128 GB for an 8B
+    student), so each rank writes its own shard with DCP into the same ``.tmp-<pid>`` directory (made
+    by rank 0, its name broadcast); DCP's save returns on every rank once every shard is written and
+    fsynced, and only then does rank 0 write the small files and ``COMPLETE`` and rename. A failure on
+    any rank is raised on every rank and rank 0 removes the directory. Every rank must see ``OUT``.
+
+  Checkpoints are interchangeable between plain, DDP and FSDP2 runs, of any world size (keys are the
+  unwrapped module's parameter names; optimizer state is keyed by those names, not by index; DCP
+  reshards on load). Without a process group the same functions work on a plain module.
+* The final model (:func:`save_final`) is gathered: rank 0 holds the full weights once, at the end
+  (4 bytes per fp32 parameter, no optimizer state), for ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -226,7 +240,8 @@ class _Sharded:
         try:
             state = DCP.load_shards(path, model, optimizer)
         except Exception as err:
-            raise CheckpointError(f"{path}: the sharded state is unreadable or does not fit this model: {err}") from err
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{path}: sharded state unreadable or not fitting this model: {first}") from err
         opts = StateDictOptions(strict=True)
         _restore_model(path, model, state["model"], opts)
         if optimizer is not None:

@@ -113,8 +113,12 @@ class _Reader(dcp.FileSystemReader):
     """DCP's file reader, with the index read by ``torch.load(weights_only=True)`` instead of ``pickle.load``."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
-        with torch.serialization.safe_globals(_METADATA_CLASSES):
-            index = torch.load(Path(self.path) / METADATA_FILE, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals(_METADATA_CLASSES):
+                index = torch.load(Path(self.path) / METADATA_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{METADATA_FILE}: refused or unreadable (only DCP's index is loaded): {first}") from err
         if not isinstance(index, dcp_metadata.Metadata):
             raise ValueError(f"{METADATA_FILE} holds a {type(index).__name__}, not a DCP index")
         index.storage_meta = dcp_metadata.StorageMeta(load_id=self.load_id)
