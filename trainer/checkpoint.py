@@ -59,7 +59,6 @@ import functools
 import json
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -84,6 +83,19 @@ from torch.distributed.checkpoint.state_dict import (
 from selkd.cache.errors import SelkdError, disk_full_error, disk_full_message
 from selkd.trainer import checkpoint_dcp as DCP
 from selkd.trainer import distributed as D
+from selkd.trainer.checkpoint_dir import (
+    CHECKPOINTS_DIR,
+    COMPLETE,
+    checkpoints_root,
+    clean_incomplete,
+    discard,
+    fsync_dir,
+    fsync_file,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    step_dir_name,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -99,16 +111,13 @@ __all__ = [
     "save_final",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 LOADER_FILE = "loader.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _TIED_KEY = "selkd.tied"  # safetensors metadata: JSON {alias: stored name}
 
 
@@ -303,27 +312,6 @@ def _to_cpu(obj: Any) -> Any:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # platforms without directory fds (Windows): rename is the best we can do
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Name ``path`` in a full disk's error: safetensors says only ``(os error 28)`` and ``torch.save``'s
@@ -384,23 +372,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable: {err}") from err
 
 
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def _discard(path: Path) -> None:
-    """Remove a directory safely: rename it out of the ``step-N`` namespace first."""
-    if not path.exists():
-        return
-    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        path.rename(trash)
-        _fsync_dir(path.parent)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
     """safetensors of the unique tensors; ``aliases`` (tied names) are recorded in the metadata."""
     tensors: dict[str, torch.Tensor] = {}
@@ -430,7 +401,7 @@ def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: M
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with _writing(path):
         save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
-        _fsync_file(path)
+        fsync_file(path)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -444,67 +415,6 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     for alias, name in json.loads(meta.get(_TIED_KEY, "{}")).items():
         state[alias] = state[name]
     return state
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-def _checkpoints_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / CHECKPOINTS_DIR
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``OUT/checkpoints`` as (step, path), oldest first. Only directories named
-    exactly ``step-N`` that hold ``COMPLETE`` count; tmp/trash directories and unfinished ones do not."""
-    root = _checkpoints_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and (child / COMPLETE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None. Found by scanning, never via a pointer
-    file; has no side effects (call :func:`clean_incomplete` on rank 0 to tidy up)."""
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def clean_incomplete(out_dir: str | Path) -> list[Path]:
-    """Remove half-written checkpoints (``*.tmp-*``, ``*.trash-*``, ``step-N`` without ``COMPLETE``) left by
-    a crash. Call on rank 0 only, with no other writer on ``OUT`` (this process's own tmp dir is kept).
-    Returns what was removed."""
-    root = _checkpoints_root(out_dir)
-    if not root.is_dir():
-        return []
-    own = f".tmp-{os.getpid()}"
-    removed = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        half = ".tmp-" in child.name and not child.name.endswith(own)
-        trash = ".trash-" in child.name
-        unfinished = bool(_STEP_RE.match(child.name)) and not (child / COMPLETE).is_file()
-        if trash:
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-        elif half or unfinished:
-            _discard(child)
-            removed.append(child)
-    return removed
-
-
-def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Remove all but the newest ``keep`` (>= 0) complete checkpoints; returns the ones that stay."""
-    found = [path for _, path in list_checkpoints(out_dir)]
-    cut = max(0, len(found) - keep)
-    for path in found[:cut]:
-        _discard(path)
-    return found[cut:]
 
 
 # --------------------------------------------------------------------------- save / load
@@ -540,7 +450,7 @@ def save_checkpoint(
     layout = _LAYOUTS[name]
     payload = layout.collect(model, optimizer)
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
-    final = _checkpoints_root(out_dir) / _step_dir_name(step)
+    final = checkpoints_root(out_dir) / step_dir_name(step)
     tmp, rerun = _run_on_rank0(lambda: _open_tmp(out_dir, final), f"saving checkpoint {final}")
     with _half_written(tmp, final, rerun) if D.rank() == 0 else contextlib.nullcontext():
         layout.write_collective(tmp, payload)
@@ -591,11 +501,11 @@ def _finish_checkpoint_dir(tmp: Path, final: Path, step: int, files: Mapping[str
         write(tmp / name)
     sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
-        _discard(final)
+        discard(final)
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
@@ -760,8 +670,8 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
                 tokenizer.save_pretrained(str(tmp))
             for p in tmp.rglob("*"):
                 if p.is_file():
-                    _fsync_file(p)
-            _fsync_dir(tmp)
+                    fsync_file(p)
+            fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f"{FINAL_DIR}.trash-{os.getpid()}")
             out.rename(old)
@@ -769,7 +679,7 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return out
 
     return Path(_run_on_rank0(write, f"saving the final model to {out}"))
