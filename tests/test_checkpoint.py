@@ -3,6 +3,7 @@ keep-last-N, weights_only loading, the final HF directory, and a 2-process DDP/F
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -281,11 +282,13 @@ _DIST_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     import torch
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from selkd.trainer import checkpoint as ckpt
     from selkd.trainer.checkpoint import load_checkpoint, save_checkpoint, save_final
     from selkd.trainer.distributed import all_reduce_mean, barrier, cleanup, init_distributed, wrap_model
 
@@ -341,9 +344,44 @@ _DIST_SCRIPT = textwrap.dedent(
         save_final(out / mode, model)
         report[mode] = bool(ok)
         barrier()
+    # a rank whose shard cannot be written (a full disk on rank 1): every rank raises, nothing is left
+    original = dcp.FileSystemWriter.write_data
+    if info.rank == 1:
+        def write_data(self, plan, planner):
+            raise OSError(28, "No space left on device", str(self.path / "__1_0.distcp"))
+        dcp.FileSystemWriter.write_data = write_data
+    try:
+        save_checkpoint(out / "fsdp", 4, model, opt, sched, {"i": 8}, {"mode": "fsdp"})
+        report["failed_save_raised"] = False
+    except (ckpt.CheckpointError, OSError) as err:
+        report["failed_save_raised"] = "no space left" in str(err).lower()
+    dcp.FileSystemWriter.write_data = original
+    # peak host memory of a save on each rank (VmHWM reset to VmRSS before it): gathered (as DDP runs save)
+    # against sharded, on a model of 5.3M parameters: weights and AdamW moments are 60 MiB in all
+    def vm(key):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) * 1024
+    del model, model2, opt, opt2, sched, sched2
+    big = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = wrap_model(LlamaForCausalLM(big), info, fsdp=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 4096, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    peaks = {}
+    for layout in ("gathered", "sharded"):
+        ckpt.LAYOUT_BY_PARALLELISM["fsdp2"] = layout
+        barrier()
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+        before = vm("VmRSS")
+        save_checkpoint(out / f"memory-{layout}", 1, model, opt, None, {}, {})
+        peaks[layout] = vm("VmHWM") - before
+    (out / f"memory-{info.rank}.json").write_text(json.dumps(peaks))
     if info.is_main:
         (out / "report.json").write_text(json.dumps(report))
-    del model, model2, opt, opt2, sched, sched2  # their DDP/FSDP state holds the process group
+    del model, opt  # their DDP/FSDP state holds the process group
     barrier()  # nobody tears the group down while a peer still uses it
     cleanup()
     # what is still running: the group's threads must be gone before the interpreter exits
@@ -360,7 +398,9 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # a fixed mmap threshold: freed tensors go back to the OS at once, so the peak RSS of a save is its own
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    env.update(MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(out)],
         env=env,
@@ -369,13 +409,27 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert json.loads((out / "report.json").read_text()) == {"ddp": True, "fsdp": True}
+    assert json.loads((out / "report.json").read_text()) == {"ddp": True, "fsdp": True, "failed_save_raised": True}
+    peaks = [json.loads((out / f"memory-{rank}.json").read_text()) for rank in range(2)]
+    print(
+        "peak extra host memory during a save, per rank (MiB):", [{k: v / 2**20 for k, v in p.items()} for p in peaks]
+    )
+    gathered, sharded = max(p["gathered"] for p in peaks), max(p["sharded"] for p in peaks)
+    assert gathered > 40 * 2**20  # the gathered save holds the full weights and moments on rank 0 (60 MiB)
+    assert sharded < 0.5 * gathered, peaks
     for rank in range(2):  # cleanup() freed the gloo group: none of its threads outlives it into interpreter exit
         threads = json.loads((out / f"threads-{rank}.json").read_text())
         assert not [name for name in threads if "gloo" in name], threads
     for mode in ("ddp", "fsdp"):
         path = latest_checkpoint(out / mode)
-        assert path is not None and path.name == "step-000003"
+        assert path is not None and path.name == "step-000003"  # the failed step 4 left nothing behind
+        assert sorted(p.name for p in (out / mode / "checkpoints").iterdir()) == ["step-000003"]
+        files = set(json.loads((path / COMPLETE).read_text())["files"])
+        if mode == "ddp":  # gathered on rank 0
+            assert "model.safetensors" in files and not list(path.glob("*.distcp"))
+        else:  # each rank wrote its own shard; COMPLETE lists both; DCP's pickled index is replaced
+            assert {"__0_0.distcp", "__1_0.distcp", "dcp-metadata.pt"} <= files
+            assert "model.safetensors" not in files and not (path / ".metadata").exists()
         assert [p.name for p in path.glob("rank-*.pt")] and len(list(path.glob("rank-*.pt"))) == 2
         model, opt, sched = make_run(9)
         state = load_checkpoint(path, model, opt, sched)  # one process, plain module
@@ -391,6 +445,19 @@ def test_ddp_and_fsdp2_two_processes(tmp_path: Path) -> None:
         assert sched.last_epoch == 3
         final = AutoModelForCausalLM.from_pretrained(str(out / mode / "final"))
         assert_same_weights(model, final)
+    # the sharded index holding anything but DCP's classes is refused (weights_only), and so is a cut shard
+    path = out / "fsdp" / "checkpoints" / "step-000003"
+    index, complete = path / "dcp-metadata.pt", json.loads((path / COMPLETE).read_text())
+    torch.save({"when": datetime.date(2026, 1, 1)}, index)
+    complete["files"][index.name] = index.stat().st_size
+    (path / COMPLETE).write_text(json.dumps(complete))
+    with pytest.raises(CheckpointError, match=r"sharded state unreadable .*dcp-metadata.pt: refused") as err:
+        load_checkpoint(path, *make_run(9))
+    assert "\n" not in str(err.value)
+    shard = path / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="__1_0.distcp is missing or has the wrong size"):
+        load_checkpoint(path, *make_run(9))
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "error"])

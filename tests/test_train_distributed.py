@@ -142,12 +142,16 @@ def test_ddp_matches_one_process(run: RunFn, select: str) -> None:
 
 
 def test_fsdp_matches_ddp_and_resumes(run: RunFn, tmp_path: Path, cache: str, tiny_student_dir: Path) -> None:
-    """FSDP2 (--fsdp) gives DDP's losses, and its checkpoints load in a new launch: 2 steps, then the
-    same command with --steps raised to 4, equals 4 steps in one go (constant schedule)."""
+    """FSDP2 (--fsdp) gives DDP's losses, and its sharded checkpoints (one file per rank) load in a new
+    launch: 2 steps, then the same command with --steps raised to 4, equals 4 steps in one go (constant
+    schedule)."""
     ddp, _ = run("ddp-student-entropy:0.2", 2, "--select", "student-entropy:0.2")
     out = tmp_path / "fsdp"
     torchrun(argv(cache, tiny_student_dir, out, 2, "--fsdp", steps=2))
     assert [r["step"] for r in rows(out)] == [1, 2]
+    saved = out / "checkpoints" / "step-000002"  # sharded: each rank wrote its own part, none gathered them
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in saved.iterdir()}
+    assert not (saved / "model.safetensors").exists()
     log = torchrun(argv(cache, tiny_student_dir, out, 2, "--fsdp"))
     assert "training longer: 2 -> 4 steps" in log and "resumed from" in log
     assert_close_runs(out, ddp)

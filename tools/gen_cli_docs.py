@@ -227,7 +227,8 @@ does not apply and the metric is the cross-entropy, `eval_kl_plus_teacher_entrop
    `STORE/tokens` first, split over the builders the same way.)
 3. **Check it**: `selkd-cache info s3://bucket/caches/qwen3-8b-s50` and `selkd-cache verify ...`.
 4. **Train on student nodes** (DDP; `--fsdp` shards students that do not fit one GPU; rank 0 logs
-   and writes checkpoints to `--out`, which must be on storage rank 0 can write):
+   and writes checkpoints to `--out`, which must be on storage rank 0 can write; with `--fsdp` every
+   rank writes its own shard of each checkpoint, so `--out` must be on storage every node shares):
 
    ```
    torchrun --nnodes 2 --nproc-per-node 8 ... -m selkd.trainer --cache s3://bucket/caches/qwen3-8b-s50 \\

@@ -2,13 +2,16 @@
 
 Layout of one checkpoint (every file is written, flushed and fsynced before ``COMPLETE``)::
 
-    model.safetensors    full (unsharded) state dict; tied weights stored once, aliases in metadata
-    optimizer.pt         {"optimizer": ..., "scheduler": ...}; loaded ONLY with weights_only=True
+    model.safetensors    gathered layout: the full state dict; tied weights stored once, aliases in metadata
+    __<rank>_0.distcp    sharded layout (FSDP2): each rank's shard of the weights and AdamW moments
+    dcp-metadata.pt      sharded layout: DCP's index of the shards (see selkd.trainer.checkpoint_dcp)
+    optimizer.pt         {"optimizer": ..., "scheduler": ...}; loaded ONLY with weights_only=True (in the
+                         sharded layout "optimizer" holds only the param_groups)
     rank-00000.pt        per rank: RNG states (python, numpy, torch CPU, CUDA) and the caller's
                          ``rank_state`` (e.g. a GlobalQueue); weights_only-loadable
     loader.json          the data loader's state
     config.json          the run's config (TrainConfig.to_dict())
-    state.json           step, world size, the caller's ``extra`` (metrics, ...)
+    state.json           step, world size, layout, the caller's ``extra`` (metrics, ...)
     COMPLETE             written last: {"step": ..., "files": {name: size}}
 
 Why it is built this way:
@@ -29,22 +32,33 @@ Why it is built this way:
 * No pickle of arbitrary objects: weights are safetensors, everything else is JSON or a
   ``torch.load(weights_only=True)`` file (tensors, numbers, strings, lists, tuples, dicts). AdamW's
   state dict and LambdaLR's are within that subset; a file holding anything else is refused.
-* Distributed (DDP, FSDP2): saving and loading are collectives. Every rank calls them; state dicts are
-  gathered as full, CPU-offloaded dicts with ``torch.distributed.checkpoint.state_dict`` (so only rank 0
-  holds the full copy), rank 0 writes, and on load rank 0 reads and broadcasts
-  (``broadcast_from_rank0``), so host memory holds one full copy per node, not one per rank, and only
-  rank 0 needs to see ``OUT``. Checkpoints are interchangeable between plain, DDP and FSDP2 runs (keys
-  are the unwrapped module's parameter names; optimizer state is keyed by those names, not by index).
-  Without a process group the same functions work on a plain module.
+* Distributed (DDP, FSDP2): saving and loading are collectives that every rank calls. The layout is
+  looked up from the model's parallelism (:data:`LAYOUT_BY_PARALLELISM`) and recorded in ``state.json``;
+  loading follows the recorded one.
+
+  - gathered (one process, DDP): state dicts are gathered as full, CPU-offloaded dicts with
+    ``torch.distributed.checkpoint.state_dict``, rank 0 writes, and on load rank 0 reads and broadcasts
+    (``broadcast_from_rank0``); only rank 0 needs to see ``OUT``.
+  - sharded (FSDP2): gathering would put about 16 bytes per parameter on rank 0 (128 GB for an 8B
+    student), so each rank writes its own shard with DCP into the same ``.tmp-<pid>`` directory (made
+    by rank 0, its name broadcast); DCP's save returns on every rank once every shard is written and
+    fsynced, and only then does rank 0 write the small files and ``COMPLETE`` and rename. A failure on
+    any rank is raised on every rank and rank 0 removes the directory. Every rank must see ``OUT``.
+
+  Checkpoints are interchangeable between plain, DDP and FSDP2 runs, of any world size (keys are the
+  unwrapped module's parameter names; optimizer state is keyed by those names, not by index; DCP
+  reshards on load). Without a process group the same functions work on a plain module.
+* The final model (:func:`save_final`) is gathered: rank 0 holds the full weights once, at the end
+  (4 bytes per fp32 parameter, no optimizer state), for ``save_pretrained``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -67,7 +81,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from selkd.cache.errors import SelkdError, disk_full_error, disk_full_message
+from selkd.trainer import checkpoint_dcp as DCP
 from selkd.trainer import distributed as D
+from selkd.trainer.checkpoint_dir import (
+    CHECKPOINTS_DIR,
+    COMPLETE,
+    checkpoints_root,
+    clean_incomplete,
+    discard,
+    fsync_dir,
+    fsync_file,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    step_dir_name,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -83,16 +111,13 @@ __all__ = [
     "save_final",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 LOADER_FILE = "loader.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _TIED_KEY = "selkd.tied"  # safetensors metadata: JSON {alias: stored name}
 
 
@@ -170,6 +195,75 @@ def _gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     return get_optimizer_state_dict(model, optimizer, options=_sd_options(cpu_offload=True))
 
 
+# --------------------------------------------------------------------------- layouts
+
+
+class _Gathered:
+    """The full state on rank 0: ``model.safetensors`` and the optimizer in ``optimizer.pt``. Loading reads
+    them on rank 0 and broadcasts (``broadcast_from_rank0``)."""
+
+    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Full, CPU-offloaded state dicts (a collective; empty off rank 0)."""
+        state = {"model": _gather_model(model), "aliases": _tied_aliases(model)}
+        return {**state, "optimizer": _gather_optimizer(model, optimizer) if optimizer is not None else None}
+
+    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
+        """Nothing: rank 0 writes everything (:meth:`rank0_files`)."""
+
+    def optimizer_file(self, payload: dict[str, Any]) -> Any:
+        return payload["optimizer"]
+
+    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
+        return {MODEL_FILE: lambda path: _save_weights(path, payload["model"], payload["aliases"])}
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return _load_weights(path / MODEL_FILE)
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
+        opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
+        _restore_model(path, model, data["model"], opts)
+        if optimizer is not None:
+            _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
+
+
+class _Sharded:
+    """Every rank's shard of the weights and optimizer moments, written and read by every rank
+    (:mod:`selkd.trainer.checkpoint_dcp`); ``optimizer.pt`` holds only the ``param_groups``."""
+
+    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        return DCP.local_state(model, optimizer)
+
+    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
+        DCP.save_shards(tmp, payload, coordinator=D.rank() == 0)
+
+    def optimizer_file(self, payload: dict[str, Any]) -> Any:
+        return None if payload["param_groups"] is None else {"param_groups": payload["param_groups"]}
+
+    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
+        return {}
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        return {}  # every rank reads its part in restore()
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
+        try:
+            state = DCP.load_shards(path, model, optimizer)
+        except Exception as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{path}: sharded state unreadable or not fitting this model: {first}") from err
+        opts = StateDictOptions(strict=True)
+        _restore_model(path, model, state["model"], opts)
+        if optimizer is not None:
+            groups = D.broadcast_object(data["optim"]["optimizer"]["param_groups"] if D.rank() == 0 else None)
+            _restore_optimizer(path, model, optimizer, {"state": state["optimizer"], "param_groups": groups}, opts)
+
+
+# The layout of a run's checkpoints, by its parallelism (distributed.parallelism): FSDP2 ranks each write
+# their shard; a DDP replica or a single process has the full state anyway, and rank 0 writes it.
+LAYOUT_BY_PARALLELISM = {"none": "gathered", "ddp": "gathered", "fsdp2": "sharded"}
+_LAYOUTS: dict[str, _Gathered | _Sharded] = {"gathered": _Gathered(), "sharded": _Sharded()}
+
+
 # --------------------------------------------------------------------------- RNG
 
 
@@ -216,27 +310,6 @@ def _to_cpu(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # platforms without directory fds (Windows): rename is the best we can do
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -299,23 +372,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable: {err}") from err
 
 
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def _discard(path: Path) -> None:
-    """Remove a directory safely: rename it out of the ``step-N`` namespace first."""
-    if not path.exists():
-        return
-    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        path.rename(trash)
-        _fsync_dir(path.parent)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
     """safetensors of the unique tensors; ``aliases`` (tied names) are recorded in the metadata."""
     tensors: dict[str, torch.Tensor] = {}
@@ -345,7 +401,7 @@ def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: M
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with _writing(path):
         save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
-        _fsync_file(path)
+        fsync_file(path)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -359,67 +415,6 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     for alias, name in json.loads(meta.get(_TIED_KEY, "{}")).items():
         state[alias] = state[name]
     return state
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-def _checkpoints_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / CHECKPOINTS_DIR
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``OUT/checkpoints`` as (step, path), oldest first. Only directories named
-    exactly ``step-N`` that hold ``COMPLETE`` count; tmp/trash directories and unfinished ones do not."""
-    root = _checkpoints_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and (child / COMPLETE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None. Found by scanning, never via a pointer
-    file; has no side effects (call :func:`clean_incomplete` on rank 0 to tidy up)."""
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def clean_incomplete(out_dir: str | Path) -> list[Path]:
-    """Remove half-written checkpoints (``*.tmp-*``, ``*.trash-*``, ``step-N`` without ``COMPLETE``) left by
-    a crash. Call on rank 0 only, with no other writer on ``OUT`` (this process's own tmp dir is kept).
-    Returns what was removed."""
-    root = _checkpoints_root(out_dir)
-    if not root.is_dir():
-        return []
-    own = f".tmp-{os.getpid()}"
-    removed = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        half = ".tmp-" in child.name and not child.name.endswith(own)
-        trash = ".trash-" in child.name
-        unfinished = bool(_STEP_RE.match(child.name)) and not (child / COMPLETE).is_file()
-        if trash:
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-        elif half or unfinished:
-            _discard(child)
-            removed.append(child)
-    return removed
-
-
-def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Remove all but the newest ``keep`` (>= 0) complete checkpoints; returns the ones that stay."""
-    found = [path for _, path in list_checkpoints(out_dir)]
-    cut = max(0, len(found) - keep)
-    for path in found[:cut]:
-        _discard(path)
-    return found[cut:]
 
 
 # --------------------------------------------------------------------------- save / load
@@ -439,36 +434,43 @@ def save_checkpoint(
 ) -> Path:
     """Write ``OUT/checkpoints/step-{step:06d}`` atomically and keep the newest ``keep`` (None: all).
 
-    A collective under a process group: call it on every rank (rank 0 writes; the others send their RNG
-    states and ``rank_state``). ``loader_state``, ``config`` and ``extra`` must be JSON-able (rank 0's
-    values are written); ``rank_state`` is anything ``torch.load(weights_only=True)`` accepts (tensors,
-    numbers, strings, containers), e.g. ``GlobalQueue.state_dict()``. An existing checkpoint of the same
-    step is replaced. Returns the checkpoint's path on every rank.
+    A collective under a process group: call it on every rank (rank 0 writes the gathered layout; under
+    FSDP2 every rank writes its shard; the others send their RNG states and ``rank_state``). The layout
+    follows the model's parallelism (:data:`LAYOUT_BY_PARALLELISM`). ``loader_state``, ``config`` and
+    ``extra`` must be JSON-able (rank 0's values are written); ``rank_state`` is anything
+    ``torch.load(weights_only=True)`` accepts (tensors, numbers, strings, containers), e.g.
+    ``GlobalQueue.state_dict()``. An existing checkpoint of the same step is replaced. Returns the
+    checkpoint's path on every rank.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    aliases = _tied_aliases(model)
-    model_sd = _gather_model(model)
-    optim_sd = _gather_optimizer(model, optimizer) if optimizer is not None else None
+    name = LAYOUT_BY_PARALLELISM[D.parallelism(model)]
+    layout = _LAYOUTS[name]
+    payload = layout.collect(model, optimizer)
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
-    final = _checkpoints_root(out_dir) / _step_dir_name(step)
-    optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    state = {"format": FORMAT_VERSION, "step": int(step), "extra": dict(extra or {})}
+    final = checkpoints_root(out_dir) / step_dir_name(step)
+    tmp, rerun = _run_on_rank0(lambda: _open_tmp(out_dir, final), f"saving checkpoint {final}")
+    with _half_written(tmp, final, rerun) if D.rank() == 0 else contextlib.nullcontext():
+        layout.write_collective(tmp, payload)
+    sched = scheduler.state_dict() if scheduler is not None else None
+    optim = {"optimizer": layout.optimizer_file(payload), "scheduler": sched}
+    state = {"format": FORMAT_VERSION, "layout": name, "step": int(step), "extra": dict(extra or {})}
 
     def write() -> Path:
         assert per_rank is not None
         world = len(per_rank)
         files = {
-            MODEL_FILE: lambda path: _save_weights(path, model_sd, aliases),
+            **layout.rank0_files(payload),
             OPTIMIZER_FILE: lambda path: _torch_save(path, optim),
             **{f"rank-{r:05d}.pt": functools.partial(_torch_save, obj=obj) for r, obj in enumerate(per_rank)},
             LOADER_FILE: lambda path: _write_json(path, dict(loader_state)),
             CONFIG_FILE: lambda path: _write_json(path, dict(config)),
             STATE_FILE: lambda path: _write_json(path, {**state, "world_size": world, "saved_at": time.time()}),
         }
-        _write_checkpoint_dir(out_dir, final, int(step), files)
+        with _half_written(tmp, final, rerun):
+            _finish_checkpoint_dir(tmp, final, int(step), files)
         if keep is not None:
             prune_checkpoints(out_dir, keep)
         return final
@@ -476,12 +478,9 @@ def save_checkpoint(
     return Path(_run_on_rank0(write, f"saving checkpoint {final}"))
 
 
-def _write_checkpoint_dir(
-    out_dir: str | Path, final: Path, step: int, files: Mapping[str, Callable[[Path], None]]
-) -> None:
-    """Write ``files`` ({name: writer(path)}, in order) into ``final`` atomically: a ``.tmp-<pid>``
-    directory, ``COMPLETE`` (the files and their sizes) last, fsynced, then renamed into place. Anything
-    that stops it removes the tmp directory (see :func:`_half_written`)."""
+def _open_tmp(out_dir: str | Path, final: Path) -> tuple[Path, str]:
+    """A fresh ``final.tmp-<pid>`` directory to write into (rank 0; half-written ones of a crash are removed
+    first), and what rerunning the training command does if this save fails."""
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     clean_incomplete(out_dir)
@@ -491,16 +490,22 @@ def _write_checkpoint_dir(
     tmp.mkdir()
     previous = latest_checkpoint(out_dir)
     rerun = f"it resumes from {previous.name}" if previous else "it starts over (no checkpoint was complete yet)"
-    with _half_written(tmp, final, rerun):
-        for name, write in files.items():
-            write(tmp / name)
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
-        _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        tmp.rename(final)
-    _fsync_dir(root)
+    return tmp, rerun
+
+
+def _finish_checkpoint_dir(tmp: Path, final: Path, step: int, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write ``files`` ({name: writer(path)}, in order) into ``tmp`` (next to what every rank wrote there),
+    ``COMPLETE`` (every file and its size) last, fsynced, then rename ``tmp`` to ``final``. The caller
+    removes ``tmp`` when this fails (see :func:`_half_written`)."""
+    for name, write in files.items():
+        write(tmp / name)
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
+    fsync_dir(tmp)
+    if final.exists():
+        discard(final)
+    tmp.rename(final)
+    fsync_dir(final.parent)
 
 
 def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> dict[str, Any]:
@@ -515,6 +520,9 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
             raise CheckpointError(f"{path}: {name} is missing or has the wrong size (damaged checkpoint)")
     state = _read_json(path / STATE_FILE)
     world = int(state.get("world_size", 1))
+    layout = state.get("layout", "gathered")  # checkpoints from before the sharded layout are gathered
+    if layout not in _LAYOUTS:
+        raise CheckpointError(f"{path}: unknown layout {layout!r} in {STATE_FILE} (written by a newer selkd?)")
     optim = _torch_load(path / OPTIMIZER_FILE)
     if not isinstance(optim, dict):
         raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected a dict, got {type(optim).__name__}")
@@ -523,7 +531,8 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
     if need_scheduler and optim.get("scheduler") is None:
         raise CheckpointError(f"{path}: holds no scheduler state")
     return {
-        "model": _load_weights(path / MODEL_FILE),
+        "layout": layout,
+        "model": _LAYOUTS[layout].read(path),
         "optim": optim,
         "ranks": [
             _torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
@@ -553,10 +562,7 @@ def load_checkpoint(
     """
     path = Path(path)
     data = _read_on_rank0(path, optimizer is not None, scheduler is not None)
-    opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
-    _restore_model(path, model, data["model"], opts)
-    if optimizer is not None:
-        _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
+    _LAYOUTS[data["layout"]].restore(path, model, optimizer, data)
     small = D.broadcast_object(
         {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": data["optim"].get("scheduler")}
         if D.rank() == 0
@@ -598,11 +604,11 @@ def _read_on_rank0(path: Path, need_optimizer: bool, need_scheduler: bool) -> di
                 raise
             error = str(err)
     if distributed:
-        error = D.broadcast_object(error)
+        error, layout = D.broadcast_object((error, data["layout"] if data is not None else None))
         if error is not None:
             raise CheckpointError(error)
     if data is None:
-        data = {"model": {}, "optim": {"optimizer": {}, "scheduler": None}, "ranks": None}
+        data = {"layout": layout, "model": {}, "optim": {"optimizer": {}, "scheduler": None}, "ranks": None}
     return data
 
 
@@ -664,8 +670,8 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
                 tokenizer.save_pretrained(str(tmp))
             for p in tmp.rglob("*"):
                 if p.is_file():
-                    _fsync_file(p)
-            _fsync_dir(tmp)
+                    fsync_file(p)
+            fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f"{FINAL_DIR}.trash-{os.getpid()}")
             out.rename(old)
@@ -673,7 +679,7 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return out
 
     return Path(_run_on_rank0(write, f"saving the final model to {out}"))

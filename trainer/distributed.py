@@ -56,6 +56,7 @@ __all__ = [
     "gather_objects",
     "init_distributed",
     "is_distributed",
+    "parallelism",
     "rank",
     "resolve_device",
     "scatter_objects",
@@ -195,6 +196,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def parallelism(model: nn.Module) -> str:
+    """How ``model`` is spread over the ranks: ``"fsdp2"`` (``fully_shard`` on it or on its modules: each rank
+    holds a shard of every parameter; the trainer shards the wrapper around the student, so the student's
+    root is not itself an FSDP module), ``"ddp"`` (each rank a full replica) or ``"none"`` (one process)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in unwrap_model(model).modules()):
+        return "fsdp2"
+    compiled = getattr(model, "_orig_mod", None)
+    return "ddp" if isinstance(compiled or model, nn.parallel.DistributedDataParallel) else "none"
 
 
 def is_distributed() -> bool:
