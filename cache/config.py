@@ -56,7 +56,7 @@ class PrepareConfig:
     )
     workers: int = opt(
         1,
-        help="tokenizer processes on this machine (each takes whole input units and runs cores / workers tokenizer threads)",
+        help="tokenizer processes on this machine (each takes whole input units, with cores / workers threads)",
         lo=1,
         group="distributed",
     )
