@@ -8,9 +8,11 @@ The multi-process (DDP / FSDP) tests are in ``test_train_distributed.py``.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -39,6 +41,7 @@ from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from selkd.trainer import distributed as D
 from selkd.trainer import head as H
+from selkd.trainer import loop
 from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
@@ -780,6 +783,59 @@ def test_nan_loss_at_step_3_names_step_and_sequences(
     assert rc == 1
     assert f"non-finite loss (inf) at step 3; batch sequence ids {seen[2].tolist()}" in err, err
     assert not (tmp_path / "out").exists()  # no checkpoint to resume from: the run removed what it created
+
+
+# --------------------------------------------------------------------------- host syncs per step
+
+# Every way a tensor's value reaches the Python host; with a GPU each is a device-to-host sync.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+# Reads inside the libraries, by the function that makes them: torch's optimizers read their step count,
+# a host tensor on every device (no sync); transformers' mask code asks whether the position ids hold
+# packed documents (a real sync, once per forward with --doc-attention; counted apart, see the test).
+LIBRARY_READS = ("_get_value", "find_packed_sequence_indices")
+
+
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Wrap every host read of torch tensors (on any thread and whatever the tensor: on this CPU nothing
+    syncs, so every call that would sync on a GPU is counted, and more). Returns the running counts:
+    "selkd" for all reads but those :data:`LIBRARY_READS` names, counted under their function's name."""
+    reads: collections.Counter[str] = collections.Counter()
+
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def read(self: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_name
+            reads[caller if caller in LIBRARY_READS else "selkd"] += 1
+            return original(self, *a, **kw)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    return reads
+
+
+def test_one_host_read_per_optimizer_step(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per loop iteration (an optimizer step of 2 micro-batches, its statistics, its log row if any): one
+    host read (the non-finite check) at steps that do not log, two at logging steps (the window's read).
+    transformers adds one per forward when packed documents are kept apart (its mask code's check)."""
+    marks: list[collections.Counter[str]] = []
+    original_step = loop.step
+
+    def step(*a: Any, **kw: Any) -> Any:
+        marks.append(reads.copy())
+        return original_step(*a, **kw)
+
+    reads = count_host_reads(monkeypatch)
+    monkeypatch.setattr(loop, "step", step)
+    argv = args(caches["topk"], tiny_student_dir, tmp_path / "out", "--grad-accum", "2", "--ce-weight", "0.5")
+    assert main([*argv, "--steps", "7", "--log-every", "3"]) == 0
+    per_iteration = [b - a for a, b in itertools.pairwise(marks)]  # iterations 1-6 (the 7th ends the run)
+    assert [c["selkd"] for c in per_iteration] == [1, 1, 2, 1, 1, 2], per_iteration
+    assert [c["find_packed_sequence_indices"] for c in per_iteration] == [2] * 6, per_iteration
+    assert [r["step"] for r in train_rows(tmp_path / "out")] == [3, 6, 7]
 
 
 # --------------------------------------------------------------------------- every option, a few steps
