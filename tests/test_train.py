@@ -838,6 +838,95 @@ def test_one_host_read_per_optimizer_step(
     assert [r["step"] for r in train_rows(tmp_path / "out")] == [3, 6, 7]
 
 
+# --------------------------------------------------------------------------- dtypes: the student's and the teacher's
+
+
+@pytest.fixture(scope="module")
+def bf16_student_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., Path], tiny_tokenizer: Any
+) -> Path:
+    """A tiny Qwen2 student saved in bfloat16 (its config.json says so), the tiny tokenizer next to it."""
+    out = tiny_model(tmp_path_factory.mktemp("bf16_student"), tiny_tokenizer, hidden=32, layers=1, seed=1, arch="qwen2")
+    AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).save_pretrained(str(out))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return out
+
+
+def saved_dtypes(model_dir: Path) -> set[torch.dtype]:
+    """The dtypes of the tensors in a directory's model.safetensors."""
+    return {t.dtype for t in load_file(str(model_dir / "model.safetensors")).values()}
+
+
+@pytest.mark.parametrize(
+    ("flags", "trained", "final"),
+    [
+        pytest.param(("--dtype", "auto"), torch.bfloat16, torch.bfloat16, id="auto-keeps-bf16"),
+        pytest.param(("--dtype", "fp32"), torch.float32, torch.float32, id="fp32"),
+        pytest.param(("--master-weights",), torch.float32, torch.bfloat16, id="bf16-with-fp32-master-weights"),
+    ],
+)
+def test_student_is_trained_and_saved_in_the_dtype_chosen(
+    tmp_path: Path,
+    caches: dict[str, str],
+    bf16_student_dir: Path,
+    flags: tuple[str, ...],
+    trained: torch.dtype,
+    final: torch.dtype,
+) -> None:
+    """A bf16 checkpoint: --dtype auto trains and saves bf16 (checkpoint and OUT/final, whose config says
+    so); --dtype fp32 trains and saves fp32; --master-weights trains fp32 weights (the checkpoint holds
+    them) under bf16 autocast and saves OUT/final in bf16."""
+    out = tmp_path / "out"
+    assert main(args(caches["topk"], bf16_student_dir, out, *flags)) == 0
+    assert saved_dtypes(out / "checkpoints" / "step-000002") == {trained}
+    assert saved_dtypes(out / "final") == {final}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == str(final).removeprefix("torch.")
+    assert all(np.isfinite(r["loss"]) for r in train_rows(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype="auto")
+    assert reloaded.dtype == final
+
+
+def test_bf16_run_resumes_exactly(
+    tmp_path: Path, caches: dict[str, str], bf16_student_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 weights and bf16 AdamW state: a run stopped after its step-2 checkpoint and rerun ends with the
+    losses and weights of an uninterrupted run."""
+    flags = dict(steps=4, save_every=2)
+    assert main(args(caches["topk"], bf16_student_dir, tmp_path / "whole", **flags)) == 0
+
+    def crash(n: int, res: Any) -> Any:
+        if n == 3:
+            raise RuntimeError("injected crash")
+        return res
+
+    with monkeypatch.context() as m:
+        count_training_calls(m, crash)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            main(args(caches["topk"], bf16_student_dir, tmp_path / "split", **flags))
+    assert main(args(caches["topk"], bf16_student_dir, tmp_path / "split", **flags)) == 0
+    assert_same_rows(train_rows(tmp_path / "split"), train_rows(tmp_path / "whole"), LOSS_KEYS)
+    assert_same_weights(tmp_path / "split", tmp_path / "whole")
+    assert saved_dtypes(tmp_path / "split" / "final") == {torch.bfloat16}
+
+
+def test_online_teacher_keeps_its_checkpoints_dtype(
+    tmp_path: Path, bf16_student_dir: Path, text_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--teacher-dtype auto (the default) loads a bf16 teacher in bf16, even on the CPU; fp32 when asked."""
+    seen: list[torch.dtype] = []
+    original = OnlineTeacher.__init__
+
+    def init(self: OnlineTeacher, model: Any, *a: Any, **kw: Any) -> None:
+        seen.append(next(model.parameters()).dtype)
+        original(self, model, *a, **kw)
+
+    monkeypatch.setattr(OnlineTeacher, "__init__", init)
+    online = online_flags(bf16_student_dir, text_corpus_dir)
+    assert main(args(None, bf16_student_dir, tmp_path / "auto", *online, steps=1)) == 0
+    assert main(args(None, bf16_student_dir, tmp_path / "fp32", *online, "--teacher-dtype", "fp32", steps=1)) == 0
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 # --------------------------------------------------------------------------- every option, a few steps
 
 SIGNALS = ("student-entropy", "teacher-entropy", "student-ce", "teacher-ce", "ce-ratio", "kl", "reverse-kl", "random")

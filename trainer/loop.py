@@ -52,6 +52,7 @@ from selkd.trainer.setup import (
     check_resume,
     check_student_fits,
     claim_out,
+    resolve_precision,
     restore,
     seed_everything,
     setup_data,
@@ -95,14 +96,15 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
 
     # --- the student and its data: the cache (offline) or the teacher in the loop (online) ----------
     tokenizer, reader = setup_tokenizer(cfg)  # checked against the cache's before any weights load
-    model = setup_student(cfg, device)
+    precision = resolve_precision(cfg)  # --dtype auto: the checkpoint's
+    model = setup_student(cfg, device, precision.weights)
     data = setup_data(cfg, dist_info, tokenizer, reader)
     check_student_fits(cfg, data, vocab_size(model))
 
     # --- the objective, the wrapped student, optimizer and schedule -----------------------------------
     objective = setup_objective(cfg, data.temperature)
     student = wrap_student(model, cfg, dist_info, tokenizer, data.doc_attention)  # checks the selective head first
-    opt = setup_optimizer(cfg, model, data.batches_per_epoch)
+    opt = setup_optimizer(cfg, model, data.batches_per_epoch, precision)
     state = RankState.start(cfg, dist_info, objective, data)
 
     # --- resume: weights, optimizer, schedule, data cursor, RNG, policy and logging window --------------
@@ -127,7 +129,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
         if state.step % cfg.log_every == 0 or state.step == opt.total:
             last = _log_window(state, opt, dist_info, t_start, metrics, bar)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < opt.total:
-            _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, f"step {state.step}: eval")
+            _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, precision.autocast)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < opt.total:
             _save(cfg, model, opt, data, state)
     bar.close()
@@ -136,8 +138,10 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
     # --- the end: evaluate, checkpoint, save the final student ------------------------------------------
     ev: dict[str, float] = {}
     if state.step > start_step:
-        ev = _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, "final eval:")
+        ev = _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, precision.autocast, final=True)
         _save(cfg, model, opt, data, state)
+    if precision.final != precision.weights:  # --master-weights: the fp32 weights trained, OUT/final is bf16
+        model.to(precision.final)
     final_dir = ckpt.save_final(out, model, tokenizer)
     metrics.close()
     elapsed = time.time() - t_start
@@ -170,7 +174,7 @@ def step(
     the weights or the optimizer state (and before any checkpoint of that step). Losses, counts and the
     gradient norm are read only when a logging window is written (:meth:`Window.read`)."""
     device = dist_info.device
-    autocast_dtype = cfg.autocast_dtype(device.type)
+    autocast_dtype = opt.precision.autocast
     ddp = isinstance(student, nn.parallel.DistributedDataParallel)
     sums = torch.zeros(len(WINDOW_KEYS), dtype=torch.float64, device=device)
     micro_losses = torch.zeros(cfg.grad_accum, dtype=torch.float32, device=device)
@@ -364,18 +368,21 @@ def _evaluate(
     dist_info: D.DistInfo,
     at: int,
     metrics: MetricsLog,
-    label: str,
+    autocast: torch.dtype | None,
+    final: bool = False,
 ) -> dict[str, float]:
     """Held-out statistics of the student at step ``at`` (every rank computes them: FSDP needs all
-    ranks), written as an eval row and logged after ``label``. Returns them ({} without a held-out split)."""
+    ranks), computed under ``autocast`` as the training step is, written as an eval row and logged (as
+    the ``final`` one, or step ``at``'s). Returns them ({} without a held-out split)."""
     if data.eval_source is None:
         return {}
     rewind(data.eval_source)
     inner = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     device = dist_info.device
-    ev = evaluate(inner, data.eval_source, objective, device, cfg.autocast_dtype(device.type), cfg.eval_batches)
+    ev = evaluate(inner, data.eval_source, objective, device, autocast, cfg.eval_batches)
     if ev:
         metrics.write({"step": at, "eval": True, **ev})
+        label = "final eval:" if final else f"step {at}: eval"
         log(f"{label} {eval_summary(ev)}", dist_info.is_main)
     return ev
 
