@@ -321,8 +321,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(
         1,
         help="complete checkpoints kept in OUT/checkpoints (each holds the weights and the optimizer state, "
-        "about 3x the fp32 final model): the newest N; 0 removes them once the run has finished and written "
-        "OUT/final (at least one is kept while training, to resume from), and the run can then not be extended",
+        "about 3x the final model; 6x with --master-weights): the newest N; 0 removes them once the run has "
+        "finished and written OUT/final (at least one is kept while training, to resume from), and the run can "
+        "then not be extended",
         lo=0,
         group="output",
     )
