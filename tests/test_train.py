@@ -857,27 +857,40 @@ def saved_dtypes(model_dir: Path) -> set[torch.dtype]:
     return {t.dtype for t in load_file(str(model_dir / "model.safetensors")).values()}
 
 
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
 @pytest.mark.parametrize(
-    ("flags", "trained", "final"),
+    ("flags", "trained", "final", "logged"),
     [
-        pytest.param(("--dtype", "auto"), torch.bfloat16, torch.bfloat16, id="auto-keeps-bf16"),
-        pytest.param(("--dtype", "fp32"), torch.float32, torch.float32, id="fp32"),
-        pytest.param(("--master-weights",), torch.float32, torch.bfloat16, id="bf16-with-fp32-master-weights"),
+        pytest.param(("--dtype", "auto"), BF16, BF16, "bfloat16 weights", id="auto-keeps-bf16"),
+        pytest.param(("--dtype", "fp32"), FP32, FP32, "float32 weights", id="fp32"),
+        pytest.param(
+            ("--master-weights",),
+            FP32,
+            BF16,
+            "float32 master weights, bfloat16 compute, bfloat16 OUT/final",
+            id="bf16-with-fp32-master-weights",
+        ),
     ],
 )
 def test_student_is_trained_and_saved_in_the_dtype_chosen(
     tmp_path: Path,
     caches: dict[str, str],
     bf16_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
     flags: tuple[str, ...],
     trained: torch.dtype,
     final: torch.dtype,
+    logged: str,
 ) -> None:
     """A bf16 checkpoint: --dtype auto trains and saves bf16 (checkpoint and OUT/final, whose config says
     so); --dtype fp32 trains and saves fp32; --master-weights trains fp32 weights (the checkpoint holds
     them) under bf16 autocast and saves OUT/final in bf16."""
     out = tmp_path / "out"
-    assert main(args(caches["topk"], bf16_student_dir, out, *flags)) == 0
+    rc, err = run(args(caches["topk"], bf16_student_dir, out, *flags), capsys)
+    assert rc == 0, err
+    assert f"vocab 384, {logged});" in err, err
     assert saved_dtypes(out / "checkpoints" / "step-000002") == {trained}
     assert saved_dtypes(out / "final") == {final}
     assert json.loads((out / "final" / "config.json").read_text())["dtype"] == str(final).removeprefix("torch.")

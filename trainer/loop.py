@@ -309,7 +309,8 @@ def _log_start(
     n_params = sum(p.numel() for p in model.parameters())
     ranks = f", {dist_info.world_size} ranks" if dist_info.distributed else ""
     log(
-        f"student {cfg.student or cfg.student_config} ({n_params / 1e6:.2f}M params, vocab {vocab_size(model):,}); "
+        f"student {cfg.student or cfg.student_config} ({n_params / 1e6:.2f}M params, vocab {vocab_size(model):,}, "
+        f"{opt.precision.describe()}); "
         f"targets {data.mode} at temperature {data.temperature:g}; {opt.steps_per_epoch} steps per epoch; "
         f"{opt.total} steps; device {dist_info.device}{ranks}"
     )

@@ -201,6 +201,13 @@ class Precision(NamedTuple):
     autocast: torch.dtype | None  # the compute dtype under torch.autocast; None: the weights' own
     final: torch.dtype  # OUT/final's weights (and its config.json's dtype)
 
+    def describe(self) -> str:
+        """For the start-up log line, e.g. ``bfloat16 weights``."""
+        name = {d: str(d).removeprefix("torch.") for d in (self.weights, self.autocast, self.final)}
+        if self.autocast is None:
+            return f"{name[self.weights]} weights"
+        return f"{name[self.weights]} master weights, {name[self.autocast]} compute, {name[self.final]} OUT/final"
+
 
 def checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
     """The dtype a model's config.json declares (``dtype``, or ``torch_dtype`` as transformers before 4.56
