@@ -8,9 +8,11 @@ The multi-process (DDP / FSDP) tests are in ``test_train_distributed.py``.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -39,6 +41,7 @@ from selkd.cache.corpus import eval_mask, load_corpus
 from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from selkd.trainer import distributed as D
 from selkd.trainer import head as H
+from selkd.trainer import loop
 from selkd.trainer import losses as L
 from selkd.trainer.batch import Batch, collate
 from selkd.trainer.cli import main
@@ -785,6 +788,161 @@ def test_nan_loss_at_step_3_names_step_and_sequences(
     assert rc == 1
     assert f"non-finite loss (inf) at step 3; batch sequence ids {seen[2].tolist()}" in err, err
     assert not (tmp_path / "out").exists()  # no checkpoint to resume from: the run removed what it created
+
+
+# --------------------------------------------------------------------------- host syncs per step
+
+# Every way a tensor's value reaches the Python host; with a GPU each is a device-to-host sync.
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+# Reads inside the libraries, by the function that makes them: torch's optimizers read their step count,
+# a host tensor on every device (no sync); transformers' mask code asks whether the position ids hold
+# packed documents (a real sync, once per forward with --doc-attention; counted apart, see the test).
+LIBRARY_READS = ("_get_value", "find_packed_sequence_indices")
+
+
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Wrap every host read of torch tensors (on any thread and whatever the tensor: on this CPU nothing
+    syncs, so every call that would sync on a GPU is counted, and more). Returns the running counts:
+    "selkd" for all reads but those :data:`LIBRARY_READS` names, counted under their function's name."""
+    reads: collections.Counter[str] = collections.Counter()
+
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def read(self: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_name
+            reads[caller if caller in LIBRARY_READS else "selkd"] += 1
+            return original(self, *a, **kw)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    return reads
+
+
+def test_one_host_read_per_optimizer_step(
+    tmp_path: Path, caches: dict[str, str], tiny_student_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per loop iteration (an optimizer step of 2 micro-batches, its statistics, its log row if any): one
+    host read (the non-finite check) at steps that do not log, two at logging steps (the window's read).
+    transformers adds one per forward when packed documents are kept apart (its mask code's check)."""
+    marks: list[collections.Counter[str]] = []
+    original_step = loop.step
+
+    def step(*a: Any, **kw: Any) -> Any:
+        marks.append(reads.copy())
+        return original_step(*a, **kw)
+
+    reads = count_host_reads(monkeypatch)
+    monkeypatch.setattr(loop, "step", step)
+    argv = args(caches["topk"], tiny_student_dir, tmp_path / "out", "--grad-accum", "2", "--ce-weight", "0.5")
+    assert main([*argv, "--steps", "7", "--log-every", "3"]) == 0
+    per_iteration = [b - a for a, b in itertools.pairwise(marks)]  # iterations 1-6 (the 7th ends the run)
+    assert [c["selkd"] for c in per_iteration] == [1, 1, 2, 1, 1, 2], per_iteration
+    assert [c["find_packed_sequence_indices"] for c in per_iteration] == [2] * 6, per_iteration
+    assert [r["step"] for r in train_rows(tmp_path / "out")] == [3, 6, 7]
+
+
+# --------------------------------------------------------------------------- dtypes: the student's and the teacher's
+
+
+@pytest.fixture(scope="module")
+def bf16_student_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., Path], tiny_tokenizer: Any
+) -> Path:
+    """A tiny Qwen2 student saved in bfloat16 (its config.json says so), the tiny tokenizer next to it."""
+    out = tiny_model(tmp_path_factory.mktemp("bf16_student"), tiny_tokenizer, hidden=32, layers=1, seed=1, arch="qwen2")
+    AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).save_pretrained(str(out))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return out
+
+
+def saved_dtypes(model_dir: Path) -> set[torch.dtype]:
+    """The dtypes of the tensors in a directory's model.safetensors."""
+    return {t.dtype for t in load_file(str(model_dir / "model.safetensors")).values()}
+
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("flags", "trained", "final", "logged"),
+    [
+        pytest.param(("--dtype", "auto"), BF16, BF16, "bfloat16 weights", id="auto-keeps-bf16"),
+        pytest.param(("--dtype", "fp32"), FP32, FP32, "float32 weights", id="fp32"),
+        pytest.param(
+            ("--master-weights",),
+            FP32,
+            BF16,
+            "float32 master weights, bfloat16 compute, bfloat16 OUT/final",
+            id="bf16-with-fp32-master-weights",
+        ),
+    ],
+)
+def test_student_is_trained_and_saved_in_the_dtype_chosen(
+    tmp_path: Path,
+    caches: dict[str, str],
+    bf16_student_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    trained: torch.dtype,
+    final: torch.dtype,
+    logged: str,
+) -> None:
+    """A bf16 checkpoint: --dtype auto trains and saves bf16 (checkpoint and OUT/final, whose config says
+    so); --dtype fp32 trains and saves fp32; --master-weights trains fp32 weights (the checkpoint holds
+    them) under bf16 autocast and saves OUT/final in bf16."""
+    out = tmp_path / "out"
+    rc, err = run(args(caches["topk"], bf16_student_dir, out, *flags), capsys)
+    assert rc == 0, err
+    assert f"vocab 384, {logged});" in err, err
+    assert saved_dtypes(out / "checkpoints" / "step-000002") == {trained}
+    assert saved_dtypes(out / "final") == {final}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == str(final).removeprefix("torch.")
+    assert all(np.isfinite(r["loss"]) for r in train_rows(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype="auto")
+    assert reloaded.dtype == final
+
+
+def test_bf16_run_resumes_exactly(
+    tmp_path: Path, caches: dict[str, str], bf16_student_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 weights and bf16 AdamW state: a run stopped after its step-2 checkpoint and rerun ends with the
+    losses and weights of an uninterrupted run."""
+    flags = dict(steps=4, save_every=2)
+    assert main(args(caches["topk"], bf16_student_dir, tmp_path / "whole", **flags)) == 0
+
+    def crash(n: int, res: Any) -> Any:
+        if n == 3:
+            raise RuntimeError("injected crash")
+        return res
+
+    with monkeypatch.context() as m:
+        count_training_calls(m, crash)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            main(args(caches["topk"], bf16_student_dir, tmp_path / "split", **flags))
+    assert main(args(caches["topk"], bf16_student_dir, tmp_path / "split", **flags)) == 0
+    assert_same_rows(train_rows(tmp_path / "split"), train_rows(tmp_path / "whole"), LOSS_KEYS)
+    assert_same_weights(tmp_path / "split", tmp_path / "whole")
+    assert saved_dtypes(tmp_path / "split" / "final") == {torch.bfloat16}
+
+
+def test_online_teacher_keeps_its_checkpoints_dtype(
+    tmp_path: Path, bf16_student_dir: Path, text_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--teacher-dtype auto (the default) loads a bf16 teacher in bf16, even on the CPU; fp32 when asked."""
+    seen: list[torch.dtype] = []
+    original = OnlineTeacher.__init__
+
+    def init(self: OnlineTeacher, model: Any, *a: Any, **kw: Any) -> None:
+        seen.append(next(model.parameters()).dtype)
+        original(self, model, *a, **kw)
+
+    monkeypatch.setattr(OnlineTeacher, "__init__", init)
+    online = online_flags(bf16_student_dir, text_corpus_dir)
+    assert main(args(None, bf16_student_dir, tmp_path / "auto", *online, steps=1)) == 0
+    assert main(args(None, bf16_student_dir, tmp_path / "fp32", *online, "--teacher-dtype", "fp32", steps=1)) == 0
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 # --------------------------------------------------------------------------- every option, a few steps

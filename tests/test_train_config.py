@@ -345,10 +345,15 @@ def test_total_steps_fractional_epochs() -> None:
         cli().total_steps(0)
 
 
-def test_autocast_dtype() -> None:
+def test_precision_of_dtype_and_master_weights() -> None:
+    """--dtype is the weights' dtype (the computation's too); --master-weights keeps fp32 weights with a
+    bf16 --dtype, computes under bf16 autocast and saves bf16."""
     import torch
 
-    assert cli().autocast_dtype("cuda") is torch.bfloat16
-    assert cli().autocast_dtype("cpu") is None
-    assert cli("--dtype", "bf16").autocast_dtype("cpu") is torch.bfloat16
-    assert cli("--dtype", "fp32").autocast_dtype("cuda") is None
+    from selkd.trainer.setup import Precision, resolve_precision
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert resolve_precision(cli("--dtype", "bf16")) == Precision(bf16, None, bf16)
+    assert resolve_precision(cli("--dtype", "fp32")) == Precision(f32, None, f32)
+    assert resolve_precision(cli("--dtype", "bf16", "--master-weights")) == Precision(f32, bf16, bf16)
+    assert resolve_precision(cli("--dtype", "fp32", "--master-weights")) == Precision(f32, None, f32)

@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "constant")
-# fp16 is left out on purpose: it needs loss scaling (GradScaler), which bf16 does not.
+# --dtype and --teacher-dtype. fp16 is left out on purpose: training in it needs loss scaling (GradScaler).
 DTYPES = ("auto", "fp32", "bf16")
 CE_ON = ("all", "selected")
 
@@ -84,6 +84,7 @@ ONLINE_DEFAULTS: dict[str, Any] = {
     "text_field": "text",
     "eval_fraction": 0.01,
     "split_seed": 0,
+    "teacher_dtype": "auto",
 }
 _ONLINE_ONLY = (*ONLINE_DEFAULTS, "limit_tokens")
 
@@ -316,8 +317,19 @@ class TrainConfig:
     # ---------------------------------------------------------------- runtime
     dtype: str = opt(
         "auto",
-        help="compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 "
-        "(autocast; master weights stay fp32)",
+        help="the student's weights, trained, checkpointed and saved to OUT/final in this dtype (the computation "
+        "too): auto (the dtype its config.json declares: bf16 stays bf16; fp32, fp16 or none: fp32), fp32 or bf16",
+        choices=DTYPES,
+        group="model",
+    )
+    master_weights: bool = opt(
+        False,
+        help="with bf16 weights (--dtype): train fp32 master weights and AdamW state (checkpoints hold them, so a "
+        "resume is exact), compute in bf16 under autocast, and save OUT/final in bf16; no effect with fp32",
+        group="model",
+    )
+    teacher_dtype: str | None = opt(
+        help="online mode: the teacher's dtype: auto (the dtype its config.json declares; default), fp32 or bf16",
         choices=DTYPES,
         group="model",
     )
@@ -339,8 +351,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(
         1,
         help="complete checkpoints kept in OUT/checkpoints (each holds the weights and the optimizer state, "
-        "about 3x the fp32 final model): the newest N; 0 removes them once the run has finished and written "
-        "OUT/final (at least one is kept while training, to resume from), and the run can then not be extended",
+        "about 3x the final model; 6x with --master-weights): the newest N; 0 removes them once the run has "
+        "finished and written OUT/final (at least one is kept while training, to resume from), and the run can "
+        "then not be extended",
         lo=0,
         group="output",
     )
@@ -486,15 +499,6 @@ class TrainConfig:
         if self.warmup_ratio is not None:
             return round(self.warmup_ratio * total_steps)
         return self.warmup_steps
-
-    def autocast_dtype(self, device_type: str) -> Any:
-        """The ``torch.autocast`` dtype for ``device_type`` (``"cuda"``/``"cpu"``), or None for fp32 (no
-        autocast). ``auto`` is bf16 on CUDA and fp32 elsewhere (CPU bf16 autocast is slow and unhelpful)."""
-        import torch
-
-        if self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda"):
-            return torch.bfloat16
-        return None
 
     # ---------------------------------------------------------------- (de)serialisation
 

@@ -42,7 +42,7 @@ from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.batch import Batch
 from selkd.trainer.config import TrainConfig
-from selkd.trainer.metrics import MetricsLog, StepStats, log
+from selkd.trainer.metrics import WINDOW_KEYS, MetricsLog, StepStats, log
 from selkd.trainer.run_dir import CONFIG_FILE, RunDir, describe_kept
 from selkd.trainer.setup import (
     Data,
@@ -52,6 +52,7 @@ from selkd.trainer.setup import (
     check_resume,
     check_student_fits,
     claim_out,
+    resolve_precision,
     restore,
     seed_everything,
     setup_data,
@@ -95,14 +96,15 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
 
     # --- the student and its data: the cache (offline) or the teacher in the loop (online) ----------
     tokenizer, reader = setup_tokenizer(cfg)  # checked against the cache's before any weights load
-    model = setup_student(cfg, device)
+    precision = resolve_precision(cfg)  # --dtype auto: the checkpoint's
+    model = setup_student(cfg, device, precision.weights)
     data = setup_data(cfg, dist_info, tokenizer, reader)
     check_student_fits(cfg, data, vocab_size(model))
 
     # --- the objective, the wrapped student, optimizer and schedule -----------------------------------
     objective = setup_objective(cfg, data.temperature)
     student = wrap_student(model, cfg, dist_info, tokenizer, data.doc_attention)  # checks the selective head first
-    opt = setup_optimizer(cfg, model, data.batches_per_epoch)
+    opt = setup_optimizer(cfg, model, data.batches_per_epoch, precision)
     state = RankState.start(cfg, dist_info, objective, data)
 
     # --- resume: weights, optimizer, schedule, data cursor, RNG, policy and logging window --------------
@@ -127,7 +129,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
         if state.step % cfg.log_every == 0 or state.step == opt.total:
             last = _log_window(state, opt, dist_info, t_start, metrics, bar)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < opt.total:
-            _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, f"step {state.step}: eval")
+            _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, precision.autocast)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < opt.total:
             _save(cfg, model, opt, data, state)
     bar.close()
@@ -136,8 +138,10 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: RunDir | None, t_st
     # --- the end: evaluate, checkpoint, save the final student ------------------------------------------
     ev: dict[str, float] = {}
     if state.step > start_step:
-        ev = _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, "final eval:")
+        ev = _evaluate(student, data, objective, cfg, dist_info, state.step, metrics, precision.autocast, final=True)
         _save(cfg, model, opt, data, state)
+    if precision.final != precision.weights:  # --master-weights: the fp32 weights trained, OUT/final is bf16
+        model.to(precision.final)
     final_dir = ckpt.save_final(out, model, tokenizer)
     metrics.close()
     elapsed = time.time() - t_start
@@ -161,19 +165,24 @@ def step(
     cfg: TrainConfig,
     dist_info: D.DistInfo,
 ) -> StepStats:
-    """One optimizer step: ``--grad-accum`` micro-batches (forward, the non-finite loss check, backward),
-    clipping, the optimizer and the scheduler. Returns this rank's statistics; the losses stay on the
-    device (the non-finite check, which must stop the run at the step that failed, is the only host sync
-    here)."""
+    """One optimizer step: ``--grad-accum`` micro-batches (forward, backward), the non-finite loss check,
+    clipping, the optimizer and the scheduler. Returns this rank's statistics, still on the device.
+
+    Host syncs: one per optimizer step, the non-finite check (:func:`_check_finite`), read after the last
+    backward and before clipping. A non-finite loss of any micro-batch on any rank therefore stops the run
+    at the step it happened, naming the step and the micro-batch's sequences, before its gradients reach
+    the weights or the optimizer state (and before any checkpoint of that step). Losses, counts and the
+    gradient norm are read only when a logging window is written (:meth:`Window.read`)."""
     device = dist_info.device
-    autocast_dtype = cfg.autocast_dtype(device.type)
+    autocast_dtype = opt.precision.autocast
     ddp = isinstance(student, nn.parallel.DistributedDataParallel)
-    losses = torch.zeros(3, dtype=torch.float64, device=device)
-    selected = valid = tokens = 0
+    sums = torch.zeros(len(WINDOW_KEYS), dtype=torch.float64, device=device)
+    micro_losses = torch.zeros(cfg.grad_accum, dtype=torch.float32, device=device)
+    seq_ids: list[torch.Tensor] = []  # each micro-batch's sequence ids, on the host (read only to report a failure)
     opt.optimizer.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
         batch = next(batches)
-        tokens += batch.num_tokens  # counted on the host, before the copy
+        seq_ids.append(batch.seq_index)
         batch = batch.to(device, non_blocking=True)
         sync = micro == cfg.grad_accum - 1 or not ddp
         with (
@@ -188,29 +197,38 @@ def step(
                 generator=state.generator,
                 doc_start=batch.doc_start,
             )
-            _check_finite(res.loss, batch, state.step + 1, dist_info)
             (res.loss / cfg.grad_accum).backward()
-        losses += torch.stack([res.loss.detach(), res.kd, res.ce]).double() / cfg.grad_accum
-        selected += res.n_selected
-        valid += res.n_valid
+        micro_losses[micro] = res.loss.detach()
+        means = torch.stack([res.loss.detach(), res.kd, res.ce]).double() / cfg.grad_accum
+        counts = torch.stack([res.n_selected, res.n_valid, batch.attention_mask.sum()]).double()
+        sums += torch.cat([means, counts])
+    _check_finite(micro_losses, seq_ids, state.step + 1, dist_info)
     params = [p for group in opt.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     full_norm = getattr(grad_norm, "full_tensor", None)  # FSDP2: a DTensor
     grad_norm = full_norm() if callable(full_norm) else grad_norm
     opt.optimizer.step()
     opt.scheduler.step()
-    return StepStats(losses, selected, valid, tokens, grad_norm)
+    return StepStats(sums, grad_norm)
 
 
-def _check_finite(loss: torch.Tensor, batch: Batch, at: int, dist_info: D.DistInfo) -> None:
-    """Stop at the first non-finite loss on any rank, naming step ``at`` and this rank's sequences."""
-    bad = (~torch.isfinite(loss.detach())).float()
-    if (D.all_reduce_sum(bad) if dist_info.distributed else bad).item() > 0:
-        where = f"batch sequence ids {batch.seq_index.tolist()}" if bad.item() else "on another rank (see its message)"
-        raise TrainError(
-            f"non-finite loss ({loss.item()}) at step {at}; {where}; lower --lr or check "
-            "these sequences of the cache and the student's weights"
-        )
+def _check_finite(losses: torch.Tensor, seq_ids: list[torch.Tensor], at: int, dist_info: D.DistInfo) -> None:
+    """Stop at the first non-finite loss on any rank, naming step ``at`` and this rank's sequences.
+    ``losses``: [grad_accum] this rank's micro-batch losses of the step (on the device); ``seq_ids``: each
+    micro-batch's sequence ids (host). The flags of every micro-batch (and, under torchrun, every rank: one
+    small all-reduce) are summed on the device, so the step's one host read is a single number."""
+    bad = (~torch.isfinite(losses)).float()
+    total = bad.sum()
+    if (D.all_reduce_sum(total) if dist_info.distributed else total).item() == 0:
+        return
+    flags = bad.tolist()  # the run stops: reads cost nothing any more
+    if not any(flags):
+        raise TrainError(f"non-finite loss at step {at} on another rank (see its message); lower --lr")
+    micro = flags.index(1.0)
+    raise TrainError(
+        f"non-finite loss ({losses[micro].item()}) at step {at}; batch sequence ids {seq_ids[micro].tolist()}; "
+        "lower --lr or check these sequences of the cache and the student's weights"
+    )
 
 
 # --------------------------------------------------------------------------- the loop's helpers
@@ -291,7 +309,8 @@ def _log_start(
     n_params = sum(p.numel() for p in model.parameters())
     ranks = f", {dist_info.world_size} ranks" if dist_info.distributed else ""
     log(
-        f"student {cfg.student or cfg.student_config} ({n_params / 1e6:.2f}M params, vocab {vocab_size(model):,}); "
+        f"student {cfg.student or cfg.student_config} ({n_params / 1e6:.2f}M params, vocab {vocab_size(model):,}, "
+        f"{opt.precision.describe()}); "
         f"targets {data.mode} at temperature {data.temperature:g}; {opt.steps_per_epoch} steps per epoch; "
         f"{opt.total} steps; device {dist_info.device}{ranks}"
     )
@@ -318,17 +337,16 @@ def _log_window(
     """Write the logging window's row (global values: losses averaged over ranks, counts summed; a
     collective) and start the next window. Returns the row."""
     window = state.window
-    sums = window.global_sums()
+    sums = window.read()
     dt = max(time.time() - window.started, 1e-9)
     n = max(window.steps, 1) * dist_info.world_size
-    assert window.grad_norm is not None
     row = {
         "step": state.step,
         "loss": sums["loss"] / n,
         "kd": sums["kd"] / n,
         "ce": sums["ce"] / n,
         "lr": opt.scheduler.get_last_lr()[0],
-        "grad_norm": float(window.grad_norm),
+        "grad_norm": sums["grad_norm"],
         "selected_fraction": sums["selected"] / max(1, sums["valid"]),
         "tokens_per_s": sums["tokens"] / dt,
         "step_time_s": dt / max(window.steps, 1),
@@ -351,18 +369,21 @@ def _evaluate(
     dist_info: D.DistInfo,
     at: int,
     metrics: MetricsLog,
-    label: str,
+    autocast: torch.dtype | None,
+    final: bool = False,
 ) -> dict[str, float]:
     """Held-out statistics of the student at step ``at`` (every rank computes them: FSDP needs all
-    ranks), written as an eval row and logged after ``label``. Returns them ({} without a held-out split)."""
+    ranks), computed under ``autocast`` as the training step is, written as an eval row and logged (as
+    the ``final`` one, or step ``at``'s). Returns them ({} without a held-out split)."""
     if data.eval_source is None:
         return {}
     rewind(data.eval_source)
     inner = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     device = dist_info.device
-    ev = evaluate(inner, data.eval_source, objective, device, cfg.autocast_dtype(device.type), cfg.eval_batches)
+    ev = evaluate(inner, data.eval_source, objective, device, autocast, cfg.eval_batches)
     if ev:
         metrics.write({"step": at, "eval": True, **ev})
+        label = "final eval:" if final else f"step {at}: eval"
         log(f"{label} {eval_summary(ev)}", dist_info.is_main)
     return ev
 

@@ -43,53 +43,49 @@ def log(msg: str, main: bool = True) -> None:
 
 
 class StepStats(NamedTuple):
-    """One optimizer step's statistics on this rank."""
+    """One optimizer step's statistics on this rank, on the device (the step reads none of them)."""
 
-    losses: torch.Tensor  # [3] float64 on the device: loss, kd, ce, each the mean over the micro-batches
-    selected: int  # positions distilled
-    valid: int  # positions with a target
-    tokens: int  # real (non-padding) tokens
-    grad_norm: torch.Tensor  # scalar on the device: the gradient norm before clipping
+    sums: torch.Tensor  # [len(WINDOW_KEYS)] float64: loss, kd, ce (means over the micro-batches), the counts (sums)
+    grad_norm: torch.Tensor  # scalar: the gradient norm before clipping
 
 
 class Window:
-    """The sums of one logging window on this rank. The losses stay on the device until a row is
-    written (no host sync per step); the counts are host numbers already."""
+    """The sums of one logging window on this rank. They stay on the device until a row is written: a
+    step adds its :class:`StepStats` without a host sync, and :meth:`read` takes them all (and the last
+    gradient norm) to the host in one read per logging step."""
 
     def __init__(self, device: torch.device | None = None) -> None:
-        self.losses = torch.zeros(3, dtype=torch.float64, device=device)
-        self.counts = [0.0, 0.0, 0.0]  # selected, valid, tokens
+        self.sums = torch.zeros(len(WINDOW_KEYS), dtype=torch.float64, device=device)
         self.steps = 0.0
         self.grad_norm: torch.Tensor | None = None  # the last step's
         self.started = time.time()
 
     def add(self, stats: StepStats) -> None:
-        self.losses += stats.losses
-        self.counts = [c + n for c, n in zip(self.counts, (stats.selected, stats.valid, stats.tokens))]
+        self.sums += stats.sums
         self.steps += 1
         self.grad_norm = stats.grad_norm
 
     def reset(self) -> None:
         """Start the next window (now)."""
-        self.losses.zero_()
-        self.counts = [0.0, 0.0, 0.0]
+        self.sums.zero_()
         self.steps = 0.0
         self.started = time.time()
 
-    def global_sums(self) -> dict[str, float]:
-        """{WINDOW_KEYS: sum over ranks} (a collective under a process group)."""
-        device = self.losses.device
-        local = torch.cat([self.losses, torch.tensor(self.counts, dtype=torch.float64, device=device)])
-        return dict(zip(WINDOW_KEYS, D.all_reduce_sum(local).tolist()))
+    def read(self) -> dict[str, float]:
+        """{WINDOW_KEYS: sum over ranks, "grad_norm": the last step's}: a collective under a process group,
+        and the window's one host read."""
+        assert self.grad_norm is not None, "read() before any step"
+        norm = self.grad_norm.detach().reshape(1).to(torch.float64)
+        values = torch.cat([D.all_reduce_sum(self.sums), norm]).tolist()
+        return dict(zip((*WINDOW_KEYS, "grad_norm"), values))
 
     def state_dict(self) -> dict[str, float]:
         """The checkpoint's form: {WINDOW_KEYS and "steps": float}."""
-        return {**dict(zip(WINDOW_KEYS, [*self.losses.tolist(), *self.counts])), "steps": self.steps}
+        return {**dict(zip(WINDOW_KEYS, self.sums.tolist())), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = [float(state[k]) for k in WINDOW_KEYS]
-        self.losses = torch.tensor(values[:3], dtype=torch.float64, device=self.losses.device)
-        self.counts = values[3:]
+        self.sums = torch.tensor(values, dtype=torch.float64, device=self.sums.device)
         self.steps = float(state["steps"])
 
 

@@ -2,10 +2,11 @@
 
 In the order :func:`selkd.trainer.loop.train` calls them: :func:`claim_out` and :func:`check_resume`
 (``--out``: a checkpoint there must come from the same config), :func:`setup_tokenizer` (checked
-against the cache's before any weights load), :func:`setup_student`, :func:`setup_data` (the cache, or
-the teacher in the loop) and :func:`check_student_fits`, :func:`setup_objective`,
-:func:`setup_optimizer` (AdamW and the LR schedule), :class:`RankState` (what each rank carries from
-step to step) and :func:`restore` (everything a checkpoint holds).
+against the cache's before any weights load), :func:`resolve_precision` (the dtypes) and
+:func:`setup_student`, :func:`setup_data` (the cache, or the teacher in the loop) and
+:func:`check_student_fits`, :func:`setup_objective`, :func:`setup_optimizer` (AdamW and the LR
+schedule), :class:`RankState` (what each rank carries from step to step) and :func:`restore`
+(everything a checkpoint holds).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from selkd.cache.errors import SelkdError
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
 from selkd.cache.teacher import (
+    DTYPE_NAMES,
     load_causal_lm,
     load_tokenizer,
     num_classes,
@@ -54,6 +56,7 @@ __all__ = [
     "PROBE_TEXT",
     "Data",
     "Optimization",
+    "Precision",
     "RankState",
     "Resume",
     "TrainError",
@@ -61,6 +64,7 @@ __all__ = [
     "check_student_fits",
     "claim_out",
     "lr_lambda",
+    "resolve_precision",
     "restore",
     "seed_everything",
     "setup_data",
@@ -190,16 +194,62 @@ def setup_tokenizer(cfg: TrainConfig) -> tuple[Any, CacheReader | None]:
     return tokenizer, reader
 
 
-def setup_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The student in float32 and training mode: ``--student`` weights, or ``--student-config`` at random
-    (initialised from the global torch RNG, so after the seeds are set)."""
+class Precision(NamedTuple):
+    """The student's dtypes, resolved once from ``--dtype`` and ``--master-weights``."""
+
+    weights: torch.dtype  # its parameters, so also AdamW's state and the checkpoints' weights
+    autocast: torch.dtype | None  # the compute dtype under torch.autocast; None: the weights' own
+    final: torch.dtype  # OUT/final's weights (and its config.json's dtype)
+
+    def describe(self) -> str:
+        """For the start-up log line, e.g. ``bfloat16 weights``."""
+        name = {d: str(d).removeprefix("torch.") for d in (self.weights, self.autocast, self.final)}
+        if self.autocast is None:
+            return f"{name[self.weights]} weights"
+        return f"{name[self.weights]} master weights, {name[self.autocast]} compute, {name[self.final]} OUT/final"
+
+
+def checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype a model's config.json declares (``dtype``, or ``torch_dtype`` as transformers before 4.56
+    wrote it); None when it declares none, one selkd does not know, or the config cannot be read (the
+    model's loader then says what is wrong with ``source``, in one line)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPE_NAMES.get(str(declared).removeprefix("torch."))
+
+
+def resolve_precision(cfg: TrainConfig) -> Precision:
+    """``--dtype`` (``auto``: the checkpoint's, bf16 when it declares bf16 and fp32 otherwise, an fp16
+    checkpoint included: fp16 training needs loss scaling, which the trainer does not do). With
+    ``--master-weights`` and bf16, the weights and AdamW's state are fp32 (checkpoints hold them, so a
+    resume is exact), the computation bf16 under autocast, and only OUT/final is bf16."""
+    if cfg.dtype != "auto":
+        chosen = DTYPE_NAMES[cfg.dtype]
+    else:
+        declared = checkpoint_dtype(cfg.student or cfg.student_config, cfg.trust_remote_code)  # type: ignore[arg-type]
+        chosen = torch.bfloat16 if declared == torch.bfloat16 else torch.float32
+    if cfg.master_weights and chosen != torch.float32:
+        return Precision(torch.float32, chosen, chosen)
+    return Precision(chosen, None, chosen)
+
+
+def setup_student(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The student in ``dtype`` (:attr:`Precision.weights`) and training mode: ``--student`` weights, or
+    ``--student-config`` at random (initialised in float32 from the global torch RNG, so after the seeds
+    are set, then cast)."""
     if cfg.student is not None:
-        model = load_causal_lm(cfg.student, device, torch.float32, cfg.trust_remote_code, frozen=False)
+        model = load_causal_lm(cfg.student, device, dtype, cfg.trust_remote_code, frozen=False)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(cfg.student_config, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code).to(device)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        model = model.to(device=device, dtype=dtype)
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -282,8 +332,9 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(tokenizer):
         student_src = cfg.student or cfg.student_config
         raise TrainError(f"the student's tokenizer ({student_src}) differs from the teacher's ({cfg.teacher})")
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = load_causal_lm(cfg.teacher, device, teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
+    assert cfg.teacher is not None and cfg.teacher_dtype is not None
+    teacher_dtype = DTYPE_NAMES.get(cfg.teacher_dtype) or checkpoint_dtype(cfg.teacher, cfg.trust_remote_code)
+    teacher = load_causal_lm(cfg.teacher, device, teacher_dtype or torch.float32, cfg.trust_remote_code)
     classes = num_classes(teacher_tok)
     if vocab_size(teacher) < classes:
         raise TrainError(
@@ -417,9 +468,10 @@ class Optimization:
     schedule: Callable[[int], float]  # the scheduler's multiplier of step index (lr_lambda)
     total: int  # optimizer steps of the whole run
     steps_per_epoch: int  # optimizer steps per epoch (after --grad-accum)
+    precision: Precision  # the weights' dtype (the optimizer's state follows it) and the compute dtype
 
 
-def setup_optimizer(cfg: TrainConfig, model: nn.Module, batches_per_epoch: int) -> Optimization:
+def setup_optimizer(cfg: TrainConfig, model: nn.Module, batches_per_epoch: int, precision: Precision) -> Optimization:
     """AdamW over the student's parameters and the warm-up + decay schedule over the run's steps."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -432,7 +484,7 @@ def setup_optimizer(cfg: TrainConfig, model: nn.Module, batches_per_epoch: int) 
     total = cfg.total_steps(steps_per_epoch)
     schedule = lr_lambda(total, cfg.resolved_warmup_steps(total), cfg.schedule, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return Optimization(optimizer, scheduler, schedule, total, steps_per_epoch)
+    return Optimization(optimizer, scheduler, schedule, total, steps_per_epoch, precision)
 
 
 # --------------------------------------------------------------------------- per-rank state and restore

@@ -75,8 +75,8 @@ class StepOutput:
     ce: torch.Tensor  # scalar (detached), 0 when ce_weight == 0
     per_position: torch.Tensor  # [B, L] float32 KD value at selected positions (detached), 0 elsewhere
     selected: torch.Tensor  # [B, L] bool
-    n_selected: int
-    n_valid: int
+    n_selected: torch.Tensor  # scalar int64 on the device: positions distilled (read by the loop at log steps only)
+    n_valid: torch.Tensor  # scalar int64 on the device: positions with a target
 
 
 @dataclass
@@ -197,9 +197,7 @@ class SelectiveStudent(nn.Module):
         if obj.ce_weight > 0:
             ce = self._ce(head, hidden, logits, labels, valid, mask, obj)
         loss = obj.kd_weight * obj.kd_scale * kd + obj.ce_weight * ce  # ce is 0 when its weight is
-        return StepOutput(
-            loss, kd.detach(), ce.detach(), per_position.detach(), mask, int(mask.sum()), int(valid.sum())
-        )
+        return StepOutput(loss, kd.detach(), ce.detach(), per_position.detach(), mask, mask.sum(), valid.sum())
 
     def _select(
         self,
