@@ -283,7 +283,13 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         student_src = cfg.student or cfg.student_config
         raise TrainError(f"the student's tokenizer ({student_src}) differs from the teacher's ({cfg.teacher})")
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = load_causal_lm(cfg.teacher, device, teacher_dtype, cfg.trust_remote_code)  # type: ignore[arg-type]
+    teacher = load_causal_lm(
+        cfg.teacher,  # type: ignore[arg-type]
+        device,
+        teacher_dtype,
+        cfg.trust_remote_code,
+        device_map=cfg.teacher_device_map,
+    )
     classes = num_classes(teacher_tok)
     if vocab_size(teacher) < classes:
         raise TrainError(
