@@ -220,7 +220,7 @@ class TeacherHead:
             self.transform, self.head = logits_transform(model), lm_head(model)
         except ValueError:
             self.transform, self.head = None, None  # the forward's own logits, whole
-        vocab = self.head.weight.shape[0] if self.head is not None else model.config.get_text_config().vocab_size
+        vocab = int(model.config.get_text_config().vocab_size)  # the head's rows: only sizes the chunk
         self.chunk = chunk or max(1, min(_MAX_CHUNK, HEAD_CHUNK_BYTES // (4 * vocab)))
         self.input_device = input_device(model)
         self.device = _module_device(self.head) if self.head is not None else self.input_device
