@@ -174,7 +174,7 @@ class BuildConfig:
     head_chunk_tokens: int | None = opt(
         help="positions per chunk of the teacher's LM head: its [chunk, V] float32 outputs (and the class "
         "selection's temporaries of that size) are what the teacher needs beyond its activations (default: "
-        "a 32 MiB buffer, at most 256 positions: 55 at V = 151,936)",
+        "a 32 MiB buffer, at most 256 positions: 55 at V = 151,936); on a GPU, sample:N draws depend on it",
         lo=1,
         group="model",
     )
