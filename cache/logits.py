@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "HEAD_CHUNK_BYTES",
     "SoftmaxEntropy",
     "TeacherHead",
     "Transform",
@@ -63,11 +62,6 @@ _UNSUPPORTED = {
 # Below this (relative to a row's largest logit) exp() is 0 in float32 anyway; flooring there keeps
 # masked (-inf) classes from turning 0 * -inf into NaN in the entropy's dot product.
 _LOGIT_FLOOR = -1e4
-# Default memory budget of one chunk of head outputs ([chunk, V] float32): 32 MiB is 55 positions at
-# V = 151,936 and 256 (the cap) at V = 32,768; below glibc's largest mmap threshold, so the selection's
-# [chunk, V] temporaries are reused heap memory instead of fresh pages (page faults) every chunk.
-HEAD_CHUNK_BYTES = 32 << 20
-_MAX_CHUNK = 256
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -214,14 +208,13 @@ class TeacherHead:
     ``device``: where logits come out, so where class selection runs and its generator lives.
     """
 
-    def __init__(self, model: nn.Module, chunk: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk: int) -> None:
         self.model = model
         try:
             self.transform, self.head = logits_transform(model), lm_head(model)
         except ValueError:
             self.transform, self.head = None, None  # the forward's own logits, whole
-        vocab = int(model.config.get_text_config().vocab_size)  # the head's rows: only sizes the chunk
-        self.chunk = chunk or max(1, min(_MAX_CHUNK, HEAD_CHUNK_BYTES // (4 * vocab)))
+        self.chunk = chunk  # positions per head matmul (--head-chunk-tokens)
         self.input_device = input_device(model)
         self.device = _module_device(self.head) if self.head is not None else self.input_device
         self._out: torch.Tensor | None = None
