@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from selkd.cache import __version__
 from selkd.cache import format as fmt
-from selkd.cache.classes import ClassSpec, teacher_outputs
+from selkd.cache.classes import ClassSpec, head_outputs
 from selkd.cache.config import SETTINGS_BEFORE_OPTION, SETTINGS_KEYS, BuildConfig
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs, check_separates
 from selkd.cache.errors import SelkdError
 from selkd.cache.leases import LeasedPartWriter, PartLeases, log, run_leased
+from selkd.cache.logits import TeacherHead
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheError, header_classes, read_header
 from selkd.cache.scoring import (
@@ -250,6 +251,7 @@ class _Build:
     device: torch.device
     dtype: torch.dtype
     teacher: Any  # the teacher causal LM, frozen
+    head: TeacherHead  # the teacher run as decoder, then head a chunk of positions at a time
     classes: int  # C = num_classes(tokenizer): the teacher's logit columns >= C are padding
     corpus: Packing  # the packed sequences of the token store
     is_eval: np.ndarray  # [n_sequences] bool: the held-out split
@@ -312,7 +314,9 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
     device = builder_device(cfg)
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    teacher = load_causal_lm(cfg.teacher, device, dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_causal_lm(
+        cfg.teacher, device, dtype, trust_remote_code=cfg.trust_remote_code, device_map=cfg.teacher_device_map
+    )
     vocab, classes = vocab_size(teacher), num_classes(tokenizer)
     if classes > vocab:
         raise BuildError(
@@ -338,8 +342,23 @@ def _setup(cfg: BuildConfig, argv: Sequence[str] | None, rank: int, world: int, 
     _agree_header(storage, existing, header, tokenizer, rank, world)
     leases = PartLeases(storage, cfg.lease_ttl)
     seqs_per_part = max(1, cfg.part_tokens // cfg.max_seq_len)
+    head = TeacherHead(teacher, cfg.head_chunk_tokens)
     return _Build(
-        cfg, spec, rank, world, t0, storage, device, dtype, teacher, classes, corpus, is_eval, leases, seqs_per_part
+        cfg,
+        spec,
+        rank,
+        world,
+        t0,
+        storage,
+        device,
+        dtype,
+        teacher,
+        head,
+        classes,
+        corpus,
+        is_eval,
+        leases,
+        seqs_per_part,
     )
 
 
@@ -559,7 +578,7 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
     cfg, corpus, spec = ctx.cfg, ctx.corpus, ctx.spec
     name, split = plan.parts[i]["name"], plan.parts[i]["split"]
     writer = LeasedPartWriter(ctx.storage, ctx.leases, name, split, spec.mode, spec.k, ctx.classes)
-    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + i)
+    gen = torch.Generator(device=ctx.head.device).manual_seed(cfg.seed * 1_000_003 + i)
     overlap = _Overlap()
     skipped = 0
     try:
@@ -574,17 +593,17 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
             if not keep:
                 continue
             b, seqs, doc, masks = b[keep], [seqs[r] for r in keep], [doc[r] for r in keep], [masks[r] for r in keep]
-            x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.device)
-            starts = torch.from_numpy(np.stack(doc)).to(ctx.device)
+            x = torch.from_numpy(np.stack(seqs).astype(np.int64)).to(ctx.head.input_device)
+            starts = torch.from_numpy(np.stack(doc)).to(ctx.head.input_device)
             with torch.no_grad():
-                logits = ctx.teacher(input_ids=x, **attention_inputs(starts, None, cfg.doc_attention)).logits[:, :-1]
+                hidden = ctx.head.decode(x, **attention_inputs(starts, None, cfg.doc_attention))[:, :-1]
             nxt = x[:, 1:]
 
-            def encode(writer=writer, b=b, seqs=seqs, doc=doc, masks=masks, logits=logits, nxt=nxt, gen=gen) -> None:
-                # row by row: logits[r] is a contiguous [L - 1, V] view, where flattening the batch
-                # would copy all [B, L - 1, V] logits first
+            def encode(writer=writer, b=b, seqs=seqs, doc=doc, masks=masks, hidden=hidden, nxt=nxt, gen=gen) -> None:
+                # row by row, and in each row a chunk of positions at a time through the head's one buffer
                 for r in range(len(b)):
-                    out = teacher_outputs(logits[r], nxt[r], spec, cfg.temperature, gen, classes=ctx.classes)
+                    with torch.no_grad():
+                        out = head_outputs(ctx.head, hidden[r], nxt[r], spec, cfg.temperature, gen, ctx.classes)
                     writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out, [masks[r]])
 
             overlap.submit(encode)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selkd.cache.logits import softmax_entropy
+from selkd.cache.logits import TeacherHead, softmax_entropy
 from selkd.cache.modes import ClassSpec
 from selkd.cache.targets import SparseTargets
 
@@ -130,6 +130,36 @@ def teacher_outputs(
     ]
     if not parts:
         parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator, c)]
+    return _joined(parts)
+
+
+def head_outputs(
+    head: TeacherHead,
+    hidden: torch.Tensor,
+    next_ids: torch.Tensor,
+    spec: ClassSpec,
+    temperature: float,
+    generator: torch.Generator | None,
+    classes: int,
+) -> TeacherOutputs:
+    """:func:`teacher_outputs` of one sequence from its final hidden states, a chunk of positions at a
+    time through ``head`` (its reused [chunk, V] buffer), so its [T, V] logits never exist at once.
+
+    hidden: [T, H] from ``head.decode`` (one sequence, the predicting positions); next_ids: [T] int64.
+    Returns targets with leading shape [T] on ``head.device``; the same as :func:`teacher_outputs` of the
+    model's logits (to float32 rounding of the head's matmul) when ``head.chunk`` is its ``chunk``."""
+    next_ids = next_ids.to(head.device)
+    parts = [
+        _chunk_outputs(logits, next_ids[s : s + logits.shape[0]], spec, temperature, generator, classes)
+        for s, logits in head.chunks(hidden)
+    ]
+    if not parts:  # no positions: empty targets of the right width
+        return teacher_outputs(hidden.new_empty((0, classes)), next_ids, spec, temperature, generator)
+    return _joined(parts)
+
+
+def _joined(parts: list[TeacherOutputs]) -> TeacherOutputs:
+    """Outputs of consecutive position ranges as one."""
     return TeacherOutputs(
         SparseTargets.concat([p.targets for p in parts]),
         torch.cat([p.entropy for p in parts]),

@@ -15,6 +15,17 @@ LOSS_ON = ("assistant", "all")
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
+def valid_device_map(text: str) -> str | None:
+    """``--teacher-device-map``'s check (build and online training): None, or what is wrong."""
+    from selkd.cache.teacher import parse_device_map
+
+    try:
+        parse_device_map(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _valid_classes(text: str) -> str | None:
     try:
         ClassSpec.parse(text)
@@ -22,6 +33,12 @@ def _valid_classes(text: str) -> str | None:
         return str(err).split(": ", 1)[-1]
     return None
 
+
+TEACHER_DEVICE_MAP_HELP = (
+    "spread the teacher's layers over this node's GPUs with accelerate (a teacher larger than one GPU): auto, "
+    "balanced, balanced_low_0, sequential, or a JSON object of module name -> GPU index, cpu or disk; run one "
+    "process per node with it (default: the whole teacher on --device)"
+)
 
 _DATA_HELP = (
     "corpus: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs (local or fsspec URLs such as "
@@ -154,6 +171,18 @@ class BuildConfig:
     )
     dtype: str = opt("auto", help="teacher dtype: auto (bf16 on GPU, fp32 on CPU)", choices=DTYPES, group="model")
     batch_size: int = opt(8, help="sequences per teacher forward pass", lo=1, group="model")
+    teacher_device_map: str | None = opt(
+        help=TEACHER_DEVICE_MAP_HELP, metavar="MAP", validate=valid_device_map, group="model"
+    )
+    # Fewer positions per head matmul re-read the [V, H] head weight more often: 55 ran the CPU build at half speed.
+    head_chunk_tokens: int = opt(
+        256,
+        help="positions per chunk of the teacher's LM head: its [chunk, V] logits (float32: 155 MiB at 256 x "
+        "151,936) and the class selection's temporaries of that size are what the teacher needs beyond its "
+        "activations, whatever the batch and sequence length; on a GPU, sample:N draws depend on it",
+        lo=1,
+        group="model",
+    )
     doc_attention: bool = opt(
         True,
         help="each packed document attends only to itself (position ids restart per document); "

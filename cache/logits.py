@@ -10,12 +10,14 @@ trainer distils are chosen by one number:
 * :func:`logits_transform`: what a few architectures do to ``lm_head(h)`` inside their forward
   (Gemma-2-style final soft-capping, Granite's ``logits_scaling`` division, Cohere's ``logit_scale``
   multiplication); architectures known to do something else are refused;
-* :func:`softmax_entropy`: softmax, log-normaliser and entropy in one fused pass.
+* :func:`softmax_entropy`: softmax, log-normaliser and entropy in one fused pass;
+* :class:`TeacherHead`: the builder's (and an online teacher's) head, applied a chunk of positions at a
+  time into one reused buffer on the head's device, so that the teacher's ``[B, L, V]`` logits never exist.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -23,9 +25,11 @@ from torch import nn
 
 __all__ = [
     "SoftmaxEntropy",
+    "TeacherHead",
     "Transform",
     "apply_head",
     "hidden_states",
+    "input_device",
     "lm_head",
     "logits_transform",
     "softmax_entropy",
@@ -169,3 +173,69 @@ def softmax_entropy(logits: torch.Tensor) -> SoftmaxEntropy:
     log_z = z.log().squeeze(-1)
     entropy = (log_z - torch.linalg.vecdot(p, shifted)).clamp_(min=0)
     return SoftmaxEntropy(p, m.squeeze(-1) + log_z, entropy)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a module computes: accelerate's execution device when a device map placed it (its weights
+    may be offloaded to the CPU or disk, with ``meta`` placeholders), else its first parameter's device."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids go: its input embedding's device (under a device map, the device the
+    embedding runs on, though its weights may be offloaded)."""
+    return _module_device(model.get_input_embeddings())
+
+
+class TeacherHead:
+    """A frozen causal LM run as decoder, then head a chunk of positions at a time.
+
+    ``decode`` gives the final hidden states [B, L, H]; ``chunks`` turns a sequence's [T, H] hidden states
+    into logits [c, V] (c <= ``chunk`` positions) written into one buffer that is reused for every chunk
+    and batch (``torch.mm(..., out=)``), with the model's post-head transform applied. The buffer is
+    overwritten by the next chunk: use each chunk before asking for the next. Models whose post-head
+    transform :func:`logits_transform` does not replicate, or that have no output embeddings, run their
+    whole forward instead (``decode`` returns the logits, ``chunks`` slices them).
+
+    ``input_device``: where the token ids go (the embedding's device, also under a device map);
+    ``device``: where logits come out, so where class selection runs and its generator lives.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int) -> None:
+        self.model = model
+        try:
+            self.transform, self.head = logits_transform(model), lm_head(model)
+        except ValueError:
+            self.transform, self.head = None, None  # the forward's own logits, whole
+        self.chunk = chunk  # positions per head matmul (--head-chunk-tokens)
+        self.input_device = input_device(model)
+        self.device = _module_device(self.head) if self.head is not None else self.input_device
+        self._out: torch.Tensor | None = None
+
+    def decode(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """[B, L] ids -> [B, L, H] final hidden states ([B, L, V] logits for a whole-forward model)."""
+        if self.head is None:
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
+        return hidden_states(self.model, input_ids, **kwargs)
+
+    def chunks(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, logits [c, V] of positions start .. start + c - 1) for hidden [T, H] (from ``decode``)."""
+        for s in range(0, hidden.shape[0], self.chunk):
+            h = hidden[s : s + self.chunk]
+            yield s, h if self.head is None else self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = getattr(self.head, "weight", None)
+        if type(self.head) is not nn.Linear or self.head.bias is not None or w is None or w.device.type == "meta":
+            return apply_head(self.head, h.to(self.device), self.transform)  # type: ignore[arg-type]
+        if self._out is None or self._out.dtype != w.dtype:
+            self._out = torch.empty((self.chunk, w.shape[0]), dtype=w.dtype, device=w.device)
+        logits = torch.mm(h.to(w.device), w.t(), out=self._out[: h.shape[0]])
+        return self.transform(logits) if self.transform is not None else logits

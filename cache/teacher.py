@@ -16,9 +16,13 @@ added tokens, the EOS id), :func:`config_hash` covers the architecture hyperpara
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
+import shutil
 import socket
+import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +52,7 @@ __all__ = [
     "config_hash",
     "load_causal_lm",
     "load_tokenizer",
+    "parse_device_map",
     "resolve_device",
     "resolve_dtype",
     "same_tokenizer",
@@ -110,6 +115,39 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     if name not in DTYPE_NAMES:
         raise ModelError(f"unknown dtype {dtype!r}; use 'auto' or one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
+
+
+# accelerate's named placements: every layer on some GPU, in proportion to free memory ("auto",
+# "balanced"), GPU 0 kept light ("balanced_low_0"), or filled in order ("sequential").
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str) -> str | dict[str, Any]:
+    """``--teacher-device-map``: one of :data:`DEVICE_MAP_NAMES`, or a JSON object mapping module names
+    to a GPU index, ``"cpu"`` or ``"disk"`` (``{"model.layers.0": 0, ..., "lm_head": 1}``). ValueError
+    with the reason otherwise."""
+    text = text.strip()
+    if not text.startswith("{"):
+        if text not in DEVICE_MAP_NAMES:
+            raise ValueError(f"{text!r} is not one of {', '.join(DEVICE_MAP_NAMES)} nor a JSON object")
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, str)) for v in value.values()):
+        raise ValueError("a JSON device map maps module names to a GPU index, 'cpu' or 'disk'")
+    return value
+
+
+def _device_map_kwargs(device_map: str) -> dict[str, Any]:
+    """from_pretrained's arguments that spread a model over devices with accelerate: offloaded weights
+    go to a temporary folder (removed with the model), never into the model's directory."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelError(
+            "--teacher-device-map needs the accelerate package; install it with pip install 'selkd[multigpu]'"
+        )
+    return {"device_map": parse_device_map(device_map), "offload_folder": tempfile.mkdtemp(prefix="selkd-offload-")}
 
 
 # ----------------------------------------------------------------------------- locating a model
@@ -366,9 +404,12 @@ def load_causal_lm(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     frozen: bool = True,
+    device_map: str | None = None,
 ) -> PreTrainedModel:
     """Load a decoder-only LM onto ``device`` in ``dtype`` (both resolved by :func:`resolve_device` and
-    :func:`resolve_dtype`).
+    :func:`resolve_dtype`), or, with ``device_map`` (:func:`parse_device_map`), its layers spread over
+    the devices accelerate's map names (a teacher larger than one GPU); ``device`` then only picks the
+    dtype.
 
     ``frozen=True`` (teachers) sets eval mode and turns gradients off, so the teacher neither stores
     activations for backward nor gets updated by mistake; students pass ``frozen=False`` and get the
@@ -402,24 +443,40 @@ def load_causal_lm(
     _check_causal(config, source, trust_remote_code)
 
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust_remote_code, **_dtype_kwarg(dt)}
+    if device_map is None:
+        model = _load_weights(source, local, config, kwargs).to(dev)
+    else:
+        kwargs.update(_device_map_kwargs(device_map))
+        folder = kwargs["offload_folder"]
+        try:
+            model = _load_weights(source, local, config, kwargs)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def _load_weights(source: str, local: bool, config: PretrainedConfig, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """from_pretrained with ``kwargs``, its failures as ModelError lines naming ``source``."""
     try:
         if local:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        else:
-            model = _from_hub(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
-    except ValueError as e:
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return _from_hub(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a map naming a GPU this machine lacks
+        if "device_map" in kwargs:
+            raise ModelError(f"could not place {source} with --teacher-device-map: {_first_line(e)}") from e
+        if isinstance(e, RuntimeError):
+            raise
         raise _not_causal(source, config.model_type, _first_line(e)) from e
     except OSError as e:
         raise ModelError(
             f"could not load the weights in {source}: {_first_line(e)}; the directory needs the "
             "*.safetensors (or pytorch_model.bin) files that save_pretrained writes"
         ) from e
-
-    model = model.to(dev)
-    if frozen:
-        model.eval()
-        model.requires_grad_(False)
-    return model
 
 
 def vocab_size(model: PreTrainedModel) -> int:

@@ -312,6 +312,9 @@ def base_args(teacher: Path, data: Path | str, out: Path) -> list[str]:
         (["--sample-ratio", "0"], "--sample-ratio must be > 0"),
         (["--sample-ratio", "1.5"], "--sample-ratio must be <= 1"),
         (["--sample-ratio", "0.5"], "needs --student"),
+        (["--teacher-device-map", "everywhere"], "--teacher-device-map"),
+        (["--teacher-device-map", "{not json"], "not valid JSON"),
+        (["--head-chunk-tokens", "0"], "--head-chunk-tokens must be >= 1"),
     ],
 )
 def test_bad_options(tmp_path, tiny_teacher_dir, text_corpus_dir, capsys, extra, needle):

@@ -135,6 +135,7 @@ def test_file_unknown_key_and_bad_type(tmp_path: Path) -> None:
         (["--warmup-steps", "5", "--warmup-ratio", "0.1"], r"--warmup-steps or --warmup-ratio"),
         (["--select-policy", "none"], r"--select-policy none keeps every position"),
         (["--classes", "topk:4"], r"--classes: online-mode option"),
+        (["--teacher-device-map", "auto"], r"--teacher-device-map: online-mode option"),
         (["--data", "x.jsonl"], r"--data is for online mode"),
         (["--tokens", "t"], r"--tokens is for online mode"),
         (["--teacher", "t"], r"--cache .* or --teacher .*both were given"),

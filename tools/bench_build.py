@@ -20,6 +20,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,36 @@ def bare_forward(model: torch.nn.Module, seqs: np.ndarray, batch: int, device: t
             x = torch.from_numpy(seqs[s : s + batch].astype(np.int64)).to(device)
             model(input_ids=x).logits.float().sum().item()  # .item(): wait for the device like the build does
     return time.perf_counter() - start
+
+
+class PeakRss:
+    """The process's resident memory above what it held on entry, at its highest (sampled every 2 ms from
+    /proc/self/statm: Linux only; 0 elsewhere): what a build needs beyond the loaded teacher."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+        except OSError:
+            return 0
+
+    def _watch(self) -> None:
+        base = self._rss()
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss() - base)
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,28 +129,31 @@ def main(argv: list[str] | None = None) -> int:
         bare_forward(teacher, full[: args.batch_size], args.batch_size, device)  # warm-up
         rows = []
         for classes, separate in [(c, d) for c in args.classes for d in doc_attention]:
-            bare = bare_forward(teacher, full, args.batch_size, device)
+            with PeakRss() as bare_mem:
+                bare = bare_forward(teacher, full, args.batch_size, device)
             out = work / f"cache-{classes.replace(':', '-')}"
-            res = build_cache(
-                BuildConfig(
-                    teacher=str(teacher_dir),
-                    data=[str(work / "corpus.jsonl")],
-                    out=str(out),
-                    classes=classes,
-                    max_seq_len=args.seq_len,
-                    limit_tokens=args.tokens,
-                    eval_fraction=0.0,
-                    batch_size=args.batch_size,
-                    device=str(device),
-                    dtype=args.dtype,
-                    doc_attention=separate,
-                    progress=False,
+            with PeakRss() as build_mem:
+                res = build_cache(
+                    BuildConfig(
+                        teacher=str(teacher_dir),
+                        data=[str(work / "corpus.jsonl")],
+                        out=str(out),
+                        classes=classes,
+                        max_seq_len=args.seq_len,
+                        limit_tokens=args.tokens,
+                        eval_fraction=0.0,
+                        batch_size=args.batch_size,
+                        device=str(device),
+                        dtype=args.dtype,
+                        doc_attention=separate,
+                        progress=False,
+                    )
                 )
-            )
             positions = res.positions
             # the build also runs the short last sequence; scale the bare time to the same positions
             bare_scaled = bare * positions / (len(full) * (args.seq_len - 1))
-            rows.append((classes, separate, bare_scaled, res.teacher_seconds, positions, res.bytes_written))
+            mem = (bare_mem.peak, build_mem.peak)
+            rows.append((classes, separate, bare_scaled, res.teacher_seconds, positions, res.bytes_written, mem))
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -131,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"machine: {name} ({device.type}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
     print(f"command: `python {' '.join(sys.argv)}`; {docs_per_seq:.2f} documents (or pieces) per sequence\n")
-    print("| classes | doc attention | bare forward pos/s | build pos/s | build / bare | bytes / position |")
-    print("|---|---|---|---|---|---|")
-    for classes, separate, bare, built, positions, nbytes in rows:
+    print(
+        "| classes | doc attention | bare forward pos/s | build pos/s | build / bare | bytes / position "
+        "| peak RSS added: bare / build (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for classes, separate, bare, built, positions, nbytes, (bare_mb, build_mb) in rows:
         print(
             f"| {classes} | {'on' if separate else 'off'} | {positions / bare:,.0f} | {positions / built:,.0f} | "
-            f"{bare / built:.2f}x | {nbytes / positions:.1f} |"
+            f"{bare / built:.2f}x | {nbytes / positions:.1f} | {bare_mb / 2**20:,.0f} / {build_mb / 2**20:,.0f} |"
         )
     return 0
 

@@ -225,6 +225,25 @@ does not apply and the metric is the cross-entropy, `eval_kl_plus_teacher_entrop
    root summary (or run `selkd-cache finalize`). A killed builder is resumed by rerunning the same
    command: committed parts are skipped. (`--data` instead of `--tokens` tokenizes into
    `STORE/tokens` first, split over the builders the same way.)
+
+   **A teacher larger than one GPU** (a 70B teacher): run **one builder per node** with
+   `--teacher-device-map auto` (needs `pip install 'selkd[multigpu]'`, i.e. accelerate): its layers are
+   spread over the node's GPUs, the token ids go to the first layer's GPU and the class selection runs
+   on the GPU that holds the LM head. A teacher that fits one GPU is faster as one builder per GPU
+   without a map (every GPU works at once instead of in turn):
+
+   ```
+   torchrun --nnodes 4 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+       -m selkd.cache build --teacher Qwen/Qwen2.5-72B --teacher-device-map auto \\
+       --tokens s3://bucket/tokens/corpus-qwen3 --out s3://bucket/caches/qwen72b-s50 --classes sample:50
+   ```
+
+   `balanced_low_0` keeps GPU 0 light, and a JSON object (`'{{"model.embed_tokens": 0, ...,
+   "lm_head": 7}}'`) places modules by hand (`"cpu"` and `"disk"` offload them; disk offload goes to a
+   temporary folder, never into the model's directory). Online training takes the same
+   `--teacher-device-map`. The teacher's LM head always runs `--head-chunk-tokens` positions at a time
+   into one reused buffer, so long sequences do not need the `[B, L, V]` logits (bf16 at B = 8,
+   L = 4,096, V = 151,936: 10 GB) on any GPU.
 3. **Check it**: `selkd-cache info s3://bucket/caches/qwen3-8b-s50` and `selkd-cache verify ...`.
 4. **Train on student nodes** (DDP; `--fsdp` shards students that do not fit one GPU; rank 0 logs
    and writes checkpoints to `--out`, which must be on storage rank 0 can write; with `--fsdp` every

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from selkd.cache.config import LOSS_ON
+from selkd.cache.config import LOSS_ON, TEACHER_DEVICE_MAP_HELP, valid_device_map
 from selkd.cache.modes import ClassSpec
 from selkd.cache.options import (
     ConfigError,
@@ -86,12 +86,13 @@ ONLINE_DEFAULTS: dict[str, Any] = {
     "split_seed": 0,
     "teacher_dtype": "auto",
 }
-_ONLINE_ONLY = (*ONLINE_DEFAULTS, "limit_tokens")
+_ONLINE_ONLY = (*ONLINE_DEFAULTS, "limit_tokens", "teacher_device_map")
 
 # Options that may change between a run and its resumption: they do not change what is learned
 # (logging, evaluation cadence, I/O, memory knobs, where things live) or, for steps/epochs, extend the
 # run (see steps_raised). Everything else must match the checkpoint's config exactly.
 RESUME_MUTABLE: tuple[str, ...] = (
+    "teacher_device_map",
     "steps",
     "epochs",
     "progress",
@@ -147,6 +148,9 @@ class TrainConfig:
     )
     teacher: str | None = opt(
         help="teacher model run during training (online mode, with --data)", metavar="MODEL", group="model"
+    )
+    teacher_device_map: str | None = opt(
+        help=f"online mode: {TEACHER_DEVICE_MAP_HELP}", metavar="MAP", validate=valid_device_map, group="model"
     )
     data: list[str] = opt(
         [],

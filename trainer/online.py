@@ -16,6 +16,7 @@ from selkd.cache.classes import teacher_outputs
 from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
+from selkd.cache.logits import input_device
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
 from selkd.cache.tokens import Packing
@@ -37,7 +38,7 @@ class OnlineTeacher:
     ) -> None:
         self.model, self.spec, self.temperature, self.classes = model, spec, temperature, classes
         self.doc_attention = doc_attention  # each packed document attends only to itself
-        device = next(model.parameters()).device
+        device = input_device(model)  # under --teacher-device-map, where its forward takes ids and gives logits
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.device = device
 

@@ -334,7 +334,9 @@ def _online_data(cfg: TrainConfig, dist_info: D.DistInfo, tokenizer: Any, pad_id
         raise TrainError(f"the student's tokenizer ({student_src}) differs from the teacher's ({cfg.teacher})")
     assert cfg.teacher is not None and cfg.teacher_dtype is not None
     teacher_dtype = DTYPE_NAMES.get(cfg.teacher_dtype) or checkpoint_dtype(cfg.teacher, cfg.trust_remote_code)
-    teacher = load_causal_lm(cfg.teacher, device, teacher_dtype or torch.float32, cfg.trust_remote_code)
+    teacher = load_causal_lm(
+        cfg.teacher, device, teacher_dtype or torch.float32, cfg.trust_remote_code, device_map=cfg.teacher_device_map
+    )
     classes = num_classes(teacher_tok)
     if vocab_size(teacher) < classes:
         raise TrainError(
