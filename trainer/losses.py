@@ -223,7 +223,9 @@ def _full_fkl_rows(
     student's extra columns) and the returned scale [c] is ``s / T``, 0 at a padded position (the
     teacher has no finite log-prob), so that backward is one multiply. Returns (values [c] float32, 0 at a
     padded position; scale [c] float32)."""
-    logq = _student_logq(z, temperature)  # [c, V] fp32: the only V-wide temporary
+    zt = z.float() if temperature == 1.0 else z.float() / temperature
+    into = grad is not None and grad.dtype == torch.float32  # fp32 logits: the log-softmax is made in place of
+    logq = torch.log_softmax(zt, -1, out=grad) if into else torch.log_softmax(zt, -1)  # its gradient, no copy
     has = t_lp > _NEG_INF
     lp = torch.where(has, t_lp.float(), 0.0)
     p = torch.where(has, lp.exp(), 0.0)  # [c, C]
@@ -234,7 +236,8 @@ def _full_fkl_rows(
     if grad is not None:
         q = logq.exp_()  # in place: logq is not needed any more
         q[:, : t_lp.shape[1]] -= p.div_(mass.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-1))
-        grad.copy_(q)
+        if not into:
+            grad.copy_(q)  # into the logits' dtype
     return values, torch.where(valid, mass / temperature, 0.0)
 
 
