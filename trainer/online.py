@@ -78,9 +78,10 @@ class OnlineTeacher:
         self, logits: torch.Tensor, next_ids: torch.Tensor
     ) -> tuple[SparseTargets, torch.Tensor, torch.Tensor]:
         """One sequence's (targets [n], entropy [n], next-token log-prob [n]) from its teacher logits [n, V]
-        and next tokens [n], CHUNK positions at a time, as the cache build makes them (row by row, so the
-        draws of ``sample:N`` match); the padding mass a build records is not made. Takes the logits chunk
-        by chunk: a teacher that makes them so can pass each chunk here."""
+        and next tokens [n], CHUNK positions at a time, row by row as the cache build makes them; the
+        padding mass a build records is not made. Each chunk goes through
+        :func:`~selkd.cache.classes.class_outputs` alone, so a teacher head that makes its logits chunk by
+        chunk can hand each chunk to it instead of slicing them here."""
         width = logits.shape[-1] if self.classes is None else self.classes
         spec, temperature, gen = self.spec, self.temperature, self.generator
         parts = [
