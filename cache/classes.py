@@ -82,6 +82,29 @@ def padding_mass(logits: torch.Tensor, real_lse: torch.Tensor, classes: int) -> 
     return torch.sigmoid(pad.logsumexp(-1) - real_lse)
 
 
+def class_outputs(
+    logits: torch.Tensor,
+    next_ids: torch.Tensor,
+    spec: ClassSpec,
+    temperature: float,
+    generator: torch.Generator | None,
+    classes: int,
+) -> tuple[SparseTargets, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's targets, entropy and next-token log-prob (as :class:`TeacherOutputs` holds them, without
+    the padding mass): teacher logits [c, V] (a chunk of positions, any float dtype; ``classes`` <= V
+    real ones) and next_ids [c] -> (targets [c], entropy [c], next_logprob [c], the log-normaliser of the
+    C real logits [c]). One fused softmax pass gives the entropy and the normaliser, which the codec
+    reuses; a caller that makes logits chunk by chunk (online training) calls this per chunk."""
+    x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
+    p1, lse, entropy = softmax_entropy(x)  # one fused pass
+    next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
+    codec = spec.codec
+    probs = p1 if codec.uses_probs and temperature == 1.0 else None
+    del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
+    reuse = {"lse": lse} if codec.uses_lse else {}
+    return codec.select(x, temperature, spec.k, generator, probs, **reuse), entropy, next_lp, lse
+
+
 def _chunk_outputs(
     logits: torch.Tensor,
     next_ids: torch.Tensor,
@@ -90,14 +113,8 @@ def _chunk_outputs(
     generator: torch.Generator | None,
     classes: int,
 ) -> TeacherOutputs:
-    x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
-    p1, lse, entropy = softmax_entropy(x)  # one fused pass
-    next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
-    pad = padding_mass(logits, lse, classes)
-    codec = spec.codec
-    probs = p1 if codec.uses_probs and temperature == 1.0 else None
-    del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
-    return TeacherOutputs(codec.select(x, temperature, spec.k, generator, probs), entropy, next_lp, pad)
+    targets, entropy, next_lp, lse = class_outputs(logits, next_ids, spec, temperature, generator, classes)
+    return TeacherOutputs(targets, entropy, next_lp, padding_mass(logits, lse, classes))
 
 
 def teacher_outputs(

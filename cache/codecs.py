@@ -86,6 +86,7 @@ class TargetCodec:
     tail: bool = False  # they carry tail_logmass
     draws: bool = False  # their probabilities are draw counts / num_draws
     uses_probs: bool = False  # select() takes the teacher's probabilities at temperature 1 when T = 1
+    uses_lse: bool = False  # select() takes the log-normaliser of the logits at temperature 1 (``lse``)
 
     @property
     def mode(self) -> TargetMode:
@@ -103,9 +104,11 @@ class TargetCodec:
         k: int,
         generator: torch.Generator | None,
         probs: torch.Tensor | None,
+        lse: torch.Tensor | None = None,
     ) -> SparseTargets:
         """Targets [T] from fp32 logits ``x`` [T, V] at ``temperature``; ``probs``: softmax(x) [T, V] when
-        ``uses_probs`` and the temperature is 1 (so it is not computed twice), else None."""
+        ``uses_probs`` and the temperature is 1 (so it is not computed twice), else None; ``lse``: [T] the
+        log-normaliser of ``x`` at temperature 1, passed only to a codec with ``uses_lse``."""
         raise NotImplementedError
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
@@ -307,6 +310,7 @@ class FullCodec(TargetCodec):
     name = "full"
     arrays = (ArraySpec("class_logprobs", "float16", "target", "vocab"),)
     ids = False
+    uses_lse = True
 
     def select(
         self,
@@ -315,7 +319,10 @@ class FullCodec(TargetCodec):
         k: int,
         generator: torch.Generator | None,
         probs: torch.Tensor | None,
+        lse: torch.Tensor | None = None,
     ) -> SparseTargets:
+        if lse is not None and temperature == 1.0:  # the normaliser is known: one pass, not a second softmax
+            return _from_tensors(self.name, None, x - lse.unsqueeze(-1))
         return _from_tensors(self.name, None, _log_softmax(x, temperature))
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:

@@ -371,3 +371,64 @@ def test_masked_and_sequence_means() -> None:
 def test_module_exports() -> None:
     for name in losses.__all__:
         assert hasattr(losses, name)
+
+
+# --------------------------------------------------------------------------- full KD's fused forward KL
+
+
+def _brute_full_fkl(z: torch.Tensor, t_lp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The formula before the fused path, per position: log_softmax, then sum over the C target classes
+    of p (log p - log q) with 0 log 0 = 0, and 0 at positions whose teacher has no finite log-prob."""
+    logq = torch.log_softmax(z.float() / temperature, dim=-1)[:, : t_lp.shape[1]]
+    has = t_lp > float("-inf")
+    per = torch.where(has, t_lp.exp() * (torch.where(has, t_lp, 0.0) - torch.where(has, logq, 0.0)), 0.0)
+    return torch.where(has.any(-1), per.sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("wrap", ["plain", "chunked", "chunked+checkpoint"])
+def test_full_fkl_matches_brute_force_per_position(temperature: float, wrap: str) -> None:
+    """Full KD's forward KL (gradient made in forward, never recomputed) equals the brute-force formula at
+    every position, values and gradients: a student head wider than the targets (V > C), a padded
+    position (teacher all -inf), a class the teacher gives 0, and a masked (-inf) student column there."""
+    n, c, v = 9, 12, 15
+    t_lp = torch.log_softmax(_teacher(n=n, v=c, seed=40), -1)
+    t_lp[3] = float("-inf")  # a padded position: 0, no gradient
+    t_lp[5, 7] = float("-inf")  # the teacher gives class 7 no mass here...
+    z = _teacher(n=n, v=v, seed=41)
+    z[5, 7] = float("-inf")  # ...and the student masks it: 0 log 0, not NaN
+    z[:, c:] -= 3.0  # the student's extra (padded) columns
+    targets = SparseTargets("full", None, t_lp)
+    fn = {"plain": fkl, "chunked": chunked(fkl, 4), "chunked+checkpoint": chunked(fkl, 4, checkpoint=True)}[wrap]
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out = fn(z1, targets, temperature=temperature)
+    ref = _brute_full_fkl(z2, t_lp, temperature)
+    assert torch.allclose(out, ref, atol=1e-6) and out[3] == 0
+    weights = torch.linspace(0.5, 2.0, n)  # a per-position upstream gradient, as sequence_mean gives
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.isfinite(z1.grad).all() and (z1.grad[3] == 0).all()
+    assert torch.allclose(z1.grad, z2.grad, atol=1e-6)
+
+
+def test_full_fkl_keeps_no_log_softmax_graph() -> None:
+    """Full KD is not recomputed in backward: the chunked loss's autograd node is the fused one (its
+    gradient was made in forward), not a checkpoint that would run the divergence again."""
+    targets = _targets(_teacher(n=8, v=10, seed=42), "full")
+    z = _teacher(n=8, v=10, seed=43).requires_grad_(True)
+    out = chunked(fkl, 3, checkpoint=True)(z, targets)
+    assert type(out.grad_fn).__name__ == "_FullForwardKLBackward"
+    with torch.no_grad():  # evaluation: no gradient buffer, same values
+        assert torch.allclose(chunked(fkl, 3)(z, targets), out.detach(), atol=1e-6)
+
+
+def test_full_fkl_gradient_in_the_logits_dtype() -> None:
+    """bf16 logits (autocast on GPU): the kept gradient is bf16 (as much memory as the logits) and equals
+    the fp32 one to bf16 precision."""
+    targets = _targets(_teacher(n=6, v=32, seed=44), "full")
+    z32 = _teacher(n=6, v=32, seed=45).requires_grad_(True)
+    z16 = z32.detach().bfloat16().requires_grad_(True)
+    fkl(z32, targets).sum().backward()
+    fkl(z16, targets).sum().backward()
+    assert z16.grad.dtype == torch.bfloat16
+    assert torch.allclose(z16.grad.float(), z32.grad, atol=1e-2)

@@ -230,6 +230,30 @@ def test_online_targets_are_the_cache_targets_over_real_classes(caches: dict, he
             torch.testing.assert_close(g.targets.logprobs, s.targets.logprobs, atol=0.01, rtol=0)
 
 
+def test_online_full_targets_equal_the_brute_force_formula_per_position(heads: dict) -> None:
+    """Online full targets (one fused softmax pass per chunk, the normaliser reused, row by row) equal the
+    plain formula at every position: log_softmax over the C real classes, its entropy and the next
+    token's log-prob; a sequence longer than a chunk (two chunks joined) and a short one (one chunk)."""
+    from selkd.trainer import online
+
+    model = load_causal_lm(str(heads["teacher-big"]), torch.device("cpu"), torch.float32)
+    live = OnlineTeacher(model, ClassSpec.parse("full"), 1.0, classes=C, doc_attention=False)
+    g = np.random.default_rng(0)
+    seqs = [g.integers(0, C, n).astype(np.int32) for n in (online.CHUNK + 45, 40)]
+    starts = [np.eye(1, len(x), dtype=np.bool_)[0] for x in seqs]
+    got = live.sequences(seqs, np.arange(2), starts)
+    for x, s in zip(seqs, got, strict=True):
+        ids = torch.from_numpy(x.astype(np.int64))[None]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1, :C].double(), -1)
+        torch.testing.assert_close(s.targets.logprobs.double(), lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.from_numpy(s.teacher_entropy).double(), -(lp.exp() * lp).sum(-1), atol=1e-5, rtol=0
+        )
+        want = lp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.from_numpy(s.teacher_logprob).double(), want, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- old caches, losses
 
 

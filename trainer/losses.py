@@ -199,6 +199,8 @@ def fkl(
     ``topk_renormalize`` applies to topk targets only (a no-op for full; an error for sample).
     """
     _check(student_logits, targets)
+    if targets.mode == "full":
+        return _full_fkl(student_logits, targets.logprobs, temperature, max(student_logits.shape[0], 1))
     logq = _student_logq(student_logits, temperature)
     t_lp = targets.logprobs.float()
     if targets.mode == "sample":
@@ -206,11 +208,69 @@ def fkl(
             raise ValueError("topk_renormalize applies to topk targets, not sample targets")
         assert targets.ids is not None
         values = _kl_buckets(t_lp, logq.gather(-1, targets.ids))
-    elif targets.mode == "topk":
-        values = _kl_buckets(*_topk_buckets(logq, targets, topk_renormalize))
     else:
-        values = _kl_buckets(t_lp, logq[:, : targets.num_classes])
+        values = _kl_buckets(*_topk_buckets(logq, targets, topk_renormalize))
     return _finish(values, targets)
+
+
+def _full_fkl_rows(
+    z: torch.Tensor, t_lp: torch.Tensor, temperature: float, grad: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p || q) of ``c`` rows against full targets, and its gradient's row scale. z: [c, V]; t_lp: [c, C].
+
+    ``d KL / d z = (s q - p) / T`` with ``s = sum p`` (1 up to the float16 rounding of a stored target;
+    exact for any s): when ``grad`` [c, V] is given, ``q - p / s`` is written there (p is 0 on the
+    student's extra columns) and the returned scale [c] is ``s / T``, 0 at a padded position (the
+    teacher has no finite log-prob), so that backward is one multiply. Returns (values [c] float32, 0 at a
+    padded position; scale [c] float32)."""
+    zt = z.float() if temperature == 1.0 else z.float() / temperature
+    into = grad is not None and grad.dtype == torch.float32  # fp32 logits: the log-softmax is made in place of
+    logq = torch.log_softmax(zt, -1, out=grad) if into else torch.log_softmax(zt, -1)  # its gradient, no copy
+    has = t_lp > _NEG_INF
+    lp = torch.where(has, t_lp.float(), 0.0)
+    p = torch.where(has, lp.exp(), 0.0)  # [c, C]
+    lq = logq[:, : t_lp.shape[1]].masked_fill(~has, 0.0)  # a -inf student logit where p = 0 costs 0, not NaN
+    valid = has.any(-1)
+    values = torch.where(valid, torch.linalg.vecdot(p, lp - lq), 0.0)
+    mass = p.sum(-1)
+    if grad is not None:
+        q = logq.exp_()  # in place: logq is not needed any more
+        q[:, : t_lp.shape[1]] -= p.div_(mass.clamp_min(torch.finfo(p.dtype).tiny).unsqueeze(-1))
+        if not into:
+            grad.copy_(q)  # into the logits' dtype
+    return values, torch.where(valid, mass / temperature, 0.0)
+
+
+class _FullForwardKL(torch.autograd.Function):
+    """Forward KL against full targets that makes its gradient in the forward pass: the student's
+    log-softmax is taken once per chunk, and ``q - p / s`` is kept ([N, V], the logits' dtype) with a
+    row scale instead of the log-softmax's autograd graph (:func:`_full_fkl_rows`). Backward is one
+    multiply, nothing is recomputed; the price is one logits-sized tensor held until backward (see
+    :func:`chunked`)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, t_lp: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        grad = torch.empty_like(z)
+        rows = range(0, max(z.shape[0], 1), chunk)
+        parts = [_full_fkl_rows(z[s : s + chunk], t_lp[s : s + chunk], temperature, grad[s : s + chunk]) for s in rows]
+        values, scale = (torch.cat(x) for x in zip(*parts, strict=True))
+        ctx.save_for_backward(grad, scale)
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        grad, scale = ctx.saved_tensors
+        return grad * (g * scale).unsqueeze(-1).to(grad.dtype), None, None, None
+
+
+def _full_fkl(z: torch.Tensor, t_lp: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """Forward KL against full targets ``t_lp`` [N, C], ``chunk`` rows at a time. z: [N, V] -> [N] float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if torch.is_grad_enabled() and z.requires_grad:
+        return _FullForwardKL.apply(z, t_lp, temperature, chunk)
+    rows = range(0, max(z.shape[0], 1), chunk)
+    return torch.cat([_full_fkl_rows(z[s : s + chunk], t_lp[s : s + chunk], temperature, None)[0] for s in rows])
 
 
 def _reverse_buckets(
@@ -347,6 +407,12 @@ def _rows(x: Any, start: int, end: int) -> Any:
     return x
 
 
+def _makes_own_gradient(loss_fn: LossFn, args: tuple[Any, ...]) -> bool:
+    """Whether ``loss_fn(logits, *args)`` is forward KL on full targets, which :func:`chunked` hands to
+    :class:`_FullForwardKL` whole (it chunks itself and makes its gradient in forward)."""
+    return loss_fn is fkl and len(args) == 1 and isinstance(args[0], SparseTargets) and args[0].mode == "full"
+
+
 def chunked(loss_fn: LossFn, chunk: int, checkpoint: bool = False) -> LossFn:
     """Wrap a per-position function ``loss_fn(student_logits [N, V], other [N, ...], **kw) -> [N]``
     (a divergence, :func:`ce_per_position`, ...) so that it runs ``chunk`` rows at a time: each chunk
@@ -356,17 +422,29 @@ def chunked(loss_fn: LossFn, chunk: int, checkpoint: bool = False) -> LossFn:
 
     ``checkpoint=True`` also recomputes each chunk in backward (``torch.utils.checkpoint``), so the
     fp32 ``[N, V]`` temporaries are not kept alive for the backward pass either.
+
+    The one exception, the rule for where recomputing does not pay: forward KL on full targets (full KD:
+    every position's logits are there) is never checkpointed. It makes its gradient ``(q - p) / T`` in
+    the forward pass (:class:`_FullForwardKL`), one log-softmax per chunk and one multiply in backward,
+    instead of building the divergence twice; it holds one ``[N, V]`` tensor in the logits' dtype until
+    backward, as much as the logits themselves.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
 
     @functools.wraps(loss_fn)
     def run(student_logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if _makes_own_gradient(loss_fn, args):
+            _check(student_logits, args[0])
+            return _full_fkl(student_logits, args[0].logprobs, kwargs.get("temperature", 1.0), chunk)
         n = student_logits.shape[0]
         parts = []
-        for s in range(0, max(n, 1), chunk):
+        # one split node: its backward joins the chunks' gradients once (slicing would add a zero-filled
+        # [N, V] gradient per chunk)
+        pieces = student_logits.split(chunk) if n else (student_logits,)
+        for s, logits in zip(range(0, max(n, 1), chunk), pieces, strict=True):
             e = min(s + chunk, n)
-            piece = (_rows(student_logits, s, e), *(_rows(a, s, e) for a in args))
+            piece = (logits, *(_rows(a, s, e) for a in args))
             if checkpoint and torch.is_grad_enabled() and student_logits.requires_grad:
                 parts.append(_checkpoint(loss_fn, *piece, use_reentrant=False, **kwargs))
             else:

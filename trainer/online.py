@@ -12,15 +12,18 @@ import torch
 from torch import nn
 
 from selkd.cache import format as fmt
-from selkd.cache.classes import teacher_outputs
+from selkd.cache.classes import class_outputs
 from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.logits import input_device
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
+from selkd.cache.targets import SparseTargets
 from selkd.cache.tokens import Packing
 from selkd.trainer.batch import Batch, collate
+
+CHUNK = 256  # teacher positions per class-selection chunk, as the build's (``[CHUNK, C]`` fp32 temporaries)
 
 
 class OnlineTeacher:
@@ -58,28 +61,41 @@ class OnlineTeacher:
             rows = np.flatnonzero(lengths == length)
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
             starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
-            logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits[:, :-1]
-            res = teacher_outputs(
-                logits.reshape(-1, logits.shape[-1]),
-                x[:, 1:].reshape(-1),
-                self.spec,
-                self.temperature,
-                self.generator,
-                classes=self.classes,
-            )
-            n = int(length) - 1
-            for j, i in enumerate(rows):
-                sl = slice(j * n, (j + 1) * n)
+            logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits
+            for j, i in enumerate(rows):  # logits[j, :-1]: a contiguous [L - 1, V] view (flattening would copy)
+                targets, entropy, next_lp = self.row_targets(logits[j, :-1], x[j, 1:])
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
-                    teacher_entropy=res.entropy[sl].float().cpu().numpy(),
-                    teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
-                    targets=res.targets.select(sl).to("cpu"),  # float32, as the reader gives them
+                    teacher_entropy=entropy.float().cpu().numpy(),
+                    teacher_logprob=next_lp.float().cpu().numpy(),
+                    targets=targets.to("cpu"),  # float32, as the reader gives them
                     trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
+
+    def row_targets(
+        self, logits: torch.Tensor, next_ids: torch.Tensor
+    ) -> tuple[SparseTargets, torch.Tensor, torch.Tensor]:
+        """One sequence's (targets [n], entropy [n], next-token log-prob [n]) from its teacher logits [n, V]
+        and next tokens [n], CHUNK positions at a time, row by row as the cache build makes them; the
+        padding mass a build records is not made. Each chunk goes through
+        :func:`~selkd.cache.classes.class_outputs` alone, so a teacher head that makes its logits chunk by
+        chunk can hand each chunk to it instead of slicing them here."""
+        width = logits.shape[-1] if self.classes is None else self.classes
+        spec, temperature, gen = self.spec, self.temperature, self.generator
+        parts = [
+            class_outputs(logits[s : s + CHUNK], next_ids[s : s + CHUNK], spec, temperature, gen, width)
+            for s in range(0, max(logits.shape[0], 1), CHUNK)
+        ]
+        if len(parts) == 1:  # a sequence of at most CHUNK positions: no concatenation copy
+            return parts[0][:3]
+        return (
+            SparseTargets.concat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]),
+        )
 
 
 class OnlineStream:
