@@ -117,7 +117,7 @@ BUDGETS: dict[str, Budget] = {
         teacher=Shape(hidden=96, layers=3, heads=4, intermediate=256),
         student=Shape(hidden=64, layers=2, heads=2, intermediate=192),
         teacher_seconds=60.0,
-        base_seconds=45.0,
+        base_seconds=20.0,
         pretrain_batch=8,
         teacher_lr=3e-3,
         base_lr=3e-3,
