@@ -147,7 +147,17 @@ def _device_map_kwargs(device_map: str) -> dict[str, Any]:
         raise ModelError(
             "--teacher-device-map needs the accelerate package; install it with pip install 'selkd[multigpu]'"
         )
-    return {"device_map": parse_device_map(device_map), "offload_folder": tempfile.mkdtemp(prefix="selkd-offload-")}
+    parsed = parse_device_map(device_map)
+    gpus = torch.cuda.device_count()
+    missing = (
+        sorted({v for v in parsed.values() if isinstance(v, int) and v >= gpus}) if isinstance(parsed, dict) else []
+    )
+    if missing:
+        raise ModelError(
+            f"--teacher-device-map names GPU {', '.join(map(str, missing))} but this machine has {gpus}; "
+            "map the modules to the GPUs it has (0 .. N-1), 'cpu' or 'disk', or use auto"
+        )
+    return {"device_map": parsed, "offload_folder": tempfile.mkdtemp(prefix="selkd-offload-")}
 
 
 # ----------------------------------------------------------------------------- locating a model

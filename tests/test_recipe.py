@@ -58,6 +58,7 @@ def test_cluster_recipe_runs_as_written(
     names = {
         "verify ...": "verify s3://bucket/caches/qwen3-8b-s50",
         "Qwen/Qwen3-8B": str(tiny_teacher_dir),
+        "Qwen/Qwen3-235B-A22B": str(tiny_teacher_dir),
         "Qwen/Qwen3-1.7B": str(tiny_student_dir),
         "s3://bucket/": f"s3://{aws_env.bucket}/",
         "/shared/runs/sekd": str(tmp_path / "runs" / "sekd"),
@@ -67,6 +68,7 @@ def test_cluster_recipe_runs_as_written(
         ["selkd.cache", "prepare"],
         ["selkd-cache", "info"],
         ["selkd.cache", "build"],
+        ["selkd.cache", "build"],  # the teacher larger than one GPU, with --teacher-device-map auto
         ["selkd-cache", "info"],
         ["selkd-cache", "verify"],
         ["selkd.trainer", "--cache"],

@@ -226,16 +226,17 @@ does not apply and the metric is the cross-entropy, `eval_kl_plus_teacher_entrop
    command: committed parts are skipped. (`--data` instead of `--tokens` tokenizes into
    `STORE/tokens` first, split over the builders the same way.)
 
-   **A teacher larger than one GPU** (a 70B teacher): run **one builder per node** with
-   `--teacher-device-map auto` (needs `pip install 'selkd[multigpu]'`, i.e. accelerate): its layers are
-   spread over the node's GPUs, the token ids go to the first layer's GPU and the class selection runs
-   on the GPU that holds the LM head. A teacher that fits one GPU is faster as one builder per GPU
-   without a map (every GPU works at once instead of in turn):
+   **A teacher larger than one GPU** (Qwen3-235B-A22B, 470 GB in bf16, with the token store's
+   tokenizer): run **one builder per node** with `--teacher-device-map auto` (needs
+   `pip install 'selkd[multigpu]'`, i.e. accelerate): its layers are spread over the node's GPUs, the
+   token ids go to the first layer's GPU and the class selection runs on the GPU that holds the LM
+   head. A teacher that fits one GPU is faster as one builder per GPU without a map (every GPU works
+   at once instead of in turn):
 
    ```
    torchrun --nnodes 4 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-       -m selkd.cache build --teacher Qwen/Qwen2.5-72B --teacher-device-map auto \\
-       --tokens s3://bucket/tokens/corpus-qwen3 --out s3://bucket/caches/qwen72b-s50 --classes sample:50
+       -m selkd.cache build --teacher Qwen/Qwen3-235B-A22B --teacher-device-map auto \\
+       --tokens s3://bucket/tokens/corpus-qwen3 --out s3://bucket/caches/qwen3-235b-s50 --classes sample:50
    ```
 
    `balanced_low_0` keeps GPU 0 light, and a JSON object (`'{{"model.embed_tokens": 0, ...,
