@@ -72,6 +72,9 @@ def sample_counts(
     return ids[:, :u_max], counts[:, :u_max]
 
 
+CHUNK = 256  # positions per class-selection chunk when the logits exist whole ([CHUNK, C] fp32 temporaries)
+
+
 def padding_mass(logits: torch.Tensor, real_lse: torch.Tensor, classes: int) -> torch.Tensor:
     """Softmax mass (temperature 1) of the padded columns ``classes ..`` of ``logits`` [T, V], given the
     log-normaliser ``real_lse`` [T] of the real ones: ``sigmoid(lse_pad - lse_real)`` (exact, and 0
@@ -82,29 +85,6 @@ def padding_mass(logits: torch.Tensor, real_lse: torch.Tensor, classes: int) -> 
     return torch.sigmoid(pad.logsumexp(-1) - real_lse)
 
 
-def class_outputs(
-    logits: torch.Tensor,
-    next_ids: torch.Tensor,
-    spec: ClassSpec,
-    temperature: float,
-    generator: torch.Generator | None,
-    classes: int,
-) -> tuple[SparseTargets, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk's targets, entropy and next-token log-prob (as :class:`TeacherOutputs` holds them, without
-    the padding mass): teacher logits [c, V] (a chunk of positions, any float dtype; ``classes`` <= V
-    real ones) and next_ids [c] -> (targets [c], entropy [c], next_logprob [c], the log-normaliser of the
-    C real logits [c]). One fused softmax pass gives the entropy and the normaliser, which the codec
-    reuses; a caller that makes logits chunk by chunk (online training) calls this per chunk."""
-    x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
-    p1, lse, entropy = softmax_entropy(x)  # one fused pass
-    next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
-    codec = spec.codec
-    probs = p1 if codec.uses_probs and temperature == 1.0 else None
-    del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
-    reuse = {"lse": lse} if codec.uses_lse else {}
-    return codec.select(x, temperature, spec.k, generator, probs, **reuse), entropy, next_lp, lse
-
-
 def _chunk_outputs(
     logits: torch.Tensor,
     next_ids: torch.Tensor,
@@ -113,7 +93,16 @@ def _chunk_outputs(
     generator: torch.Generator | None,
     classes: int,
 ) -> TeacherOutputs:
-    targets, entropy, next_lp, lse = class_outputs(logits, next_ids, spec, temperature, generator, classes)
+    """One chunk's outputs from its teacher logits [c, V] (``classes`` <= V real ones) and next_ids [c]:
+    one fused softmax pass gives the entropy and the normaliser, which the codec and the padding mass reuse."""
+    x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
+    p1, lse, entropy = softmax_entropy(x)  # one fused pass
+    next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
+    codec = spec.codec
+    probs = p1 if codec.uses_probs and temperature == 1.0 else None
+    del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
+    reuse = {"lse": lse} if codec.uses_lse else {}
+    targets = codec.select(x, temperature, spec.k, generator, probs, **reuse)
     return TeacherOutputs(targets, entropy, next_lp, padding_mass(logits, lse, classes))
 
 
@@ -123,7 +112,7 @@ def teacher_outputs(
     spec: ClassSpec,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    chunk: int = 256,
+    chunk: int = CHUNK,
     classes: int | None = None,
 ) -> TeacherOutputs:
     """Class selection for T positions.
@@ -176,7 +165,9 @@ def head_outputs(
 
 
 def _joined(parts: list[TeacherOutputs]) -> TeacherOutputs:
-    """Outputs of consecutive position ranges as one."""
+    """Outputs of consecutive position ranges as one (a single range as it is: no concatenation copy)."""
+    if len(parts) == 1:
+        return parts[0]
     return TeacherOutputs(
         SparseTargets.concat([p.targets for p in parts]),
         torch.cat([p.entropy for p in parts]),

@@ -234,12 +234,12 @@ def test_online_full_targets_equal_the_brute_force_formula_per_position(heads: d
     """Online full targets (one fused softmax pass per chunk, the normaliser reused, row by row) equal the
     plain formula at every position: log_softmax over the C real classes, its entropy and the next
     token's log-prob; a sequence longer than a chunk (two chunks joined) and a short one (one chunk)."""
-    from selkd.trainer import online
+    from selkd.cache import classes
 
     model = load_causal_lm(str(heads["teacher-big"]), torch.device("cpu"), torch.float32)
     live = OnlineTeacher(model, ClassSpec.parse("full"), 1.0, classes=C, doc_attention=False)
     g = np.random.default_rng(0)
-    seqs = [g.integers(0, C, n).astype(np.int32) for n in (online.CHUNK + 45, 40)]
+    seqs = [g.integers(0, C, n).astype(np.int32) for n in (classes.CHUNK + 45, 40)]
     starts = [np.eye(1, len(x), dtype=np.bool_)[0] for x in seqs]
     got = live.sequences(seqs, np.arange(2), starts)
     for x, s in zip(seqs, got, strict=True):

@@ -12,18 +12,15 @@ import torch
 from torch import nn
 
 from selkd.cache import format as fmt
-from selkd.cache.classes import class_outputs
+from selkd.cache.classes import teacher_outputs
 from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.logits import input_device
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
-from selkd.cache.targets import SparseTargets
 from selkd.cache.tokens import Packing
 from selkd.trainer.batch import Batch, collate
-
-CHUNK = 256  # teacher positions per class-selection chunk, as the build's (``[CHUNK, C]`` fp32 temporaries)
 
 
 class OnlineTeacher:
@@ -63,39 +60,19 @@ class OnlineTeacher:
             starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
             logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits
             for j, i in enumerate(rows):  # logits[j, :-1]: a contiguous [L - 1, V] view (flattening would copy)
-                targets, entropy, next_lp = self.row_targets(logits[j, :-1], x[j, 1:])
+                res = teacher_outputs(
+                    logits[j, :-1], x[j, 1:], self.spec, self.temperature, self.generator, classes=self.classes
+                )
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
-                    teacher_entropy=entropy.float().cpu().numpy(),
-                    teacher_logprob=next_lp.float().cpu().numpy(),
-                    targets=targets.to("cpu"),  # float32, as the reader gives them
+                    teacher_entropy=res.entropy.float().cpu().numpy(),
+                    teacher_logprob=res.next_logprob.float().cpu().numpy(),
+                    targets=res.targets.to("cpu"),  # float32, as the reader gives them
                     trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
-
-    def row_targets(
-        self, logits: torch.Tensor, next_ids: torch.Tensor
-    ) -> tuple[SparseTargets, torch.Tensor, torch.Tensor]:
-        """One sequence's (targets [n], entropy [n], next-token log-prob [n]) from its teacher logits [n, V]
-        and next tokens [n], CHUNK positions at a time, row by row as the cache build makes them; the
-        padding mass a build records is not made. Each chunk goes through
-        :func:`~selkd.cache.classes.class_outputs` alone, so a teacher head that makes its logits chunk by
-        chunk can hand each chunk to it instead of slicing them here."""
-        width = logits.shape[-1] if self.classes is None else self.classes
-        spec, temperature, gen = self.spec, self.temperature, self.generator
-        parts = [
-            class_outputs(logits[s : s + CHUNK], next_ids[s : s + CHUNK], spec, temperature, gen, width)
-            for s in range(0, max(logits.shape[0], 1), CHUNK)
-        ]
-        if len(parts) == 1:  # a sequence of at most CHUNK positions: no concatenation copy
-            return parts[0][:3]
-        return (
-            SparseTargets.concat([p[0] for p in parts]),
-            torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]),
-        )
 
 
 class OnlineStream:
