@@ -600,11 +600,10 @@ def _write_part(ctx: _Build, plan: Plan, i: int, bar: tqdm, done: _TeacherPass) 
             nxt = x[:, 1:]
 
             def encode(writer=writer, b=b, seqs=seqs, doc=doc, masks=masks, hidden=hidden, nxt=nxt, gen=gen) -> None:
-                # row by row, and in each row a chunk of positions at a time through the head's one buffer
-                for r in range(len(b)):
-                    with torch.no_grad():
-                        out = head_outputs(ctx.head, hidden[r], nxt[r], spec, cfg.temperature, gen, ctx.classes)
-                    writer.add(b[r : r + 1], [seqs[r]], [doc[r]], out, [masks[r]])
+                # the batch's positions one sequence after another, a head chunk at a time through one buffer
+                with torch.no_grad():
+                    out = head_outputs(ctx.head, hidden, nxt.reshape(-1), spec, cfg.temperature, gen, ctx.classes)
+                writer.add(b, seqs, doc, out, masks)
 
             overlap.submit(encode)
             done.positions_run += int(nxt.numel())  # this thread only: the encode thread never counts

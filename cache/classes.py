@@ -13,6 +13,7 @@ are all of the teacher's distribution renormalised over the C real classes, and 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +76,37 @@ def sample_counts(
 CHUNK = 256  # positions per class-selection chunk when the logits exist whole ([CHUNK, C] fp32 temporaries)
 
 
-def padding_mass(logits: torch.Tensor, real_lse: torch.Tensor, classes: int) -> torch.Tensor:
+class _Scratch:
+    """Two float32 buffers of ``rows`` x ``width`` reused by every chunk of one call: the selection's
+    [chunk, C] temporaries (shifted logits, probabilities) and the padding mass's [chunk, V - C] one are
+    carved from them instead of being allocated per chunk (on a CPU every fresh allocation of that size
+    is new pages: about 600 page faults per position at V = 151,936)."""
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.rows, self.width = rows, width
+        self._flat = torch.empty(2 * rows * width, dtype=torch.float32, device=device)
+
+    def pair(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two contiguous [rows, cols] views (rows <= self.rows, cols <= self.width), disjoint."""
+        n = rows * cols
+        return self._flat[:n].view(rows, cols), self._flat[self.rows * self.width :][:n].view(rows, cols)
+
+
+def padding_mass(
+    logits: torch.Tensor, real_lse: torch.Tensor, classes: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax mass (temperature 1) of the padded columns ``classes ..`` of ``logits`` [T, V], given the
     log-normaliser ``real_lse`` [T] of the real ones: ``sigmoid(lse_pad - lse_real)`` (exact, and 0
-    when the padded logits are ``-inf`` or there are none). [T] float32."""
-    pad = logits[:, classes:].float()
+    when the padded logits are ``-inf`` or there are none). [T] float32. ``out``: a float32 [T, V - C]
+    scratch buffer (none allocated then)."""
+    pad = logits[:, classes:]
     if pad.shape[1] == 0:
         return torch.zeros_like(real_lse)
-    return torch.sigmoid(pad.logsumexp(-1) - real_lse)
+    m = pad.amax(-1, keepdim=True).float()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: exp gives 0, lse -inf
+    e = torch.sub(pad, m, out=out) if out is not None else pad.float() - m
+    lse_pad = e.exp_().sum(-1).log_() + m.squeeze(-1)
+    return torch.sigmoid(lse_pad - real_lse)
 
 
 def _chunk_outputs(
@@ -92,18 +116,23 @@ def _chunk_outputs(
     temperature: float,
     generator: torch.Generator | None,
     classes: int,
+    scratch: _Scratch | None = None,
 ) -> TeacherOutputs:
     """One chunk's outputs from its teacher logits [c, V] (``classes`` <= V real ones) and next_ids [c]:
-    one fused softmax pass gives the entropy and the normaliser, which the codec and the padding mass reuse."""
+    one fused softmax pass gives the entropy and the normaliser, which the codec and the padding mass
+    reuse; with ``scratch`` (rows >= c, width >= max(C, V - C)) no [c, V]-sized temporary is allocated
+    beyond what the codec returns."""
     x = logits[:, :classes].float()  # [chunk, C]: the padded columns never reach the codec
-    p1, lse, entropy = softmax_entropy(x)  # one fused pass
+    c = x.shape[0]
+    p1, lse, entropy = softmax_entropy(x, scratch.pair(c, classes) if scratch is not None else None)
     next_lp = x.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - lse
     codec = spec.codec
     probs = p1 if codec.uses_probs and temperature == 1.0 else None
     del p1  # [chunk, C]: freed before the codec makes its own, unless it takes it
     reuse = {"lse": lse} if codec.uses_lse else {}
     targets = codec.select(x, temperature, spec.k, generator, probs, **reuse)
-    return TeacherOutputs(targets, entropy, next_lp, padding_mass(logits, lse, classes))
+    pad_out = scratch.pair(c, logits.shape[1] - classes)[0] if scratch is not None else None  # the shifted logits' room
+    return TeacherOutputs(targets, entropy, next_lp, padding_mass(logits, lse, classes, pad_out))
 
 
 def teacher_outputs(
@@ -130,10 +159,7 @@ def teacher_outputs(
     c = logits.shape[1] if classes is None else classes
     if not 0 < c <= logits.shape[1]:
         raise ValueError(f"classes must be in [1, {logits.shape[1]}] (the logits' width), got {c}")
-    parts = [
-        _chunk_outputs(logits[s : s + chunk], next_ids[s : s + chunk], spec, temperature, generator, c)
-        for s in range(0, logits.shape[0], chunk)
-    ]
+    parts = _selected([(0, logits)], next_ids, spec, temperature, generator, c, chunk)
     if not parts:
         parts = [_chunk_outputs(logits[:0], next_ids[:0], spec, temperature, generator, c)]
     return _joined(parts)
@@ -148,20 +174,43 @@ def head_outputs(
     generator: torch.Generator | None,
     classes: int,
 ) -> TeacherOutputs:
-    """:func:`teacher_outputs` of one sequence from its final hidden states, a chunk of positions at a
-    time through ``head`` (its reused [chunk, V] buffer), so its [T, V] logits never exist at once.
+    """:func:`teacher_outputs` of T positions from their final hidden states, ``head.chunk`` positions
+    per head matmul into its reused [chunk, V] buffer (selection ``CHUNK`` positions at a time within
+    it), so their [T, V] logits never exist at once.
 
-    hidden: [T, H] from ``head.decode`` (one sequence, the predicting positions); next_ids: [T] int64.
-    Returns targets with leading shape [T] on ``head.device``; the same as :func:`teacher_outputs` of the
-    model's logits (to float32 rounding of the head's matmul) when ``head.chunk`` is its ``chunk``."""
+    hidden: [T, H] or [B, T, H] from ``head.decode`` (the predicting positions of one sequence or of
+    a batch); next_ids: [T] or [B * T] int64, positions numbered one sequence after another. Returns targets with leading shape [T] on
+    ``head.device``; the same as :func:`teacher_outputs` of the model's logits (to float32 rounding of
+    the head's matmul; on a CPU sample:N draws do not depend on the chunking)."""
     next_ids = next_ids.to(head.device)
-    parts = [
-        _chunk_outputs(logits, next_ids[s : s + logits.shape[0]], spec, temperature, generator, classes)
-        for s, logits in head.chunks(hidden)
-    ]
+    parts = _selected(head.chunks(hidden), next_ids, spec, temperature, generator, classes, CHUNK)
     if not parts:  # no positions: empty targets of the right width
         return teacher_outputs(hidden.new_empty((0, classes)), next_ids, spec, temperature, generator)
     return _joined(parts)
+
+
+def _selected(
+    pieces: Iterable[tuple[int, torch.Tensor]],
+    next_ids: torch.Tensor,
+    spec: ClassSpec,
+    temperature: float,
+    generator: torch.Generator | None,
+    classes: int,
+    chunk: int,
+) -> list[TeacherOutputs]:
+    """Outputs of ``chunk`` positions at a time of each (start, logits [n, V]) piece, in order, all
+    through one :class:`_Scratch` (sized by the first, and so largest, chunk)."""
+    parts: list[TeacherOutputs] = []
+    scratch: _Scratch | None = None
+    for start, logits in pieces:
+        for s in range(0, logits.shape[0], chunk):
+            part = logits[s : s + chunk]
+            if scratch is None:
+                width = max(classes, logits.shape[1] - classes)
+                scratch = _Scratch(part.shape[0], width, part.device)
+            ids = next_ids[start + s : start + s + part.shape[0]]
+            parts.append(_chunk_outputs(part, ids, spec, temperature, generator, classes, scratch))
+    return parts
 
 
 def _joined(parts: list[TeacherOutputs]) -> TeacherOutputs:

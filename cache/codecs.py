@@ -107,8 +107,9 @@ class TargetCodec:
         lse: torch.Tensor | None = None,
     ) -> SparseTargets:
         """Targets [T] from fp32 logits ``x`` [T, V] at ``temperature``; ``probs``: softmax(x) [T, V] when
-        ``uses_probs`` and the temperature is 1 (so it is not computed twice), else None; ``lse``: [T] the
-        log-normaliser of ``x`` at temperature 1, passed only to a codec with ``uses_lse``."""
+        ``uses_probs`` and the temperature is 1 (so it is not computed twice; the caller's scratch, which
+        select may overwrite), else None; ``lse``: [T] the log-normaliser of ``x`` at temperature 1,
+        passed only to a codec with ``uses_lse``."""
         raise NotImplementedError
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
@@ -152,6 +153,8 @@ class TopkCodec(TargetCodec):
         ArraySpec("tail_logmass", "float16", "target"),
     )
     tail = True
+    uses_probs = True
+    uses_lse = True
 
     def select(
         self,
@@ -160,11 +163,23 @@ class TopkCodec(TargetCodec):
         k: int,
         generator: torch.Generator | None,
         probs: torch.Tensor | None,
+        lse: torch.Tensor | None = None,
     ) -> SparseTargets:
-        logp = _log_softmax(x, temperature)
-        vals, ids = logp.topk(k, dim=-1)
-        tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-        return _from_tensors(self.name, ids, vals, tail)
+        if probs is None or lse is None:
+            logp = _log_softmax(x, temperature)
+            vals, ids = logp.topk(k, dim=-1)
+            return _from_tensors(self.name, ids, vals, logp.scatter(-1, ids, float("-inf")).logsumexp(-1))
+        # temperature 1, the softmax known: top-k of the logits themselves, and the tail as the sum of the
+        # other probabilities (zeroed in place: probs is the caller's scratch), with no [T, V] copy made
+        vals, ids = x.topk(k, dim=-1)
+        rest = probs.scatter_(-1, ids, 0.0).sum(-1)
+        tail = rest.log()
+        lost = rest == 0  # the rest underflowed (or is masked): its exact log-sum-exp for those rows
+        if k < x.shape[-1] and bool(lost.any()):
+            rows = x[lost]
+            exact = rows.scatter(-1, ids[lost], float("-inf")).logsumexp(-1) - lse[lost]
+            tail[lost] = exact
+        return _from_tensors(self.name, ids, vals - lse.unsqueeze(-1), tail)
 
     def encode(self, targets: SparseTargets, per_seq: np.ndarray) -> dict[str, np.ndarray]:
         bits = targets.logprobs.cpu().numpy().astype(np.float16).view(np.uint16)

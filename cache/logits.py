@@ -160,14 +160,19 @@ class SoftmaxEntropy(NamedTuple):
     entropy: torch.Tensor  # [...] float32, nats (temperature 1)
 
 
-def softmax_entropy(logits: torch.Tensor) -> SoftmaxEntropy:
+def softmax_entropy(logits: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> SoftmaxEntropy:
     """Softmax, log-normaliser and entropy of logits [..., V] (any float dtype; math in float32), in one
     fused pass instead of log_softmax + exp + product: ``H = log z - sum(p * (x - max))``. Masked
-    (``-inf``) classes are allowed; no host sync, so it can run per chunk inside a training step."""
+    (``-inf``) classes are allowed; no host sync, so it can run per chunk inside a training step.
+
+    ``out``: two float32 buffers of the logits' shape (scratch reused over a loop of chunks, so that no
+    [..., V] temporary is allocated per call): the first receives the shifted logits, the second the
+    probabilities returned."""
     x = logits.float()
     m = x.amax(-1, keepdim=True)
-    shifted = (x - m).clamp_(min=_LOGIT_FLOOR)
-    p = torch.exp(shifted)
+    shifted = torch.sub(x, m, out=out[0]) if out is not None else x - m
+    shifted.clamp_(min=_LOGIT_FLOOR)
+    p = torch.exp(shifted, out=out[1]) if out is not None else torch.exp(shifted)
     z = p.sum(-1, keepdim=True)
     p.div_(z)
     log_z = z.log().squeeze(-1)
@@ -226,10 +231,18 @@ class TeacherHead:
         return hidden_states(self.model, input_ids, **kwargs)
 
     def chunks(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, logits [c, V] of positions start .. start + c - 1) for hidden [T, H] (from ``decode``)."""
-        for s in range(0, hidden.shape[0], self.chunk):
-            h = hidden[s : s + self.chunk]
-            yield s, h if self.head is None else self._logits(h)
+        """(start, logits [c, V] of positions start .. start + c - 1) for hidden [T, H] or [B, T, H] (from
+        ``decode``; a batch's positions are numbered one sequence after another, and a chunk may span
+        two sequences, so that every head matmul but the last has ``chunk`` positions)."""
+        if self.head is None:  # whole-forward logits: sliced per sequence (flattening would copy them)
+            rows = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
+            for b, row in enumerate(rows):
+                for s in range(0, row.shape[0], self.chunk):
+                    yield b * row.shape[0] + s, row[s : s + self.chunk]
+            return
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        for s in range(0, flat.shape[0], self.chunk):
+            yield s, self._logits(flat[s : s + self.chunk])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         w = getattr(self.head, "weight", None)

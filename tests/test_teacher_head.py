@@ -4,6 +4,7 @@ spread over devices with ``--teacher-device-map``: both must give the cache the 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -122,3 +123,30 @@ def test_device_map_naming_a_missing_gpu_is_one_error(tmp_path, tiny_teacher_dir
         load_causal_lm(str(tiny_teacher_dir), "cpu", torch.float32, device_map='{"": 3}')
     assert "\n" not in str(err.value) and "names GPU 3 but this machine has 0" in str(err.value)
     assert set(Path(tempfile.gettempdir()).glob("selkd-offload-*")) == leftovers
+
+
+def test_topk_targets_and_padding_mass_equal_the_brute_force_formulas():
+    """teacher_outputs' top-k (top-k of the logits, tail = the other probabilities summed in the scratch
+    buffer) against log_softmax -> topk -> logsumexp of the rest, per position: ordinary rows, a row
+    whose tail underflows float32 (exp(-200)), a row whose other classes are -inf (tail -inf), chunks
+    of 3 sharing one scratch, and the padded columns' mass (finite and -inf) against logsumexp."""
+    g = torch.Generator().manual_seed(0)
+    c, v, k = 50, 70, 4
+    logits = torch.randn(8, v, generator=g) * 3
+    logits[5, :c] = -200.0
+    logits[5, 7] = 0.0  # the tail, 46 classes at exp(-200) each, is 0 in float32
+    logits[6, 4:c] = float("-inf")  # nothing outside the top 4
+    logits[7, c:] = float("-inf")  # padding at -inf: mass 0
+    nxt = torch.randint(0, c, (8,), generator=g)
+    got = teacher_outputs(logits, nxt, ClassSpec.parse(f"topk:{k}"), chunk=3, classes=c)
+    logp = logits[:, :c].log_softmax(-1)
+    vals, ids = logp.topk(k, dim=-1)
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    assert torch.equal(got.targets.ids, ids)
+    torch.testing.assert_close(got.targets.logprobs, vals, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.targets.tail_logmass, tail, atol=1e-4, rtol=1e-5)
+    assert float(got.targets.tail_logmass[5]) == pytest.approx(math.log(c - k) - 200, abs=1e-3)  # 46 left at -200
+    assert got.targets.tail_logmass[6] == float("-inf")
+    pad = torch.sigmoid(logits[:, c:].logsumexp(-1) - logits[:, :c].logsumexp(-1))
+    torch.testing.assert_close(got.padding_mass, pad, atol=1e-6, rtol=1e-5)
+    assert got.padding_mass[7] == 0.0

@@ -10,7 +10,7 @@ packed documents attending only to themselves (``--doc-attention``, the default)
 characters, so that sequences hold several. Prints a markdown table with the machine and the command.
 
     python tools/bench_build.py [--hidden 512] [--layers 4] [--vocab 32768] [--classes sample:50 topk:64]
-        [--doc-attention on|off|both] [--doc-chars 1000]
+        [--doc-attention on|off|both] [--doc-chars 1000] [--tokenizer-classes 151665] [--head-chunk-tokens 256]
 """
 
 from __future__ import annotations
@@ -89,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--doc-attention", choices=("on", "off", "both"), default="on")
     ap.add_argument("--doc-chars", type=int, default=0, help="cut documents at this many characters (0: whole files)")
+    ap.add_argument(
+        "--tokenizer-classes",
+        type=int,
+        default=0,
+        help="grow the tokenizer to this many tokens with added tokens (151665: Qwen2.5's, so that class "
+        "selection runs over as many columns as a real Qwen teacher's; 0: the 4,096-token BPE alone)",
+    )
+    ap.add_argument("--head-chunk-tokens", type=int, default=BuildConfig.head_chunk_tokens)
     args = ap.parse_args(argv)
     doc_attention = {"on": [True], "off": [False], "both": [True, False]}[args.doc_attention]
 
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = stdlib_texts(max_bytes=4_000_000)
         tok = train_bpe_tokenizer(texts[:400], 4096)
+        if args.tokenizer_classes > len(tok):  # never in the corpus, but real classes the selection covers
+            tok.add_tokens([f"<|extra_{i}|>" for i in range(args.tokenizer_classes - len(tok))])
         model = make_llama(
             args.vocab,
             hidden=args.hidden,
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         device=str(device),
                         dtype=args.dtype,
                         doc_attention=separate,
+                        head_chunk_tokens=args.head_chunk_tokens,
                         progress=False,
                     )
                 )
@@ -161,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(
         f"### Build throughput vs bare teacher forward ({n_params / 1e6:.1f}M-parameter Llama, hidden "
-        f"{args.hidden}, {args.layers} layers, V = {args.vocab:,}, batch {args.batch_size} x {args.seq_len})\n"
+        f"{args.hidden}, {args.layers} layers, V = {args.vocab:,} of which {len(tokenizer):,} real classes, batch "
+        f"{args.batch_size} x {args.seq_len}, head chunk {args.head_chunk_tokens})\n"
     )
     print(f"machine: {name} ({device.type}, {torch.get_num_threads()} CPU threads); torch {torch.__version__}")
     print(f"command: `python {' '.join(sys.argv)}`; {docs_per_seq:.2f} documents (or pieces) per sequence\n")

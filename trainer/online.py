@@ -12,15 +12,21 @@ import torch
 from torch import nn
 
 from selkd.cache import format as fmt
-from selkd.cache.classes import teacher_outputs
+from selkd.cache.classes import CHUNK, head_outputs
 from selkd.cache.config import LOSS_ON
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
-from selkd.cache.logits import input_device
+from selkd.cache.logits import TeacherHead
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
 from selkd.cache.tokens import Packing
 from selkd.trainer.batch import Batch, collate
+
+
+def _head_rows(model: nn.Module) -> int:
+    """Every logit column: the output embedding's rows (the config's vocab_size when it has none)."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
 class OnlineTeacher:
@@ -38,9 +44,11 @@ class OnlineTeacher:
     ) -> None:
         self.model, self.spec, self.temperature, self.classes = model, spec, temperature, classes
         self.doc_attention = doc_attention  # each packed document attends only to itself
-        device = input_device(model)  # under --teacher-device-map, where its forward takes ids and gives logits
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.device = device
+        # decoder, then the head CHUNK positions at a time (the builder's path: [B, L, V] logits never exist)
+        self.head = TeacherHead(model, CHUNK)
+        self.generator = torch.Generator(device=self.head.device).manual_seed(seed)
+        self.device = self.head.input_device  # under --teacher-device-map, where its forward takes ids
+        self.width = classes if classes is not None else _head_rows(model)  # classes selected over
 
     @torch.no_grad()
     def sequences(
@@ -58,10 +66,10 @@ class OnlineTeacher:
             rows = np.flatnonzero(lengths == length)
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
             starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
-            logits = self.model(input_ids=x, **attention_inputs(starts, None, self.doc_attention)).logits
-            for j, i in enumerate(rows):  # logits[j, :-1]: a contiguous [L - 1, V] view (flattening would copy)
-                res = teacher_outputs(
-                    logits[j, :-1], x[j, 1:], self.spec, self.temperature, self.generator, classes=self.classes
+            hidden = self.head.decode(x, **attention_inputs(starts, None, self.doc_attention))
+            for j, i in enumerate(rows):
+                res = head_outputs(
+                    self.head, hidden[j, :-1], x[j, 1:], self.spec, self.temperature, self.generator, self.width
                 )
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
