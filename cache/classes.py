@@ -179,9 +179,10 @@ def head_outputs(
     it), so their [T, V] logits never exist at once.
 
     hidden: [T, H] or [B, T, H] from ``head.decode`` (the predicting positions of one sequence or of
-    a batch); next_ids: [T] or [B * T] int64, positions numbered one sequence after another. Returns targets with leading shape [T] on
-    ``head.device``; the same as :func:`teacher_outputs` of the model's logits (to float32 rounding of
-    the head's matmul; on a CPU sample:N draws do not depend on the chunking)."""
+    a batch); next_ids: [T] or [B * T] int64, positions numbered one sequence after another. Returns
+    targets with leading shape [T] (or [B * T]) on ``head.device``; the same as :func:`teacher_outputs`
+    of the model's logits (to float32 rounding of the head's matmul; on a CPU sample:N draws do not
+    depend on the chunking)."""
     next_ids = next_ids.to(head.device)
     parts = _selected(head.chunks(hidden), next_ids, spec, temperature, generator, classes, CHUNK)
     if not parts:  # no positions: empty targets of the right width

@@ -174,12 +174,14 @@ class BuildConfig:
     teacher_device_map: str | None = opt(
         help=TEACHER_DEVICE_MAP_HELP, metavar="MAP", validate=valid_device_map, group="model"
     )
-    # Fewer positions per head matmul re-read the [V, H] head weight more often: 55 ran the CPU build at half speed.
+    # Fewer positions per head matmul re-read the [V, H] head weight more often: 55 ran the CPU build at half
+    # speed, 256 at 0.83x the bare forward, 1024 at 0.90x (docs/results.md section 2).
     head_chunk_tokens: int = opt(
-        256,
-        help="positions per chunk of the teacher's LM head: its [chunk, V] logits (float32: 155 MiB at 256 x "
-        "151,936) and the class selection's temporaries of that size are what the teacher needs beyond its "
-        "activations, whatever the batch and sequence length; on a GPU, sample:N draws depend on it",
+        1024,
+        help="positions per matmul of the teacher's LM head, across the sequences of a batch: its [chunk, V] "
+        "logits buffer (float32: 594 MiB at 1024 x 151,936; bf16: half) and the class selection's two "
+        "float32 [256, V] scratch buffers (297 MiB) are what the teacher needs beyond its activations, "
+        "whatever the batch and sequence length; on a GPU, sample:N draws depend on it",
         lo=1,
         group="model",
     )
