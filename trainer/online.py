@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from selkd.cache import format as fmt
-from selkd.cache.classes import CHUNK, head_outputs
-from selkd.cache.config import LOSS_ON
+from selkd.cache.classes import head_outputs
+from selkd.cache.config import LOSS_ON, BuildConfig
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.logits import TeacherHead
@@ -44,8 +44,9 @@ class OnlineTeacher:
     ) -> None:
         self.model, self.spec, self.temperature, self.classes = model, spec, temperature, classes
         self.doc_attention = doc_attention  # each packed document attends only to itself
-        # decoder, then the head CHUNK positions at a time (the builder's path: [B, L, V] logits never exist)
-        self.head = TeacherHead(model, CHUNK)
+        # decoder, then the head a chunk of the batch's positions at a time, as the builder runs it (with its
+        # default chunk): the [B, L, V] logits never exist
+        self.head = TeacherHead(model, BuildConfig.head_chunk_tokens)
         self.generator = torch.Generator(device=self.head.device).manual_seed(seed)
         self.device = self.head.input_device  # under --teacher-device-map, where its forward takes ids
         self.width = classes if classes is not None else _head_rows(model)  # classes selected over
@@ -66,18 +67,20 @@ class OnlineTeacher:
             rows = np.flatnonzero(lengths == length)
             x = torch.from_numpy(np.stack([seqs[i] for i in rows]).astype(np.int64)).to(self.device)
             starts = torch.from_numpy(np.stack([doc_start[i] for i in rows])).to(self.device)
-            hidden = self.head.decode(x, **attention_inputs(starts, None, self.doc_attention))
+            hidden = self.head.decode(x, **attention_inputs(starts, None, self.doc_attention))[:, :-1]
+            res = head_outputs(  # the rows' positions one after another: row j's are j * n .. (j + 1) * n - 1
+                self.head, hidden, x[:, 1:].reshape(-1), self.spec, self.temperature, self.generator, self.width
+            )
+            n = int(length) - 1
             for j, i in enumerate(rows):
-                res = head_outputs(
-                    self.head, hidden[j, :-1], x[j, 1:], self.spec, self.temperature, self.generator, self.width
-                )
+                part = slice(j * n, (j + 1) * n)
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
-                    teacher_entropy=res.entropy.float().cpu().numpy(),
-                    teacher_logprob=res.next_logprob.float().cpu().numpy(),
-                    targets=res.targets.to("cpu"),  # float32, as the reader gives them
+                    teacher_entropy=res.entropy[part].float().cpu().numpy(),
+                    teacher_logprob=res.next_logprob[part].float().cpu().numpy(),
+                    targets=res.targets.select(part).to("cpu"),  # float32, as the reader gives them
                     trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
