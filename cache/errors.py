@@ -1,7 +1,7 @@
 """The errors a user can cause, and the one mapping of exceptions to a message and an exit code.
 
-Every user-facing error class of selkd derives from :class:`SelkdError` (ConfigError and DataError here;
-ModelError, StoreError, CacheError, BuildError and the trainer's errors where they are raised), so a
+Every user-facing error class of selkd derives from :class:`SelkdError` (ConfigError, DataError and BuildError
+here; ModelError, StoreError, CacheError and the trainer's errors where they are raised), so a
 command line catches one class and exits with that class's code: 2 for bad usage or configuration,
 1 for a problem at run time. :func:`error_exit` is the mapping every CLI (``selkd-cache``,
 ``selkd-train``, ``selkd-demo``) uses through :func:`run_cli`; anything it does not know is a bug and
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "DISK_FULL",
+    "BuildError",
     "Command",
     "ConfigError",
     "DataError",
@@ -55,6 +56,10 @@ class ConfigError(SelkdError, ValueError):
     """A user-facing configuration error: the message names the option and what to do (exit 2)."""
 
     exit_code = 2
+
+
+class BuildError(SelkdError):
+    """A user-facing build failure: names the thing and what to do."""
 
 
 class DataError(SelkdError):
