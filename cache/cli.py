@@ -126,7 +126,7 @@ def _prepare(cfg: PrepareConfig, argv: Sequence[str], cmd: Command) -> int:
 
 
 def _finalize(location: str, options: dict[str, object], cmd: Command) -> int:
-    from selkd.cache.build import finalize
+    from selkd.cache.header import finalize
     from selkd.cache.store import Storage
 
     cmd.out = location

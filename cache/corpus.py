@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from selkd.cache.config import PrepareConfig
-from selkd.cache.documents import CorpusStats, resolve_specs
+from selkd.cache.documents import CorpusStats
 from selkd.cache.prepare import prepare_tokens
+from selkd.cache.sources import resolve_specs
 from selkd.cache.store import Storage
 from selkd.cache.tokens import Packing, TokenStore, view_fingerprint
 

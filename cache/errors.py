@@ -1,7 +1,7 @@
 """The errors a user can cause, and the one mapping of exceptions to a message and an exit code.
 
-Every user-facing error class of selkd derives from :class:`SelkdError` (ConfigError here; DataError,
-ModelError, StoreError, CacheError, BuildError and the trainer's errors where they are raised), so a
+Every user-facing error class of selkd derives from :class:`SelkdError` (ConfigError, DataError and BuildError
+here; ModelError, StoreError, CacheError and the trainer's errors where they are raised), so a
 command line catches one class and exits with that class's code: 2 for bad usage or configuration,
 1 for a problem at run time. :func:`error_exit` is the mapping every CLI (``selkd-cache``,
 ``selkd-train``, ``selkd-demo``) uses through :func:`run_cli`; anything it does not know is a bug and
@@ -28,12 +28,15 @@ from dataclasses import dataclass
 
 __all__ = [
     "DISK_FULL",
+    "BuildError",
     "Command",
     "ConfigError",
+    "DataError",
     "SelkdError",
     "disk_full_error",
     "disk_full_message",
     "error_exit",
+    "one_line",
     "run_cli",
 ]
 
@@ -53,6 +56,19 @@ class ConfigError(SelkdError, ValueError):
     """A user-facing configuration error: the message names the option and what to do (exit 2)."""
 
     exit_code = 2
+
+
+class BuildError(SelkdError):
+    """A user-facing build failure: names the thing and what to do."""
+
+
+class DataError(SelkdError):
+    """A user-facing data problem; the message is one line naming the path and what to do."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """Collapse an exception text to one line so DataError messages stay one line."""
+    return " ".join(str(err).split())
 
 
 def disk_full_error(err: BaseException) -> OSError | None:

@@ -1,7 +1,7 @@
 """Data specs behind fsspec URLs (``s3://bucket/corpus/``, ``gs://...``, ``memory://...``): listing
 directories and globs on the remote filesystem, and opening files for streaming reads.
 
-The rules are those of local specs (:mod:`selkd.cache.documents`): a directory is read recursively in
+The rules are those of local specs (:mod:`selkd.cache.sources`): a directory is read recursively in
 sorted order of relative paths, hidden entries skipped; a glob expands to its sorted matches; only the
 supported file kinds are read. Storage options (``endpoint_url``, ``key``, ``secret`` ...) are the
 ``--storage-option`` values; for s3 the standard AWS environment (``AWS_ENDPOINT_URL`` ...) also works,
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from selkd.cache.documents import (
+from selkd.cache.errors import DataError, one_line
+from selkd.cache.sources import (
     _DATASET_DICT_MARKER,
     _DATASET_MARKERS,
     _GLOB_CHARS,
     _SUPPORTED_TEXT,
-    DataError,
     Source,
     _kind_of,
-    _one_line,
 )
 
 
@@ -32,11 +31,11 @@ def filesystem(url: str, options: dict[str, Any] | None) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(url, **(options or {}))
     except ImportError as err:
         raise DataError(
-            f"{url}: the filesystem for this URL is not installed ({_one_line(err)}); for s3:// run "
+            f"{url}: the filesystem for this URL is not installed ({one_line(err)}); for s3:// run "
             "`pip install selkd[s3]`"
         ) from None
     except (ValueError, TypeError) as err:
-        raise DataError(f"{url}: cannot open it ({_one_line(err)}); check the URL and --storage-option") from err
+        raise DataError(f"{url}: cannot open it ({one_line(err)}); check the URL and --storage-option") from err
 
 
 def open_url(url: str, options: dict[str, Any] | None) -> Any:
@@ -117,10 +116,10 @@ def expand_url(spec: str, options: dict[str, Any]) -> list[Source]:
     except DataError:
         raise
     except PermissionError as err:
-        raise DataError(f"{spec}: access denied ({_one_line(err)}); check the credentials (--storage-option)") from err
+        raise DataError(f"{spec}: access denied ({one_line(err)}); check the credentials (--storage-option)") from err
     except Exception as err:
         raise DataError(
-            f"{spec}: cannot list it ({type(err).__name__}: {_one_line(err)}); check the URL, the endpoint and the "
+            f"{spec}: cannot list it ({type(err).__name__}: {one_line(err)}); check the URL, the endpoint and the "
             "credentials (--storage-option key=... secret=... endpoint_url=..., or the AWS environment)"
         ) from err
     raise DataError(f"{spec}: no such file or directory; check the URL")

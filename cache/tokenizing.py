@@ -7,7 +7,7 @@ stream of chunks, one per batch: ``(tokens int32 [n], starts int64 [d], loss_mas
 
 ``loss_mask[t]`` says whether token t is *trained*: whether the next-token target that predicts it (at
 position t - 1) is distilled when the build or online run uses ``--loss-on assistant``. Every token of
-a plain-text document and its EOS is trained; of a chat row (:class:`~selkd.cache.documents.ChatText`)
+a plain-text document and its EOS is trained; of a chat row (:class:`~selkd.cache.chat.ChatText`)
 only the tokens that overlap an assistant turn, not its EOS (nothing follows a conversation's end).
 
 Only the token store's preparation (:mod:`selkd.cache.prepare`) calls this, so a cache, an online run
@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from selkd.cache.documents import ChatText, CorpusStats, DataError
+from selkd.cache.chat import ChatText
+from selkd.cache.documents import CorpusStats
+from selkd.cache.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

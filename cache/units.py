@@ -1,6 +1,6 @@
 """Units of work of the token store: the resolved sources cut into pieces one worker tokenizes alone.
 
-A unit is a :class:`~selkd.cache.documents.Source` narrowed to a piece that can be read on its own:
+A unit is a :class:`~selkd.cache.sources.Source` narrowed to a piece that can be read on its own:
 a whole ``.txt``/``.jsonl``/``.jsonl.gz`` file (gzip cannot be entered in the middle; a large file
 is still written as several shards), one row group of a parquet file, one contiguous shard per Arrow
 file of a ``save_to_disk`` dataset, one shard per data file of a ``datasets:`` spec. The list is a
@@ -15,14 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from selkd.cache.documents import (
-    DATASETS,
-    HF_DATASET,
-    Source,
-    load_saved_dataset,
-    load_streaming_dataset,
-    parquet_row_groups,
-)
+from selkd.cache.documents import load_saved_dataset, load_streaming_dataset, parquet_row_groups
+from selkd.cache.sources import DATASETS, HF_DATASET, Source
 
 
 def _contiguous_starts(n_rows: int, n_parts: int) -> list[int]:

@@ -12,11 +12,12 @@ import torch
 
 from selkd.cache import format as fmt
 from selkd.cache import open_cache
-from selkd.cache.build import BuildError, build_cache
+from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cli_main
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import load_corpus
 from selkd.cache.doc_attention import attention_inputs
+from selkd.cache.errors import BuildError
 from selkd.cache.options import ConfigError
 from selkd.cache.teacher import load_causal_lm, load_tokenizer
 from selkd.cache.writer import PartWriter

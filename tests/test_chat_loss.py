@@ -21,7 +21,7 @@ from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import load_corpus
-from selkd.cache.documents import DataError
+from selkd.cache.errors import DataError
 from selkd.cache.info import cache_info
 from selkd.cache.modes import ClassSpec
 from selkd.cache.store import Storage

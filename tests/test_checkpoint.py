@@ -471,13 +471,13 @@ def test_a_stopped_write_leaves_no_half_written_directory(
     model, opt, sched = make_run(0)
     train(model, opt, sched, 1)
     first = save(tmp_path, 1, model, opt, sched)
-    original = ckpt._torch_save
+    original = ckpt.torch_save
 
     def torch_save(path: Path, obj: object) -> None:
         original(path, obj)  # the optimizer file is complete, then the write stops
         raise stop("stopped")
 
-    monkeypatch.setattr(ckpt, "_torch_save", torch_save)
+    monkeypatch.setattr(ckpt, "torch_save", torch_save)
     with pytest.raises(stop, match="stopped"):
         save(tmp_path, 2, model, opt, sched)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [first.name]

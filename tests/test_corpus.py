@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from selkd.cache.corpus import PackedCorpus, eval_mask, load_corpus
-from selkd.cache.documents import CorpusStats, DataError, iter_documents, resolve_specs
+from selkd.cache.documents import CorpusStats, iter_documents
+from selkd.cache.errors import DataError
+from selkd.cache.sources import resolve_specs
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from selkd.cache import open_cache
-from selkd.cache.build import BuildError, build_cache
+from selkd.cache.build import build_cache
 from selkd.cache.classes import ClassSpec
 from selkd.cache.config import BuildConfig
 from selkd.cache.doc_attention import attention_inputs, check_separates, segment_position_ids
+from selkd.cache.errors import BuildError
 from selkd.cache.teacher import load_causal_lm, load_tokenizer
 from selkd.trainer.batch import collate
 from selkd.trainer.online import OnlineTeacher

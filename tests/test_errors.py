@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selkd.cache.build import BuildError
-from selkd.cache.documents import DataError
-from selkd.cache.errors import Command, ConfigError, SelkdError, error_exit
+from selkd.cache.errors import BuildError, Command, ConfigError, DataError, SelkdError, error_exit
 from selkd.cache.options import ConfigError as OptionsConfigError
 from selkd.cache.reader import CacheCorruptError, CacheError
 from selkd.cache.store import StoreError

@@ -28,9 +28,10 @@ from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig, PrepareConfig
 from selkd.cache.corpus import PackedCorpus, load_corpus
-from selkd.cache.documents import DataError, resolve_specs
+from selkd.cache.errors import DataError
 from selkd.cache.info import cache_info
 from selkd.cache.prepare import prepare_tokens
+from selkd.cache.sources import resolve_specs
 from selkd.cache.store import Storage
 from selkd.cache.teacher import load_tokenizer
 from selkd.cache.tokens import (

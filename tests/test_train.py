@@ -1225,6 +1225,7 @@ def fill_the_disk(monkeypatch: pytest.MonkeyPatch, what: str, out: Path, at_step
     import transformers.modeling_utils
 
     from selkd.trainer import checkpoint as ckpt
+    from selkd.trainer import checkpoint_files
 
     filling = f"/{ckpt.FINAL_DIR}.tmp-" if what == "final" else f"/step-{at_step:06d}.tmp-"
 
@@ -1238,7 +1239,8 @@ def fill_the_disk(monkeypatch: pytest.MonkeyPatch, what: str, out: Path, at_step
         raise SafetensorError(ENOSPC_RUST)
 
     if what == "weights":
-        monkeypatch.setattr(ckpt, "save_file", functools.partial(save_file, real=ckpt.save_file))
+        real = checkpoint_files.save_file
+        monkeypatch.setattr(checkpoint_files, "save_file", functools.partial(save_file, real=real))
     elif what == "final":
         real = transformers.modeling_utils.safe_save_file
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", functools.partial(save_file, real=real))
@@ -1249,7 +1251,7 @@ def fill_the_disk(monkeypatch: pytest.MonkeyPatch, what: str, out: Path, at_step
                 return open(path, mode, *a, **kw)
             return io.BufferedWriter(FilledUp(path, "wb"))
 
-        monkeypatch.setattr(ckpt, "open", opener, raising=False)
+        monkeypatch.setattr(checkpoint_files, "open", opener, raising=False)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ results is printed; the exit code is 0 only if every point passed.
 
 No hooks in the library: the killed run is a child process that monkeypatches one library function
 (``PartWriter.add``, ``writer.write_array``, ``Storage.write_json`` for a given key,
-``checkpoint.save_checkpoint`` / ``_save_weights`` / ``_write_json``) so that it calls
+``checkpoint.save_checkpoint`` / ``checkpoint_layout.save_weights`` / ``checkpoint.write_json``) so that it calls
 ``os.kill(os.getpid(), SIGKILL)`` at the chosen point, and then runs the ordinary command
 (``selkd.cache.cli.main`` / ``selkd.trainer.cli.main``). Children come from a multiprocessing
 *forkserver* that imports selkd once, so each one starts in milliseconds and inherits no threads.
@@ -157,9 +157,9 @@ def _kill_between_checkpoints(nth: int) -> None:
 
 
 def _kill_checkpoint_weights(nth: int) -> None:
-    from selkd.trainer import checkpoint
+    from selkd.trainer import checkpoint_layout
 
-    original = checkpoint._save_weights
+    original = checkpoint_layout.save_weights
     hit = _Nth(nth)
 
     def save_weights(*args: Any, **kwargs: Any) -> None:
@@ -167,13 +167,13 @@ def _kill_checkpoint_weights(nth: int) -> None:
         if hit():
             die()
 
-    checkpoint._save_weights = save_weights  # type: ignore[assignment]
+    checkpoint_layout.save_weights = save_weights  # type: ignore[assignment]
 
 
 def _kill_checkpoint_complete(nth: int) -> None:
     from selkd.trainer import checkpoint
 
-    original = checkpoint._write_json
+    original = checkpoint.write_json
     hit = _Nth(nth)
 
     def write_json(path: Path, obj: Any) -> None:
@@ -181,7 +181,7 @@ def _kill_checkpoint_complete(nth: int) -> None:
         if Path(path).name == checkpoint.COMPLETE and hit():
             die()
 
-    checkpoint._write_json = write_json  # type: ignore[assignment]
+    checkpoint.write_json = write_json  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import random
 import shutil
@@ -69,19 +68,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from selkd.cache.errors import SelkdError, disk_full_error, disk_full_message
-from selkd.trainer import checkpoint_dcp as DCP
+from selkd.cache.errors import disk_full_error, disk_full_message
 from selkd.trainer import distributed as D
 from selkd.trainer.checkpoint_dir import (
     CHECKPOINTS_DIR,
@@ -96,6 +85,8 @@ from selkd.trainer.checkpoint_dir import (
     prune_checkpoints,
     step_dir_name,
 )
+from selkd.trainer.checkpoint_files import CheckpointError, read_json, torch_load, torch_save, write_json
+from selkd.trainer.checkpoint_layout import LAYOUT_BY_PARALLELISM, LAYOUTS, gather_model
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -112,17 +103,11 @@ __all__ = [
 ]
 
 FINAL_DIR = "final"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 LOADER_FILE = "loader.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
-_TIED_KEY = "selkd.tied"  # safetensors metadata: JSON {alias: stored name}
-
-
-class CheckpointError(SelkdError, RuntimeError):
-    """A checkpoint cannot be written or read; the message names the directory or file."""
 
 
 @dataclass
@@ -164,104 +149,6 @@ def _run_on_rank0(fn: Any, what: str) -> Any:
     if not ok:
         raise CheckpointError(value)
     return value
-
-
-# --------------------------------------------------------------------------- model helpers
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} for parameters registered under several names (tied embeddings). Found from the
-    module, not from tensor storage, because gathered / CPU-offloaded state dicts hold copies."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, p in D.unwrap_model(model).named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
-def _sd_options(**kw: Any) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def _gather_model(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full, CPU-offloaded model state dict (collective under a process group; empty off rank 0)."""
-    return get_model_state_dict(model, options=_sd_options(cpu_offload=True))
-
-
-def _gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return get_optimizer_state_dict(model, optimizer, options=_sd_options(cpu_offload=True))
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-class _Gathered:
-    """The full state on rank 0: ``model.safetensors`` and the optimizer in ``optimizer.pt``. Loading reads
-    them on rank 0 and broadcasts (``broadcast_from_rank0``)."""
-
-    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Full, CPU-offloaded state dicts (a collective; empty off rank 0)."""
-        state = {"model": _gather_model(model), "aliases": _tied_aliases(model)}
-        return {**state, "optimizer": _gather_optimizer(model, optimizer) if optimizer is not None else None}
-
-    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
-        """Nothing: rank 0 writes everything (:meth:`rank0_files`)."""
-
-    def optimizer_file(self, payload: dict[str, Any]) -> Any:
-        return payload["optimizer"]
-
-    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
-        return {MODEL_FILE: lambda path: _save_weights(path, payload["model"], payload["aliases"])}
-
-    def read(self, path: Path) -> dict[str, torch.Tensor]:
-        return _load_weights(path / MODEL_FILE)
-
-    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
-        opts = _sd_options(broadcast_from_rank0=D.is_distributed(), strict=True)
-        _restore_model(path, model, data["model"], opts)
-        if optimizer is not None:
-            _restore_optimizer(path, model, optimizer, data["optim"]["optimizer"] or {}, opts)
-
-
-class _Sharded:
-    """Every rank's shard of the weights and optimizer moments, written and read by every rank
-    (:mod:`selkd.trainer.checkpoint_dcp`); ``optimizer.pt`` holds only the ``param_groups``."""
-
-    def collect(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        return DCP.local_state(model, optimizer)
-
-    def write_collective(self, tmp: Path, payload: dict[str, Any]) -> None:
-        DCP.save_shards(tmp, payload, coordinator=D.rank() == 0)
-
-    def optimizer_file(self, payload: dict[str, Any]) -> Any:
-        return None if payload["param_groups"] is None else {"param_groups": payload["param_groups"]}
-
-    def rank0_files(self, payload: dict[str, Any]) -> dict[str, Callable[[Path], None]]:
-        return {}
-
-    def read(self, path: Path) -> dict[str, torch.Tensor]:
-        return {}  # every rank reads its part in restore()
-
-    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, data: Any) -> None:
-        try:
-            state = DCP.load_shards(path, model, optimizer)
-        except Exception as err:
-            first = (str(err).splitlines() or [type(err).__name__])[0]
-            raise CheckpointError(f"{path}: sharded state unreadable or not fitting this model: {first}") from err
-        opts = StateDictOptions(strict=True)
-        _restore_model(path, model, state["model"], opts)
-        if optimizer is not None:
-            groups = D.broadcast_object(data["optim"]["optimizer"]["param_groups"] if D.rank() == 0 else None)
-            _restore_optimizer(path, model, optimizer, {"state": state["optimizer"], "param_groups": groups}, opts)
-
-
-# The layout of a run's checkpoints, by its parallelism (distributed.parallelism): FSDP2 ranks each write
-# their shard; a DDP replica or a single process has the full state anyway, and rank 0 writes it.
-LAYOUT_BY_PARALLELISM = {"none": "gathered", "ddp": "gathered", "fsdp2": "sharded"}
-_LAYOUTS: dict[str, _Gathered | _Sharded] = {"gathered": _Gathered(), "sharded": _Sharded()}
 
 
 # --------------------------------------------------------------------------- RNG
@@ -313,19 +200,6 @@ def _to_cpu(obj: Any) -> Any:
 
 
 @contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Name ``path`` in a full disk's error: safetensors says only ``(os error 28)`` and ``torch.save``'s
-    ``RuntimeError`` hides an ``OSError`` without a file name."""
-    try:
-        yield
-    except Exception as err:
-        full = disk_full_error(err)
-        if full is None or full.filename:
-            raise
-        raise OSError(full.errno, full.strerror, str(path)) from err
-
-
-@contextmanager
 def _half_written(tmp: Path, where: Path, rerun: str) -> Iterator[None]:
     """Remove the directory ``tmp`` being written when anything stops the write (an error, Ctrl-C), and
     turn a full disk into one :class:`CheckpointError` line about ``where``; ``rerun`` says what
@@ -338,83 +212,6 @@ def _half_written(tmp: Path, where: Path, rerun: str) -> Iterator[None]:
         if full is None:
             raise
         raise CheckpointError(disk_full_message(str(where), full, rerun)) from err
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with _writing(path), open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _torch_save(path: Path, obj: Any) -> None:
-    with _writing(path), open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"{path}: refused or unreadable (only weights_only-safe content is loaded): {err}"
-        ) from err
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable: {err}") from err
-
-
-def _save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> None:
-    """safetensors of the unique tensors; ``aliases`` (tied names) are recorded in the metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    stored_aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
-    for name, t in state_dict.items():
-        if name in aliases and aliases[name] in state_dict:
-            stored_aliases[name] = aliases[name]
-            continue
-        t = t.detach()
-        # Any other tensors sharing memory (safetensors refuses them): identical views become aliases,
-        # partial overlaps are copied.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in seen:
-            stored_aliases[name] = seen[key]
-            continue
-        if t.numel():
-            seen[key] = name
-        tensors[name] = t
-    ptrs: dict[int, str] = {}
-    for name, t in list(tensors.items()):
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in ptrs:
-            tensors[name] = t.clone()
-        elif t.numel():
-            ptrs[ptr] = name
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with _writing(path):
-        save_file(tensors, str(path), metadata={"format": "pt", _TIED_KEY: json.dumps(stored_aliases)})
-        fsync_file(path)
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full state dict with tied aliases pointing at their stored tensor."""
-    try:
-        state = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:
-        raise CheckpointError(f"{path}: unreadable safetensors file: {err}") from err
-    for alias, name in json.loads(meta.get(_TIED_KEY, "{}")).items():
-        state[alias] = state[name]
-    return state
 
 
 # --------------------------------------------------------------------------- save / load
@@ -447,7 +244,7 @@ def save_checkpoint(
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     name = LAYOUT_BY_PARALLELISM[D.parallelism(model)]
-    layout = _LAYOUTS[name]
+    layout = LAYOUTS[name]
     payload = layout.collect(model, optimizer)
     per_rank = D.gather_objects({"rng": _rng_state(), "state": _to_cpu(rank_state)})
     final = checkpoints_root(out_dir) / step_dir_name(step)
@@ -463,11 +260,11 @@ def save_checkpoint(
         world = len(per_rank)
         files = {
             **layout.rank0_files(payload),
-            OPTIMIZER_FILE: lambda path: _torch_save(path, optim),
-            **{f"rank-{r:05d}.pt": functools.partial(_torch_save, obj=obj) for r, obj in enumerate(per_rank)},
-            LOADER_FILE: lambda path: _write_json(path, dict(loader_state)),
-            CONFIG_FILE: lambda path: _write_json(path, dict(config)),
-            STATE_FILE: lambda path: _write_json(path, {**state, "world_size": world, "saved_at": time.time()}),
+            OPTIMIZER_FILE: lambda path: torch_save(path, optim),
+            **{f"rank-{r:05d}.pt": functools.partial(torch_save, obj=obj) for r, obj in enumerate(per_rank)},
+            LOADER_FILE: lambda path: write_json(path, dict(loader_state)),
+            CONFIG_FILE: lambda path: write_json(path, dict(config)),
+            STATE_FILE: lambda path: write_json(path, {**state, "world_size": world, "saved_at": time.time()}),
         }
         with _half_written(tmp, final, rerun):
             _finish_checkpoint_dir(tmp, final, int(step), files)
@@ -500,7 +297,7 @@ def _finish_checkpoint_dir(tmp: Path, final: Path, step: int, files: Mapping[str
     for name, write in files.items():
         write(tmp / name)
     sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    _write_json(tmp / COMPLETE, {"step": step, "files": sizes})
+    write_json(tmp / COMPLETE, {"step": step, "files": sizes})
     fsync_dir(tmp)
     if final.exists():
         discard(final)
@@ -513,17 +310,17 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
     collective, so that it can be reported to all ranks instead of hanging them."""
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-    complete = _read_json(path / COMPLETE)
+    complete = read_json(path / COMPLETE)
     for name, size in complete.get("files", {}).items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} is missing or has the wrong size (damaged checkpoint)")
-    state = _read_json(path / STATE_FILE)
+    state = read_json(path / STATE_FILE)
     world = int(state.get("world_size", 1))
     layout = state.get("layout", "gathered")  # checkpoints from before the sharded layout are gathered
-    if layout not in _LAYOUTS:
+    if layout not in LAYOUTS:
         raise CheckpointError(f"{path}: unknown layout {layout!r} in {STATE_FILE} (written by a newer selkd?)")
-    optim = _torch_load(path / OPTIMIZER_FILE)
+    optim = torch_load(path / OPTIMIZER_FILE)
     if not isinstance(optim, dict):
         raise CheckpointError(f"{path / OPTIMIZER_FILE}: expected a dict, got {type(optim).__name__}")
     if need_optimizer and optim.get("optimizer") is None:
@@ -532,14 +329,14 @@ def _read_checkpoint(path: Path, need_optimizer: bool, need_scheduler: bool) -> 
         raise CheckpointError(f"{path}: holds no scheduler state")
     return {
         "layout": layout,
-        "model": _LAYOUTS[layout].read(path),
+        "model": LAYOUTS[layout].read(path),
         "optim": optim,
         "ranks": [
-            _torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
+            torch_load(path / f"rank-{r:05d}.pt") if (path / f"rank-{r:05d}.pt").is_file() else None
             for r in range(world)
         ],
-        "loader": _read_json(path / LOADER_FILE),
-        "config": _read_json(path / CONFIG_FILE),
+        "loader": read_json(path / LOADER_FILE),
+        "config": read_json(path / CONFIG_FILE),
         "state": state,
         "files": dict(complete.get("files", {})),
     }
@@ -562,7 +359,7 @@ def load_checkpoint(
     """
     path = Path(path)
     data = _read_on_rank0(path, optimizer is not None, scheduler is not None)
-    _LAYOUTS[data["layout"]].restore(path, model, optimizer, data)
+    LAYOUTS[data["layout"]].restore(path, model, optimizer, data)
     small = D.broadcast_object(
         {**{k: data[k] for k in ("loader", "config", "state", "files")}, "scheduler": data["optim"].get("scheduler")}
         if D.rank() == 0
@@ -612,31 +409,6 @@ def _read_on_rank0(path: Path, need_optimizer: bool, need_scheduler: bool) -> di
     return data
 
 
-def _restore_model(path: Path, model: nn.Module, model_sd: dict[str, torch.Tensor], opts: StateDictOptions) -> None:
-    aliases = _tied_aliases(model)
-    for alias, name in aliases.items():  # a checkpoint written by other code may lack the alias
-        if name in model_sd and alias not in model_sd:
-            model_sd[alias] = model_sd[name]
-    try:
-        set_model_state_dict(model, model_sd, options=opts)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: the weights do not fit this model: {err}") from err
-
-
-def _restore_optimizer(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any], opts: StateDictOptions
-) -> None:
-    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
-    try:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer: {err}") from err
-    for group, keys in zip(optimizer.param_groups, tuples):  # DCP returns tuples (betas) as lists
-        for k in keys:
-            if isinstance(group.get(k), list):
-                group[k] = tuple(group[k])
-
-
 def _scatter_rank_states(ranks: list[Any] | None) -> Any:
     """This rank's saved ``{"rng", "state"}`` (None when the checkpoint has no file for it)."""
     if not D.is_distributed():
@@ -652,7 +424,7 @@ def save_final(out_dir: str | Path, model: nn.Module, tokenizer: Any = None) -> 
     """``OUT/final``: a plain Hugging Face directory (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads. A collective under a process group (the weights are
     gathered); rank 0 writes into ``final.tmp-<pid>`` and renames, replacing an older ``final``."""
-    state_dict = _gather_model(model)
+    state_dict = gather_model(model)
     inner = D.unwrap_model(model)
     out = Path(out_dir) / FINAL_DIR
 

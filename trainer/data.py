@@ -68,19 +68,18 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
-from zarr.core.array import AsyncArray
 
 from selkd.cache import format as fmt
-from selkd.cache.reader import CacheError, CacheReader, PartData, PartRecord, open_cache
+from selkd.cache.reader import CacheError, CacheReader, PartRecord, open_cache
 from selkd.cache.store import is_url
-from selkd.trainer.batch import Batch, collate
+from selkd.trainer.batch import Batch
+from selkd.trainer.unit_reader import Layout, UnitReader
 
 STATE_VERSION = 1
 
@@ -97,30 +96,6 @@ class WorkerFailure:
     error: CacheError
 
 
-# --- the layout: units of kept sequences ----------------------------------------------------------
-
-
-@dataclass
-class _Layout:
-    """The kept sequences of a split, in stored order, cut into units."""
-
-    part_names: list[str]
-    seq_part: np.ndarray  # int32 [N]: index into part_names
-    seq_pos: np.ndarray  # int64 [N]: position inside the part
-    unit_bounds: np.ndarray  # int64 [U + 1]: units are flat ranges [unit_bounds[u], unit_bounds[u+1])
-    seq_unit: np.ndarray  # int64 [N]
-    missing_parts: int  # parts of the build plan that are not committed (all splits)
-    expected_parts: int
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.seq_pos.shape[0])
-
-    @property
-    def num_units(self) -> int:
-        return int(self.unit_bounds.shape[0] - 1)
-
-
 def mp_context(url: str) -> str | None:
     """DataLoader start method: ``spawn`` for URLs (s3fs is not fork-safe), ``fork`` for local paths."""
     if is_url(url):
@@ -128,54 +103,6 @@ def mp_context(url: str) -> str | None:
     import multiprocessing as mp
 
     return "fork" if "fork" in mp.get_all_start_methods() else None
-
-
-class _UnitReader:
-    """Per-process (or per-thread) reading state: its own reader, opened arrays and decoded units."""
-
-    def __init__(self, stream: CacheStream, layout: _Layout) -> None:
-        self.stream, self.layout = stream, layout
-        self.reader = stream._process_reader()
-        records = {p.name: p for p in self.reader.parts}
-        self.parts = [records[name] for name in layout.part_names]
-        self.arrays: OrderedDict[int, dict[str, AsyncArray]] = OrderedDict()
-        self.units: OrderedDict[int, tuple[PartData, int]] = OrderedDict()
-        self.capacity = 2 * stream.shuffle_window + 1  # units of the current and the next window
-        self.units_read = 0
-
-    def _part_arrays(self, p: int) -> dict[str, AsyncArray]:
-        if p in self.arrays:
-            self.arrays.move_to_end(p)
-            return self.arrays[p]
-        opened = self.reader.open_part(self.parts[p])
-        self.arrays[p] = opened
-        while len(self.arrays) > self.capacity:
-            self.arrays.popitem(last=False)
-        return opened
-
-    def unit(self, u: int) -> tuple[PartData, int]:
-        """The decoded unit ``u`` and the part position of its first sequence."""
-        if u in self.units:
-            self.units.move_to_end(u)
-            return self.units[u]
-        lay = self.layout
-        lo, hi = int(lay.unit_bounds[u]), int(lay.unit_bounds[u + 1])
-        p = int(lay.seq_part[lo])
-        start, stop = int(lay.seq_pos[lo]), int(lay.seq_pos[hi - 1]) + 1
-        data = self.reader.read_range(self.parts[p], start, stop, self._part_arrays(p))
-        self.units_read += 1
-        self.units[u] = (data, start)
-        while len(self.units) > self.capacity:
-            self.units.popitem(last=False)
-        return data, start
-
-    def batch(self, flat: np.ndarray, pad_id: int) -> Batch:
-        lay = self.layout
-        seqs = []
-        for i in flat.tolist():
-            data, start = self.unit(int(lay.seq_unit[i]))
-            seqs.append(data.sequence(int(lay.seq_pos[i]) - start))
-        return collate(seqs, pad_id)
 
 
 # --- the stream ----------------------------------------------------------------------------------
@@ -271,7 +198,7 @@ class CacheStream(IterableDataset):
         return self._reader
 
     # --- layout and order ------------------------------------------------------------------------
-    def _make_layout(self, reader: CacheReader) -> _Layout:
+    def _make_layout(self, reader: CacheReader) -> Layout:
         parts = [p for p in reader.split_parts(self.split) if p.n_sequences > 0]
         if not parts:
             raise ValueError(f"{self.url}: no committed sequences in the {self.split!r} split")
@@ -286,7 +213,7 @@ class CacheStream(IterableDataset):
             bounds.extend(base + min(s + self.unit_size, len(k)) for s in range(0, len(k), self.unit_size))
         unit_bounds = np.asarray(bounds, dtype=np.int64)
         seq_unit = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(unit_bounds))
-        return _Layout(
+        return Layout(
             [p.name for p in parts],
             seq_part,
             seq_pos,
@@ -480,10 +407,10 @@ class CacheStream(IterableDataset):
         return order[np.arange(a, b) % n]  # world_size > 1: wrap around (drop_last=False only)
 
     def _generate(
-        self, epoch: int, samples: int, worker: int = 0, num_workers: int = 1, units: _UnitReader | None = None
+        self, epoch: int, samples: int, worker: int = 0, num_workers: int = 1, units: UnitReader | None = None
     ) -> Iterator[Batch]:
         """This worker's share of this rank's batches of the iteration starting at (epoch, samples)."""
-        units = units or _UnitReader(self, self._layout)
+        units = units or UnitReader(self, self._layout)
         try:
             for step in range(worker, self._steps_from(samples), num_workers):
                 yield units.batch(self._batch_indices(epoch, samples, step), self.pad_id)

@@ -45,23 +45,21 @@ from selkd.trainer.config import TrainConfig
 from selkd.trainer.metrics import WINDOW_KEYS, MetricsLog, StepStats, log
 from selkd.trainer.run_dir import CONFIG_FILE, RunDir, describe_kept
 from selkd.trainer.setup import (
-    Data,
     Optimization,
     RankState,
     TrainError,
     check_resume,
-    check_student_fits,
     claim_out,
     resolve_precision,
     restore,
     seed_everything,
-    setup_data,
     setup_objective,
     setup_optimizer,
     setup_student,
     setup_tokenizer,
     wrap_student,
 )
+from selkd.trainer.setup_data import Data, check_student_fits, setup_data
 from selkd.trainer.student import Objective, StepOutput, eval_divergences, evaluate
 
 __all__ = ["TrainError", "memory_mb", "step", "train"]

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selkd.cache.documents import DATASETS_PREFIX
 from selkd.cache.errors import SelkdError
 from selkd.cache.info import human_bytes
+from selkd.cache.sources import DATASETS_PREFIX
 from selkd.cache.store import is_url
 from selkd.trainer import checkpoint as ckpt
 

@@ -104,7 +104,7 @@ def _run_demo(
 
 
 def _corpus_stage(run: Run, data: Sequence[str] | None, text_field: str) -> Corpus:
-    from selkd.cache.documents import DataError
+    from selkd.cache.errors import DataError
 
     budget = run.budget
     with run.stages.stage("corpus", "corpus"):
