@@ -1169,7 +1169,9 @@ def test_eval_kl_of_the_teacher_itself_is_zero_on_every_cache(
     CE(sampled targets, q) - H(p) (standard error about 0.002 over these 315 positions)."""
     full, topk, sample = (eval_on(caches[c], tiny_teacher_dir) for c in ("full", "topk", "sample"))
     assert full["eval_positions"] == sample["eval_positions"] == 315
-    assert abs(full["eval_kl"]) < 1e-4 and 0 <= topk["eval_kl_bound"] < 1e-4
+    # the top-k bound of a perfect student is 0 up to float32 rounding (one ulp of 1, 1.2e-7, either way:
+    # the kept log-probs and the tail are computed by different float32 sums, then stored in float16)
+    assert abs(full["eval_kl"]) < 1e-4 and -1e-6 < topk["eval_kl_bound"] < 1e-4
     assert abs(sample["eval_kl"]) < 0.01
     # what the old metric read: the training divergence against the sampled targets
     teacher = load_causal_lm(str(tiny_teacher_dir), torch.device("cpu"), torch.float32)
