@@ -719,7 +719,7 @@ def regime_tables(summary: dict[str, dict[str, Any]], costs: dict[str, Any], ste
 
 def regime_plot(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]], where: Path) -> Path | None:
     """One figure: per regime a panel of held-out CE per method, equal steps and equal time side by side
-    (mean and seeds); the y axis is cut (marked) since the methods differ by tenths of a nat."""
+    (mean and seeds); each panel's y axis is cut (marked) since the methods differ by tenths of a nat."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -728,27 +728,31 @@ def regime_plot(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, An
     shown = [(b, t) for b, t in REGIMES if f"rg-{regime_key(b, t)}-kd-full" in summary]
     if not shown:
         return None
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), squeeze=False)
     names = [("ce-only", "CE only")] + [(m[0], m[1]) for m in REGIME_METHODS]
-    vals = []
-    for ax, (base, teacher) in zip(axes[0], shown, strict=True):
-        rk = regime_key(base, teacher)
+    for ax, (base, teacher) in zip(axes.flat, shown, strict=False):
+        rk, vals = regime_key(base, teacher), []
         for x, (name, _) in enumerate(names):
             key = f"rg-b{base}-ce-only" if name == "ce-only" else f"rg-{rk}-{name}"
             for dx, k, color, label in ((-0.15, key, "C0", "equal steps"), (0.15, f"{key}-eqt", "C1", "equal time")):
                 if k in summary:
-                    ax.bar(x + dx, summary[k]["ce"], 0.3, color=color, alpha=0.6, label=label if x == 1 else None)
+                    ax.bar(x + dx, summary[k]["ce"], 0.3, color=color, alpha=0.6, label=label)
                     ax.scatter([x + dx] * len(summary[k]["ce_seeds"]), summary[k]["ce_seeds"], color="black", s=8)
                     vals += summary[k]["ce_seeds"]
-        ax.axhline(summary[f"rg-{rk}-kd-full"]["ce"], color="grey", linestyle="--", lw=1)
-        ax.set_xticks(range(len(names)), [n[1] for n in names], rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"base {base} ({refs[f'base {base}']['ce']:.2f}), teacher {teacher} "
-                     f"({refs[f'teacher {teacher}']['ce']:.2f})", fontsize=9)  # fmt: skip
-    lo = min(vals) - 0.05
-    axes[0][0].set_ylim(lo, max(vals) + 0.03)
-    axes[0][0].set_ylabel(f"held-out CE (nats); axis cut: starts at {lo:.2f}")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Regime map: held-out CE per method (dashed: full KD; dots: seeds)", fontsize=10)
+        ax.axhline(summary[f"rg-{rk}-kd-full"]["ce"], color="grey", linestyle="--", lw=1, label="full KD")
+        lo = min(vals) - 0.05
+        ax.set_ylim(lo, max(vals) + 0.03)
+        ax.set_ylabel(f"held-out CE (nats); axis cut at {lo:.2f}", fontsize=8)
+        ax.set_xticks(range(len(names)), [n[1] for n in names], rotation=35, ha="right", fontsize=7)
+        ax.set_title(
+            f"base {base} (CE {refs[f'base {base}']['ce']:.2f}), teacher {teacher} "
+            f"(CE {refs[f'teacher {teacher}']['ce']:.2f})",
+            fontsize=9,
+        )
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left")
+    fig.suptitle("Regime map: held-out CE per method (bars: mean over seeds; dots: seeds)", fontsize=10)
     fig.tight_layout()
     path = where / "quality-regimes.png"
     fig.savefig(path, dpi=110)
