@@ -22,8 +22,8 @@ Groups (``--groups``):
            equal steps and (every selection method) at equal wall time: the steps its cheaper step buys
            against full KD's, from a timing pass of short runs interleaved in one process
 
-The CE-only runs read the ``topk:64`` cache for their batches (any of the caches gives the same
-sequences in the same order; the targets are unused).
+The CE-only runs read the ``topk:64`` cache for their batches, the regimes' the ``full`` one (any of the
+caches gives the same sequences in the same order; the targets are unused).
 
 Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache)::
 
@@ -158,7 +158,7 @@ def regime_methods() -> list[Method]:
     """Per regime: CE only (one per base student: it never reads a teacher, so both teachers share it),
     then every method of :data:`REGIME_METHODS` at equal steps and, when it selects, at equal wall time."""
     out = [
-        Method(f"rg-b{base}-ce-only", "CE only", "topk64", kd_weight=0.0, ce_weight=1.0, groups=("regimes",), base=base)
+        Method(f"rg-b{base}-ce-only", "CE only", "full", kd_weight=0.0, ce_weight=1.0, groups=("regimes",), base=base)
         for base in ("A", "B")
     ]
     for base, teacher in REGIMES:
@@ -256,7 +256,7 @@ def _eval_context(ctx: dict[str, Any], teacher: str = "A") -> tuple[list[np.ndar
         from selkd.cache.reader import open_cache
         from selkd.cache.teacher import load_causal_lm
 
-        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["topk64"]).eval_sequences()]
+        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["full"]).eval_sequences()]
         model = load_causal_lm(ctx["teachers"][teacher], "cpu", torch.float32)
         _WORKER["eval", teacher] = (seqs, log_softmax_rows(model, seqs))
     return _WORKER["eval", teacher]
@@ -947,10 +947,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.jobs))
     _worker_init(max(1, args.jobs))
-    for name in ("topk64", "full"):
-        _build(ctx, name)
-
     todo = [(m, s) for m in methods() if set(m.groups) & set(args.groups) for s in args.seeds]
+    for name in BUILDS:  # teacher B's after the regimes' models, in prepare_regimes
+        if BUILDS[name][1] == "A" and (name == "full" or any(m.source == name for m, _ in todo)):
+            _build(ctx, name)
     # equal steps first, seed by seed; then equal time, method by method (the ones the map turns on first):
     # should a run be cut short, the partial results mean the most
     todo.sort(key=lambda ms: (ms[0].equal_time, EQT_ORDER.index(ms[0].cost_of) if ms[0].equal_time else 0, ms[1]))
