@@ -16,13 +16,14 @@ Groups (``--groups``):
   lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
            rates than the demo's (full targets)
   regimes  the regime map: 2 base students (A: the demo's; B: A continued with CE until its held-out CE
-           plateaus) x 2 teachers (A: the demo's; B: A trained twice as many steps), each with its own
-           ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random 20%, SE-KD 20% stochastic
-           (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20% + CE on all positions, at
-           equal steps and (every selection method) at equal wall time: the steps its cheaper step buys
-           against full KD's, from a timing pass of short runs interleaved in one process
+           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.7 times as many more steps
+           as A), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random
+           20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20%
+           + CE on all positions, at equal steps and (every selection method) at equal wall time: the
+           steps its cheaper step buys against full KD's, from a timing pass of short runs interleaved in
+           one process
 
-The CE-only runs read the ``topk:64`` cache for their batches, the regimes' the ``full`` one (any of the
+The CE-only runs read the ``topk:64`` cache for their batches, the regimes' the demo's one (any of the
 caches gives the same sequences in the same order; the targets are unused).
 
 Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache)::
@@ -61,7 +62,7 @@ import torch
 from selkd.trainer.selection import SIGNALS as SELECTION_SIGNALS
 
 # caches this benchmark builds (sample50: the demo's): name -> (classes, teacher); teacher B's only for regimes
-BUILDS = {"topk64": ("topk:64", "A"), "full": ("full", "A"), "full-tB": ("full", "B")}
+BUILDS = {"topk64": ("topk:64", "demo"), "full": ("full", "demo"), "full-tA": ("full", "A"), "full-tB": ("full", "B")}
 SE = "student-entropy"
 SIGNALS = tuple(SELECTION_SIGNALS)  # every signal the trainer has
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
@@ -158,11 +159,13 @@ def regime_methods() -> list[Method]:
     """Per regime: CE only (one per base student: it never reads a teacher, so both teachers share it),
     then every method of :data:`REGIME_METHODS` at equal steps and, when it selects, at equal wall time."""
     out = [
-        Method(f"rg-b{base}-ce-only", "CE only", "full", kd_weight=0.0, ce_weight=1.0, groups=("regimes",), base=base)
+        Method(
+            f"rg-b{base}-ce-only", "CE only", "sample50", kd_weight=0.0, ce_weight=1.0, groups=("regimes",), base=base
+        )
         for base in ("A", "B")
     ]
     for base, teacher in REGIMES:
-        source = "full" if teacher == "A" else f"full-t{teacher}"
+        source = f"full-t{teacher}"
         for name, label, select, policy, weights, ce in REGIME_METHODS:
             m = Method(
                 f"rg-{regime_key(base, teacher)}-{name}",
@@ -250,13 +253,13 @@ def _worker_init(threads: int) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _eval_context(ctx: dict[str, Any], teacher: str = "A") -> tuple[list[np.ndarray], list[torch.Tensor]]:
+def _eval_context(ctx: dict[str, Any], teacher: str = "demo") -> tuple[list[np.ndarray], list[torch.Tensor]]:
     """The held-out sequences and teacher ``teacher``'s log-probs on them, once per worker process."""
     if ("eval", teacher) not in _WORKER:
         from selkd.cache.reader import open_cache
         from selkd.cache.teacher import load_causal_lm
 
-        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["full"]).eval_sequences()]
+        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["sample50"]).eval_sequences()]
         model = load_causal_lm(ctx["teachers"][teacher], "cpu", torch.float32)
         _WORKER["eval", teacher] = (seqs, log_softmax_rows(model, seqs))
     return _WORKER["eval", teacher]
@@ -359,11 +362,10 @@ def demo_context(demo: Path, out: Path, extra_models: dict[str, dict[str, Any]])
     return {
         "demo": str(demo),
         "out": str(out),
-        "teachers": {"A": s["teacher_dir"], "B": str(out / "models" / "teacher-B")},
+        "teachers": {"demo": s["teacher_dir"], **{t: str(out / "models" / f"teacher-{t}") for t in "AB"}},
         "bases": {"A": s["base_dir"], "B": str(out / "models" / "base-B")},
-        "model_ids": {"base-A": identity, "teacher-A": identity, **{k: _digest(v) for k, v in extra_models.items()}},
+        "model_ids": {"base-A": identity, "teacher-demo": identity, **{k: _digest(v) for k, v in extra_models.items()}},
         "extra_models": extra_models,
-        "pretrain_lr": b["base_lr"],
         "pretrain_batch": b["pretrain_batch"],
         "extra_data": str(Path(s["kd_data"]).with_name("extra.jsonl")),
         "kd_data": s["kd_data"],
@@ -419,12 +421,14 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
 
 # ----------------------------------------------------------------------------- the regimes' extra models
 
-# teacher B: teacher A trained on, as many steps again (twice its compute), cosine from lr/3 to lr/30;
+# teachers A and B: the demo's teacher trained on for `steps` more steps of CE, the lr a cosine from `lr` to
+# lr/10 (on a busy machine the demo's time-budgeted teacher can end no better than its base student);
 # base B: base A trained on with CE at a constant lr, scored on the held-out sequences every `every` steps,
 # until `every` steps gain less than `delta` nats (or `max_steps`)
 EXTRA_MODELS = {
-    "teacher-B": {"from": "teacher-A", "steps_factor": 1.0, "lr_div": 3.0, "seed": 11},
-    "base-B": {"from": "base-A", "every": 100, "delta": 0.01, "max_steps": 1000, "lr": 1e-3, "seed": 12},
+    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 300, "lr": 1e-3, "seed": 11},
+    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 800, "lr": 1e-3, "seed": 12},
+    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 800, "lr": 1e-3, "seed": 13},
 }
 
 
@@ -479,12 +483,12 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     from selkd.trainer.demo.models import save_model, score_sequences
 
     settings = ctx["extra_models"][name]
-    kind, _ = name.split("-")
-    directory = Path(ctx[f"{kind}s"]["B"])
+    kind, which = name.split("-")
+    directory = Path(ctx[f"{kind}s"][which])
     stamp = directory / "bench-quality.json"
     if stamp.is_file() and (record := json.loads(stamp.read_text())).get("id") == ctx["model_ids"][name]:
         return {**record, "reused": True}
-    source = ctx[f"{kind}s"]["A"]
+    source = ctx[f"{kind}s"][settings["from"]]
     model = load_causal_lm(source, "cpu", torch.float32).requires_grad_(True)  # loaded frozen, as a teacher
     tokenizer = AutoTokenizer.from_pretrained(source)
     pool = _pretrain_pool(ctx, tokenizer)
@@ -495,10 +499,9 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     curve = [(0, score_sequences(model, seqs)[0])]
     t0 = time.perf_counter()
     if kind == "teacher":
-        steps = round(json.loads((Path(source) / "selkd-demo.json").read_text())["steps"] * settings["steps_factor"])
-        lr = ctx["pretrain_lr"] / settings["lr_div"]
-        _ce_steps(model, pool, steps, batch, (lr, lr / 10), opt, rng)
-        curve.append((steps, score_sequences(model, seqs)[0]))
+        lr = settings["lr"]
+        _ce_steps(model, pool, settings["steps"], batch, (lr, lr / 10), opt, rng)
+        curve.append((settings["steps"], score_sequences(model, seqs)[0]))
     else:
         while not plateaued(curve, settings["delta"]) and curve[-1][0] < settings["max_steps"]:
             n = min(settings["every"], settings["max_steps"] - curve[-1][0])
@@ -904,12 +907,14 @@ def prepare_regimes(ctx: dict[str, Any], pool: ProcessPoolExecutor) -> dict[str,
     """The regimes' extra models (trained in ``pool``, at once), teacher B's ``full`` cache and the step
     costs; sets the equal-time runs' steps in ``ctx["run_steps"]``. Returns the costs, with the models'
     records under "models"."""
-    futures = {name: pool.submit(ensure_model, name, ctx) for name in EXTRA_MODELS}
+    longest_first = sorted(ctx["extra_models"], key=lambda n: -ctx["extra_models"][n].get("steps", 0))
+    futures = {name: pool.submit(ensure_model, name, ctx) for name in longest_first}
     models = {name: fut.result() for name, fut in futures.items()}
     for name, rec in models.items():
         how = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
         print(f"{name}: held-out CE {' -> '.join(f'{ce:.3f}' for _, ce in rec['curve'])} ({how})", flush=True)
-    _build(ctx, "full-tB")
+    for name in ("full-tA", "full-tB"):
+        _build(ctx, name)
     costs = step_costs(ctx)
     print("step cost vs full KD: " + ", ".join(f"{k} {v:.2f}x" for k, v in costs["ratio"].items()), flush=True)
     for m in methods():
@@ -949,7 +954,7 @@ def main() -> None:
     _worker_init(max(1, args.jobs))
     todo = [(m, s) for m in methods() if set(m.groups) & set(args.groups) for s in args.seeds]
     for name in BUILDS:  # teacher B's after the regimes' models, in prepare_regimes
-        if BUILDS[name][1] == "A" and (name == "full" or any(m.source == name for m, _ in todo)):
+        if BUILDS[name][1] == "demo" and any(m.source == name for m, _ in todo):
             _build(ctx, name)
     # equal steps first, seed by seed; then equal time, method by method (the ones the map turns on first):
     # should a run be cut short, the partial results mean the most
@@ -974,7 +979,7 @@ def main() -> None:
 
     seqs, logp = _eval_context(ctx)
     refs = {}
-    for name, path in (("teacher", ctx["teachers"]["A"]), ("base student", ctx["bases"]["A"])):
+    for name, path in (("teacher", ctx["teachers"]["demo"]), ("base student", ctx["bases"]["A"])):
         m = score(log_softmax_rows(load_causal_lm(path, "cpu", torch.float32), seqs), seqs, logp)
         refs[name] = {**m, "agree": None if name == "teacher" else m["agree"]}
     summary = summarize(records)
