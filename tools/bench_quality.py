@@ -16,7 +16,7 @@ Groups (``--groups``):
   lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
            rates than the demo's (full targets)
   regimes  the regime map: 2 base students (A: the demo's; B: A continued with CE until its held-out CE
-           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.7 times as many more steps
+           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.4 times as many more steps
            as A), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random
            20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20%
            + CE on all positions, at equal steps and (every selection method) at equal wall time: the
@@ -292,21 +292,28 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
     )
 
 
-def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train one (method, seed), score its final student; returns the record (also written to disk)."""
-    from selkd.cache.teacher import load_causal_lm
-    from selkd.trainer.loop import train
-
+def finished(method: Method, seed: int, ctx: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """The run's config, its identity and, when an earlier run with that identity finished, its record."""
     out = Path(ctx["out"]) / "runs" / f"{method.key}-s{seed}"
     cfg = train_config(method, seed, out, ctx)
     identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"], "scoring": SCORING}
     if "regimes" in method.groups:  # the extra models are retrained when their settings change
         identity["models"] = [ctx["model_ids"][f"base-{method.base}"], ctx["model_ids"][f"teacher-{method.teacher}"]]
     stamp = out / "quality.json"
-    if stamp.is_file():
-        record = json.loads(stamp.read_text())
-        if record.get("identity") == identity:
-            return {**record, "reused": True}
+    if stamp.is_file() and (record := json.loads(stamp.read_text())).get("identity") == identity:
+        return cfg, identity, {**record, "reused": True}
+    return cfg, identity, None
+
+
+def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train one (method, seed), score its final student; returns the record (also written to disk)."""
+    from selkd.cache.teacher import load_causal_lm
+    from selkd.trainer.loop import train
+
+    cfg, identity, record = finished(method, seed, ctx)
+    if record is not None:
+        return record
+    out, stamp = Path(cfg.out), Path(cfg.out) / "quality.json"
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
@@ -426,9 +433,9 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
 # base B: base A trained on with CE at a constant lr, scored on the held-out sequences every `every` steps,
 # until `every` steps gain less than `delta` nats (or `max_steps`)
 EXTRA_MODELS = {
-    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 300, "lr": 1e-3, "seed": 11},
-    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 800, "lr": 1e-3, "seed": 12},
-    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 800, "lr": 1e-3, "seed": 13},
+    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 250, "lr": 1e-3, "seed": 11},
+    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 600, "lr": 1e-3, "seed": 12},
+    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 600, "lr": 1e-3, "seed": 13},
 }
 
 
@@ -519,7 +526,7 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     return {**record, "reused": False}
 
 
-TIMING = {"steps": 14, "rounds": 3}  # the step-cost pass: short runs per method, interleaved A, B, ..., A, B, ...
+TIMING = {"steps": 12, "rounds": 2}  # the step-cost pass: short runs per method, interleaved A, B, ..., A, B, ...
 
 
 def step_costs(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -936,6 +943,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default: 2)")
     p.add_argument("--plots", type=Path, help="directory for the PNG plots (default: OUT)")
     p.add_argument("--steps", type=int, help="training steps of every run (default: the demo's KD steps)")
+    p.add_argument("--report-only", action="store_true", help="tables and plots of the runs already finished")
     p.add_argument(
         "--plateau-steps",
         type=int,
@@ -965,6 +973,10 @@ def main() -> None:
     ) as pool:
         if "regimes" in args.groups:
             costs = prepare_regimes(ctx, pool)
+        if args.report_only:
+            records = [r for m, s in todo if (r := finished(m, s, ctx)[2]) is not None]
+            print(f"--report-only: {len(records)} of {len(todo)} runs finished", flush=True)
+            todo = []
         futures = {pool.submit(run_one, m, s, ctx): (m, s) for m, s in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             m, s = futures[fut]
