@@ -86,5 +86,5 @@ def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
             assert dataclasses.replace(m, key=twin.key, equal_time=False) == twin  # only the steps differ
             assert twin.select != "none" and m.cost_of in {r[0] for r in bq.REGIME_METHODS}
     assert sorted(bq.EQT_ORDER) == sorted(m.cost_of for m in ms if m.equal_time and m.key.startswith("rg-bAtA-"))
-    assert {by_key[f"rg-b{b}t{t}-se"].source for b, t in bq.REGIMES} == {"full", "full-tB"}
+    assert {by_key[f"rg-b{b}t{t}-se"].source for b, t in bq.REGIMES} == {"full-tA", "full-tB"}
     assert by_key["rg-bBtB-se"].base == "B" and by_key["rg-bBtB-se"].teacher == "B"
