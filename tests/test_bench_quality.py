@@ -85,6 +85,14 @@ def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
             twin = by_key[m.key.removesuffix("-eqt")]
             assert dataclasses.replace(m, key=twin.key, equal_time=False) == twin  # only the steps differ
             assert twin.select != "none" and m.cost_of in {r[0] for r in bq.REGIME_METHODS}
-    assert sorted(bq.EQT_ORDER) == sorted(m.cost_of for m in ms if m.equal_time and m.key.startswith("rg-bAtA-"))
+    # the training order: every regime method in exactly one tier, full KD, SE-KD, random and CE only first
+    tiers = {m.key: bq.run_tier(m) for m in ms}
+    assert sum(len(t) for t in bq.RUN_TIERS) == 12 and set(tiers.values()) == set(range(len(bq.RUN_TIERS)))
+    assert {k for k, t in tiers.items() if t == 0} == {
+        *(f"rg-b{b}t{t}-{n}" for b, t in bq.REGIMES for n in ("kd-full", "se", "random")),
+        "rg-bA-ce-only",
+        "rg-bB-ce-only",
+    }
+    assert {bq.run_tier(m) for m in bq.methods() if not m.key.startswith("rg-")} == {0}
     assert {by_key[f"rg-b{b}t{t}-se"].source for b, t in bq.REGIMES} == {"full-tA", "full-tB"}
     assert by_key["rg-bBtB-se"].base == "B" and by_key["rg-bBtB-se"].teacher == "B"

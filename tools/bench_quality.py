@@ -147,7 +147,22 @@ REGIME_METHODS = (
     ("se-hybrid", "SE 15% + random 5%", f"{SE}:0.15+random:0.05", "sequence", True, 0.0),
     ("se-ce", "SE-KD 20% + CE on all", _sel(0.2), "sequence", True, 1.0),
 )
-EQT_ORDER = ("se", "random", "se-hybrid", "se-ce", "se-stoch")  # the order the equal-time runs are trained in
+# the order the regimes' runs are trained in, tier by tier (each tier seed by seed): (method, equal time)
+RUN_TIERS = (
+    {("kd-full", False), ("se", False), ("random", False), ("", False)},  # "": CE only
+    {("se", True), ("random", True)},
+    {("se-ce", False), ("se-hybrid", False)},
+    {("se-stoch", False)},
+    {("se-ce", True), ("se-hybrid", True)},
+    {("se-stoch", True)},
+)
+
+
+def run_tier(m: Method) -> int:
+    """Which of :data:`RUN_TIERS` trains ``m`` (the other groups' methods: the first)."""
+    return next(i for i, tier in enumerate(RUN_TIERS) if (m.cost_of, m.equal_time) in tier or not m.cost_of)
+
+
 ENTROPY_METHODS = ("se", "se-stoch", "se-hybrid", "se-ce")  # the entropy-selected ones the reading asks about
 
 
@@ -964,9 +979,7 @@ def main() -> None:
     for name in BUILDS:  # teacher B's after the regimes' models, in prepare_regimes
         if BUILDS[name][1] == "demo" and any(m.source == name for m, _ in todo):
             _build(ctx, name)
-    # equal steps first, seed by seed; then equal time, method by method (the ones the map turns on first):
-    # should a run be cut short, the partial results mean the most
-    todo.sort(key=lambda ms: (ms[0].equal_time, EQT_ORDER.index(ms[0].cost_of) if ms[0].equal_time else 0, ms[1]))
+    todo.sort(key=lambda ms: (run_tier(ms[0]), ms[1]))  # should the runs be cut short, what is done means the most
     records, costs = [], {}
     with ProcessPoolExecutor(
         args.jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(1,)
