@@ -16,7 +16,7 @@ Groups (``--groups``):
   lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
            rates than the demo's (full targets)
   regimes  the regime map: 2 base students (A: the demo's; B: A continued with CE until its held-out CE
-           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.4 times as many more steps
+           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.7 times as many more steps
            as A), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random
            20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20%
            + CE on all positions, at equal steps and (every selection method) at equal wall time: the
@@ -448,9 +448,9 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
 # base B: base A trained on with CE at a constant lr, scored on the held-out sequences every `every` steps,
 # until `every` steps gain less than `delta` nats (or `max_steps`)
 EXTRA_MODELS = {
-    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 250, "lr": 1e-3, "seed": 11},
-    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 600, "lr": 1e-3, "seed": 12},
-    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 600, "lr": 1e-3, "seed": 13},
+    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 300, "lr": 1e-3, "seed": 11},
+    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 800, "lr": 1e-3, "seed": 12},
+    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 800, "lr": 1e-3, "seed": 13},
 }
 
 
