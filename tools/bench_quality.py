@@ -15,9 +15,16 @@ Groups (``--groups``):
            renormalised (biased) and sample:50 (the demo's cache)
   lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
            rates than the demo's (full targets)
+  regimes  the regime map: 2 base students (A: the demo's; B: A continued with CE until its held-out CE
+           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.7 times as many more steps
+           as A), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random
+           20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20%
+           + CE on all positions, at equal steps and (every selection method) at equal wall time: the
+           steps its cheaper step buys against full KD's, from a timing pass of short runs interleaved in
+           one process
 
-The CE-only runs read the ``topk:64`` cache for their batches (any of the caches gives the same
-sequences in the same order; the targets are unused).
+The CE-only runs read the ``topk:64`` cache for their batches, the regimes' the demo's one (any of the
+caches gives the same sequences in the same order; the targets are unused).
 
 Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache)::
 
@@ -26,7 +33,8 @@ Needs a finished demo (its teacher, base student, corpus and ``sample:50`` cache
 
 Prints markdown tables with the machine and the command, writes them to OUT/quality.md and every
 number to OUT/quality.json. Resumable: a run whose OUT/runs/KEY/quality.json matches its settings is
-reused, so an interrupted benchmark continues where it stopped. The settings are the run's config, the
+reused, so an interrupted benchmark continues where it stopped (the regimes' extra models, caches and
+step timings are kept under OUT too). The settings are the run's config, the
 demo's models and the scoring version, not selkd's code: after changing the trainer, delete the
 affected OUT/runs/KEY directories (or all of OUT/runs) so that they are trained again.
 """
@@ -53,11 +61,13 @@ import torch
 
 from selkd.trainer.selection import SIGNALS as SELECTION_SIGNALS
 
-BUILDS = {"topk64": "topk:64", "full": "full"}  # caches this benchmark builds (sample50: the demo's)
+# caches this benchmark builds (sample50: the demo's): name -> (classes, teacher); teacher B's only for regimes
+BUILDS = {"topk64": ("topk:64", "demo"), "full": ("full", "demo"), "full-tA": ("full", "A"), "full-tB": ("full", "B")}
 SE = "student-entropy"
 SIGNALS = tuple(SELECTION_SIGNALS)  # every signal the trainer has
 BUDGETS = (0.01, 0.05, 0.1, 0.2, 0.5)  # and 1.0: full KD
-GROUPS = ("signals", "budgets", "classes", "lr")
+ABLATIONS = ("signals", "budgets", "classes", "lr")  # the groups on the demo's base student and teacher
+GROUPS = (*ABLATIONS, "regimes")
 LR_FACTORS = (1 / 3, 3.0)  # the lr group: these multiples of the demo's learning rate
 ECE_BINS = 15
 SCORING = 2  # version of score(): records scored by another version are redone
@@ -77,6 +87,12 @@ class Method:
     ce_weight: float = 0.0
     lr_factor: float = 1.0  # times the demo's peak learning rate
     groups: tuple[str, ...] = ()
+    policy: str = "sequence"  # --select-policy
+    importance_weights: bool = True
+    base: str = "A"  # base student: A (the demo's) or B (A at its CE plateau)
+    teacher: str = "A"  # whose cache (the source's teacher); the held-out KL and agreement use it too
+    equal_time: bool = False  # trains the steps its step cost buys against full KD's (see equal_time_steps)
+    cost_of: str = ""  # the method whose timed step cost this one has (the same method in regime A/A)
 
 
 def _sel(fraction: float, signal: str = SE) -> str:
@@ -85,8 +101,8 @@ def _sel(fraction: float, signal: str = SE) -> str:
 
 def methods() -> list[Method]:
     out = [
-        Method("ce-only", "CE only (no teacher)", "topk64", kd_weight=0.0, ce_weight=1.0, groups=GROUPS),
-        Method("kd-full", "full KD (all positions)", "full", groups=GROUPS),
+        Method("ce-only", "CE only (no teacher)", "topk64", kd_weight=0.0, ce_weight=1.0, groups=ABLATIONS),
+        Method("kd-full", "full KD (all positions)", "full", groups=ABLATIONS),
         Method(
             "se-ce",
             "student entropy 20% + CE on all positions (weight 1)",
@@ -97,7 +113,7 @@ def methods() -> list[Method]:
         ),
     ]
     for signal in SIGNALS:
-        groups = GROUPS if signal == SE else ("signals",)
+        groups = ABLATIONS if signal == SE else ("signals",)
         out.append(Method(f"sel-{signal}-0.2", f"{signal} 20%", "full", _sel(0.2, signal), groups=groups))
     for fraction in BUDGETS:
         if fraction != 0.2:
@@ -118,7 +134,79 @@ def methods() -> list[Method]:
             m = next(m for m in out if m.key == base)
             key = f"{base}-lr{factor:.3g}"
             out.append(dataclasses.replace(m, key=key, lr_factor=factor, groups=("lr",)))
+    return out + regime_methods()
+
+
+REGIMES = (("A", "A"), ("A", "B"), ("B", "A"), ("B", "B"))  # (base student, teacher)
+# the regimes group's methods, one regime apart: (key, label, select, policy, importance weights, ce weight)
+REGIME_METHODS = (
+    ("kd-full", "full KD", "none", "sequence", True, 0.0),
+    ("se", "SE-KD 20% (top-k)", _sel(0.2), "sequence", True, 0.0),
+    ("random", "random 20%", _sel(0.2, "random"), "sequence", True, 0.0),
+    ("se-stoch", "SE-KD 20% stochastic (HH weights)", _sel(0.2), "stochastic", True, 0.0),
+    ("se-hybrid", "SE 15% + random 5%", f"{SE}:0.15+random:0.05", "sequence", True, 0.0),
+    ("se-ce", "SE-KD 20% + CE on all", _sel(0.2), "sequence", True, 1.0),
+)
+# the order the regimes' runs are trained in, tier by tier (each tier seed by seed): (method, equal time)
+RUN_TIERS = (
+    {("kd-full", False), ("se", False), ("random", False), ("", False)},  # "": CE only
+    {("se", True), ("random", True)},
+    {("se-ce", False), ("se-hybrid", False)},
+    {("se-stoch", False)},
+    {("se-ce", True), ("se-hybrid", True)},
+    {("se-stoch", True)},
+)
+
+
+def run_tier(m: Method) -> int:
+    """Which of :data:`RUN_TIERS` trains ``m`` (the other groups' methods: the first)."""
+    return next(i for i, tier in enumerate(RUN_TIERS) if (m.cost_of, m.equal_time) in tier or not m.cost_of)
+
+
+ENTROPY_METHODS = ("se", "se-stoch", "se-hybrid", "se-ce")  # the entropy-selected ones the reading asks about
+
+
+def regime_key(base: str, teacher: str) -> str:
+    return f"b{base}t{teacher}"
+
+
+def regime_methods() -> list[Method]:
+    """Per regime: CE only (one per base student: it never reads a teacher, so both teachers share it),
+    then every method of :data:`REGIME_METHODS` at equal steps and, when it selects, at equal wall time."""
+    out = [
+        Method(
+            f"rg-b{base}-ce-only", "CE only", "sample50", kd_weight=0.0, ce_weight=1.0, groups=("regimes",), base=base
+        )
+        for base in ("A", "B")
+    ]
+    for base, teacher in REGIMES:
+        source = f"full-t{teacher}"
+        for name, label, select, policy, weights, ce in REGIME_METHODS:
+            m = Method(
+                f"rg-{regime_key(base, teacher)}-{name}",
+                label,
+                source,
+                select,
+                ce_weight=ce,
+                groups=("regimes",),
+                policy=policy,
+                importance_weights=weights,
+                base=base,
+                teacher=teacher,
+                cost_of=name,
+            )
+            out.append(m)
+            if select != "none":
+                out.append(dataclasses.replace(m, key=f"{m.key}-eqt", equal_time=True))
     return out
+
+
+def equal_time_steps(steps: int, full_step_s: float, step_s: float) -> int:
+    """Steps a method whose step takes ``step_s`` trains in the time full KD takes for ``steps`` steps of
+    ``full_step_s`` (at least one)."""
+    if full_step_s <= 0 or step_s <= 0:
+        raise ValueError(f"step times must be positive, got {full_step_s} and {step_s}")
+    return max(1, round(steps * full_step_s / step_s))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -180,16 +268,16 @@ def _worker_init(threads: int) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _eval_context(ctx: dict[str, Any]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
-    """The held-out sequences and the teacher's log-probs on them, once per worker process."""
-    if "eval" not in _WORKER:
+def _eval_context(ctx: dict[str, Any], teacher: str = "demo") -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """The held-out sequences and teacher ``teacher``'s log-probs on them, once per worker process."""
+    if ("eval", teacher) not in _WORKER:
         from selkd.cache.reader import open_cache
         from selkd.cache.teacher import load_causal_lm
 
-        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["topk64"]).eval_sequences()]
-        teacher = load_causal_lm(ctx["teacher"], "cpu", torch.float32)
-        _WORKER["eval"] = (seqs, log_softmax_rows(teacher, seqs))
-    return _WORKER["eval"]
+        seqs = [np.asarray(s.input_ids) for s in open_cache(ctx["caches"]["sample50"]).eval_sequences()]
+        model = load_causal_lm(ctx["teachers"][teacher], "cpu", torch.float32)
+        _WORKER["eval", teacher] = (seqs, log_softmax_rows(model, seqs))
+    return _WORKER["eval", teacher]
 
 
 def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> Any:
@@ -198,13 +286,15 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
     return TrainConfig(
         cache=ctx["caches"][method.source],
         out=str(out),
-        student=ctx["base"],
-        steps=ctx["steps"],
+        student=ctx["bases"][method.base],
+        steps=ctx["run_steps"].get(method.key, ctx["steps"]),
         batch_size=ctx["batch"],
         lr=ctx["lr"] * method.lr_factor,
         warmup_steps=ctx["warmup_steps"],
         seed=seed,
         select=method.select,
+        select_policy=method.policy,
+        importance_weights=method.importance_weights,
         topk_renormalize=method.renormalize,
         kd_weight=method.kd_weight,
         ce_weight=method.ce_weight,
@@ -217,25 +307,34 @@ def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> A
     )
 
 
+def finished(method: Method, seed: int, ctx: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """The run's config, its identity and, when an earlier run with that identity finished, its record."""
+    out = Path(ctx["out"]) / "runs" / f"{method.key}-s{seed}"
+    cfg = train_config(method, seed, out, ctx)
+    identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"], "scoring": SCORING}
+    if "regimes" in method.groups:  # the extra models are retrained when their settings change
+        identity["models"] = [ctx["model_ids"][f"base-{method.base}"], ctx["model_ids"][f"teacher-{method.teacher}"]]
+    stamp = out / "quality.json"
+    if stamp.is_file() and (record := json.loads(stamp.read_text())).get("identity") == identity:
+        return cfg, identity, {**record, "reused": True}
+    return cfg, identity, None
+
+
 def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed), score its final student; returns the record (also written to disk)."""
     from selkd.cache.teacher import load_causal_lm
     from selkd.trainer.loop import train
 
-    out = Path(ctx["out"]) / "runs" / f"{method.key}-s{seed}"
-    cfg = train_config(method, seed, out, ctx)
-    identity = {"cfg": cfg.to_dict(), "demo": ctx["identity"], "scoring": SCORING}
-    stamp = out / "quality.json"
-    if stamp.is_file():
-        record = json.loads(stamp.read_text())
-        if record.get("identity") == identity:
-            return {**record, "reused": True}
+    cfg, identity, record = finished(method, seed, ctx)
+    if record is not None:
+        return record
+    out, stamp = Path(cfg.out), Path(cfg.out) / "quality.json"
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
-    seqs, logp = _eval_context(ctx)
+    seqs, logp = _eval_context(ctx, method.teacher)
     metrics = score(log_softmax_rows(load_causal_lm(str(out / "final"), "cpu", torch.float32), seqs), seqs, logp)
     record = {
         "identity": identity,
@@ -243,6 +342,7 @@ def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         "steps": result["step"],
         "wall_s": wall,
+        "step_s": median_step_s(out / "metrics.jsonl"),
         **metrics,
     }
     tmp = stamp.with_suffix(".tmp")
@@ -252,11 +352,23 @@ def run_one(method: Method, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
     return {**record, "reused": False}
 
 
+def median_step_s(metrics: Path, skip: int = 2) -> float | None:
+    """The median of a run's logged step times (``metrics.jsonl`` windows ending after step ``skip``):
+    robust to a pause of the process (a SIGSTOP) spoiling a few windows, unlike the run's wall time."""
+    times = [
+        row["step_time_s"]
+        for row in map(json.loads, metrics.read_text().splitlines())
+        if "step_time_s" in row and row["step"] > skip
+    ]
+    return statistics.median(times) if times else None
+
+
 # ----------------------------------------------------------------------------- setup
 
 
-def demo_context(demo: Path, out: Path) -> dict[str, Any]:
-    """What the runs share, read from the demo's results.json."""
+def demo_context(demo: Path, out: Path, extra_models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the runs share, read from the demo's results.json; ``extra_models``: the regimes' extra
+    models' settings (:data:`EXTRA_MODELS`, as the command line set them)."""
     path = demo / "results.json"
     if not path.is_file():
         raise SystemExit(f"bench_quality: {path} not found; run `selkd-demo --out {demo}` first")
@@ -266,11 +378,18 @@ def demo_context(demo: Path, out: Path) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"bench_quality: {path} lacks {', '.join(missing)}: rerun `selkd-demo --out {demo}` (seconds)")
     sample50 = demo / "caches" / "full"
+    identity = hashlib.sha256(
+        json.dumps([s["teacher_dir"], s["base_dir"], s["caches"]], sort_keys=True).encode()
+    ).hexdigest()[:16]
     return {
         "demo": str(demo),
         "out": str(out),
-        "teacher": s["teacher_dir"],
-        "base": s["base_dir"],
+        "teachers": {"demo": s["teacher_dir"], **{t: str(out / "models" / f"teacher-{t}") for t in "AB"}},
+        "bases": {"A": s["base_dir"], "B": str(out / "models" / "base-B")},
+        "model_ids": {"base-A": identity, "teacher-demo": identity, **{k: _digest(v) for k, v in extra_models.items()}},
+        "extra_models": extra_models,
+        "pretrain_batch": b["pretrain_batch"],
+        "extra_data": str(Path(s["kd_data"]).with_name("extra.jsonl")),
         "kd_data": s["kd_data"],
         "seq_len": b["seq_len"],
         "steps": b["kd_steps"],
@@ -282,10 +401,13 @@ def demo_context(demo: Path, out: Path) -> dict[str, Any]:
         "split_seed": s["seed"],
         "caches": {"sample50": str(sample50), **{name: str(out / "caches" / name) for name in BUILDS}},
         "demo_rows": {r["key"]: r for r in results["rows"]},
-        "identity": hashlib.sha256(
-            json.dumps([s["teacher_dir"], s["base_dir"], s["caches"]], sort_keys=True).encode()
-        ).hexdigest()[:16],
+        "identity": identity,
+        "run_steps": {},  # method key -> steps, for the equal-time runs (set once the step costs are known)
     }
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
@@ -301,11 +423,12 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
             return None
     except (CacheError, OSError, ValueError):
         pass  # absent or unfinished: the build resumes it
+    classes, teacher = BUILDS[name]
     cfg = BuildConfig(
-        teacher=ctx["teacher"],
+        teacher=ctx["teachers"][teacher],
         data=[ctx["kd_data"]],
         out=str(path),
-        classes=BUILDS[name],
+        classes=classes,
         max_seq_len=ctx["seq_len"],
         eval_fraction=ctx["eval_fraction"],
         seed=ctx["split_seed"],
@@ -316,6 +439,140 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
     t0 = time.perf_counter()
     build_cache(cfg)
     return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the regimes' extra models
+
+# teachers A and B: the demo's teacher trained on for `steps` more steps of CE, the lr a cosine from `lr` to
+# lr/10 (on a busy machine the demo's time-budgeted teacher can end no better than its base student);
+# base B: base A trained on with CE at a constant lr, scored on the held-out sequences every `every` steps,
+# until `every` steps gain less than `delta` nats (or `max_steps`)
+EXTRA_MODELS = {
+    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 300, "lr": 1e-3, "seed": 11},
+    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 800, "lr": 1e-3, "seed": 12},
+    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 800, "lr": 1e-3, "seed": 13},
+}
+
+
+def plateaued(curve: list[tuple[int, float]], delta: float) -> bool:
+    """Whether the last two held-out scores of ``curve`` ((step, CE) pairs, evenly spaced) differ by less
+    than ``delta`` nats: the base student's CE plateau."""
+    return len(curve) >= 2 and curve[-2][1] - curve[-1][1] < delta
+
+
+def _pretrain_pool(ctx: dict[str, Any], tokenizer: Any) -> np.ndarray:
+    """[N, L] the demo's pretraining sequences (its KD corpus minus the held-out split, plus the
+    pretraining-only text), by the demo's own rule."""
+    from types import SimpleNamespace
+
+    from selkd.trainer.demo.pretraining import Pretraining
+
+    run = SimpleNamespace(budget=SimpleNamespace(seq_len=ctx["seq_len"]))
+    corpus = SimpleNamespace(
+        kd_path=Path(ctx["kd_data"]), extra_path=Path(ctx["extra_data"]), extra_rows=True,
+        eval_fraction=ctx["eval_fraction"],
+    )  # fmt: skip
+    return Pretraining(run, corpus, tokenizer, {}, Path(ctx["out"])).pool()
+
+
+def _ce_steps(
+    model: Any, pool: np.ndarray, steps: int, batch: int, lr: tuple[float, float], opt: Any, rng: Any
+) -> float:
+    """``steps`` AdamW steps of next-token CE on batches of ``rng``-drawn rows of ``pool`` ([N, L]), the lr
+    a cosine from ``lr[0]`` to ``lr[1]`` (equal: constant); returns the mean training CE."""
+    model.train()
+    total = 0.0
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr[1] + (lr[0] - lr[1]) * 0.5 * (1 + math.cos(math.pi * i / max(1, steps)))
+        x = torch.from_numpy(pool[rng.integers(0, len(pool), batch)].astype(np.int64))
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        total += float(loss.detach())
+    model.eval()
+    return total / max(1, steps)
+
+
+def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse) the extra model ``name`` of :data:`EXTRA_MODELS` under OUT/models; returns its
+    record (steps, held-out CE curve). Written to a temporary directory and renamed: resumable."""
+    from transformers import AutoTokenizer
+
+    from selkd.cache.teacher import load_causal_lm
+    from selkd.trainer.demo.models import save_model, score_sequences
+
+    settings = ctx["extra_models"][name]
+    kind, which = name.split("-")
+    directory = Path(ctx[f"{kind}s"][which])
+    stamp = directory / "bench-quality.json"
+    if stamp.is_file() and (record := json.loads(stamp.read_text())).get("id") == ctx["model_ids"][name]:
+        return {**record, "reused": True}
+    source = ctx[f"{kind}s"][settings["from"]]
+    model = load_causal_lm(source, "cpu", torch.float32).requires_grad_(True)  # loaded frozen, as a teacher
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    pool = _pretrain_pool(ctx, tokenizer)
+    seqs, _ = _eval_context(ctx)
+    rng = np.random.default_rng(settings["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)  # the demo's
+    batch = ctx["pretrain_batch"]
+    curve = [(0, score_sequences(model, seqs)[0])]
+    t0 = time.perf_counter()
+    if kind == "teacher":
+        lr = settings["lr"]
+        _ce_steps(model, pool, settings["steps"], batch, (lr, lr / 10), opt, rng)
+        curve.append((settings["steps"], score_sequences(model, seqs)[0]))
+    else:
+        while not plateaued(curve, settings["delta"]) and curve[-1][0] < settings["max_steps"]:
+            n = min(settings["every"], settings["max_steps"] - curve[-1][0])
+            _ce_steps(model, pool, n, batch, (settings["lr"], settings["lr"]), opt, rng)
+            curve.append((curve[-1][0] + n, score_sequences(model, seqs)[0]))
+    record = {"id": ctx["model_ids"][name], "settings": settings, "curve": curve, "seconds": time.perf_counter() - t0}
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tokenizer, tmp)
+    (tmp / "bench-quality.json").write_text(json.dumps(record, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return {**record, "reused": False}
+
+
+TIMING = {"steps": 12, "rounds": 2}  # the step-cost pass: short runs per method, interleaved A, B, ..., A, B, ...
+
+
+def step_costs(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Per method of :data:`REGIME_METHODS`, its step time (s) and its ratio to full KD's, from short runs
+    in this one process interleaved over ``TIMING["rounds"]`` rounds on regime A/A's models and caches (the
+    regimes share the student's shape and the cache's format, so one timing serves all four). Each run's
+    step time is the median of its logged steps after the second, a method's the median over rounds: a
+    pause of the process or a burst of load spoils a step or a round, not the ratio. Kept in
+    OUT/step_costs.json."""
+    from selkd.trainer.loop import train
+
+    path = Path(ctx["out"]) / "step_costs.json"
+    ident = _digest([ctx["identity"], TIMING, [m[:6] for m in REGIME_METHODS], ctx["steps"]])
+    if path.is_file() and (saved := json.loads(path.read_text())).get("id") == ident:
+        return saved
+    by_name = {m.cost_of: m for m in methods() if m.key.startswith("rg-bAtA-") and not m.equal_time}
+    times: dict[str, list[float]] = {name: [] for name in by_name}
+    for _ in range(TIMING["rounds"]):
+        for name, m in by_name.items():
+            out = Path(ctx["out"]) / "timing" / name
+            if out.exists():
+                shutil.rmtree(out)
+            cfg = dataclasses.replace(train_config(m, 0, out, ctx), steps=TIMING["steps"], log_every=1)
+            train(cfg)
+            times[name].append(median_step_s(out / "metrics.jsonl"))
+            shutil.rmtree(out)
+    step_s = {name: statistics.median(t) for name, t in times.items()}
+    costs = {"id": ident, "rounds": times, "step_s": step_s}
+    costs["ratio"] = {name: t / step_s["kd-full"] for name, t in step_s.items()}
+    path.write_text(json.dumps(costs, indent=1))
+    return costs
 
 
 # ----------------------------------------------------------------------------- tables and plots
@@ -418,6 +675,117 @@ def tables(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]]
     return "\n".join(parts)
 
 
+WITHIN_NATS, COST_AT_MOST = 0.02, 0.6  # the issue's question: within 0.02 nat of full KD at <= 0.6x its step cost
+
+
+def regime_rows(base: str, teacher: str) -> list[tuple[str, str, bool]]:
+    """(method key, label, equal time) of one regime's table, in order; CE only is the base's."""
+    rk = regime_key(base, teacher)
+    rows = [(f"rg-b{base}-ce-only", "CE only", False)]
+    rows += [(f"rg-{rk}-{name}", label, False) for name, label, *_ in REGIME_METHODS]
+    rows += [(f"rg-{rk}-{name}-eqt", label, True) for name, label, select, *_ in REGIME_METHODS if select != "none"]
+    return rows
+
+
+def verdicts(summary: dict[str, dict[str, Any]], ratio: dict[str, float], base: str, teacher: str) -> dict[str, Any]:
+    """One regime's answers to the issue's questions, per entropy-selected method and budget ("steps":
+    equal steps, "time": equal wall time): its CE minus full KD's (at equal steps: full KD's run is the
+    same at both budgets), minus random 20%'s at the same budget, its step-cost ratio, and whether it is
+    within :data:`WITHIN_NATS` of full KD at a step cost of at most :data:`COST_AT_MOST`."""
+    rk = regime_key(base, teacher)
+    full = summary[f"rg-{rk}-kd-full"]["ce"]
+    out = {}
+    for name in ENTROPY_METHODS:
+        for budget, tail in (("steps", ""), ("time", "-eqt")):
+            key, rand = f"rg-{rk}-{name}{tail}", f"rg-{rk}-random{tail}"
+            if key not in summary or rand not in summary:
+                continue
+            ce = summary[key]["ce"]
+            out[name, budget] = {
+                "vs_full": ce - full,
+                "vs_random": ce - summary[rand]["ce"],
+                "ratio": ratio[name],
+                "within": ce - full <= WITHIN_NATS and ratio[name] <= COST_AT_MOST,
+                "beats_random": ce < summary[rand]["ce"],
+            }
+    return out
+
+
+def regime_tables(summary: dict[str, dict[str, Any]], costs: dict[str, Any], steps: dict[str, int]) -> str:
+    """Per regime: every method at equal steps, then the selecting ones at equal wall time."""
+    head = (
+        "| method | budget | steps | step cost (x full KD) | held-out CE (mean) | CE per seed | vs full KD "
+        "| vs random 20% (same budget) | KL(teacher‖student) | entropy |\n"
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"
+    )
+    parts = []
+    for base, teacher in REGIMES:
+        rk = regime_key(base, teacher)
+        if f"rg-{rk}-kd-full" not in summary:
+            continue
+        full = summary[f"rg-{rk}-kd-full"]["ce"]
+        lines = [f"#### Regime base {base}, teacher {teacher}\n", head]
+        for key, label, eqt in regime_rows(base, teacher):
+            if key not in summary:
+                continue
+            r = summary[key]
+            name = key.removesuffix("-eqt").removeprefix(f"rg-{rk}-")
+            rand = summary.get(f"rg-{rk}-random{'-eqt' if eqt else ''}")
+            vs_rand = "—" if rand is None or name == "random" else f"{r['ce'] - rand['ce']:+.3f}"
+            cost = costs["ratio"].get(name)
+            lines.append(
+                f"| {label} | {'equal time' if eqt else 'equal steps'} | {steps.get(key, steps['default'])} | "
+                f"{'—' if cost is None else f'{cost:.2f}'} | {r['ce']:.3f} | "
+                f"{' / '.join(f'{c:.3f}' for c in r['ce_seeds'])} | {r['ce'] - full:+.3f} | {vs_rand} | "
+                f"{r['kl']:.3f} | {r['entropy']:.2f} |"
+            )
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def regime_plot(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, Any]], where: Path) -> Path | None:
+    """One figure: per regime a panel of held-out CE per method, equal steps and equal time side by side
+    (mean and seeds); each panel's y axis is cut (marked) since the methods differ by tenths of a nat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [(b, t) for b, t in REGIMES if f"rg-{regime_key(b, t)}-kd-full" in summary]
+    if not shown:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), squeeze=False)
+    names = [("ce-only", "CE only")] + [(m[0], m[1]) for m in REGIME_METHODS]
+    for ax, (base, teacher) in zip(axes.flat, shown, strict=False):
+        rk, vals = regime_key(base, teacher), []
+        for x, (name, _) in enumerate(names):
+            key = f"rg-b{base}-ce-only" if name == "ce-only" else f"rg-{rk}-{name}"
+            for dx, k, color, label in ((-0.15, key, "C0", "equal steps"), (0.15, f"{key}-eqt", "C1", "equal time")):
+                if k in summary:
+                    ax.bar(x + dx, summary[k]["ce"], 0.3, color=color, alpha=0.6, label=label)
+                    ax.scatter([x + dx] * len(summary[k]["ce_seeds"]), summary[k]["ce_seeds"], color="black", s=8)
+                    vals += summary[k]["ce_seeds"]
+        ax.axhline(summary[f"rg-{rk}-kd-full"]["ce"], color="grey", linestyle="--", lw=1, label="full KD")
+        lo = min(vals) - 0.05
+        ax.set_ylim(lo, max(vals) + 0.03)
+        ax.set_ylabel(f"held-out CE (nats); axis cut at {lo:.2f}", fontsize=8)
+        ax.set_xticks(range(len(names)), [n[1] for n in names], rotation=35, ha="right", fontsize=7)
+        ax.set_title(
+            f"base {base} (CE {refs[f'base {base}']['ce']:.2f}), teacher {teacher} "
+            f"(CE {refs[f'teacher {teacher}']['ce']:.2f})",
+            fontsize=9,
+        )
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left")
+    fig.suptitle("Regime map: held-out CE per method (bars: mean over seeds; dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    path = where / "quality-regimes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]], where: Path) -> list[Path]:
     import matplotlib
 
@@ -509,6 +877,75 @@ def plots(summary: dict[str, dict[str, Any]], refs: dict[str, dict[str, float]],
     return made
 
 
+def regime_report(
+    summary: dict[str, dict[str, Any]], rrefs: dict[str, dict[str, Any]], costs: dict[str, Any], ctx: dict[str, Any]
+) -> str:
+    """The regimes' markdown: the extra models, the step costs, the map (one line per regime) and the
+    per-regime tables."""
+    lines = ["\n#### Regimes: the models\n"]
+    for name, rec in costs["models"].items():
+        curve = ", ".join(f"{s}: {ce:.3f}" for s, ce in rec["curve"])
+        lines.append(f"- {name}: held-out CE by step {curve} ({rec['seconds']:.0f} s)")
+    lines.append("- " + ", ".join(f"{k} {v['ce']:.3f}" for k, v in rrefs.items()) + " (held-out CE)")
+    lines.append("\nstep cost (median step time; ratio to full KD's), per timing round: " + "; ".join(
+        f"{k} {costs['step_s'][k] * 1000:.0f} ms = {costs['ratio'][k]:.2f}x "
+        f"({', '.join(f'{t * 1000:.0f}' for t in costs['rounds'][k])})" for k in costs["step_s"]
+    ) + "\n")  # fmt: skip
+    lines += [
+        "#### The map: entropy-selected methods against full KD and random 20%\n",
+        "| regime | method | step cost | vs full KD, equal steps | vs full KD, equal time | vs random, equal steps "
+        f"| vs random, equal time | within {WITHIN_NATS} nat at <= {COST_AT_MOST}x |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    labels = {m[0]: m[1] for m in REGIME_METHODS}
+    for base, teacher in REGIMES:
+        if f"rg-{regime_key(base, teacher)}-kd-full" not in summary:
+            continue
+        v = verdicts(summary, costs["ratio"], base, teacher)
+        for name in ENTROPY_METHODS:
+            st, tm = v.get((name, "steps")), v.get((name, "time"))
+            if st is None:
+                continue
+
+            def d(x: dict[str, Any] | None, k: str) -> str:
+                return "—" if x is None else f"{x[k]:+.3f}"
+
+            lines.append(
+                f"| base {base}, teacher {teacher} | {labels[name]} | {st['ratio']:.2f}x | {d(st, 'vs_full')} | "
+                f"{d(tm, 'vs_full')} | {d(st, 'vs_random')} | {d(tm, 'vs_random')} | "
+                f"{'yes' if st['within'] or (tm and tm['within']) else 'no'} |"
+            )
+    steps = {"default": ctx["steps"], **ctx["run_steps"]}
+    return "\n".join(lines) + "\n\n" + regime_tables(summary, costs, steps)
+
+
+def _build(ctx: dict[str, Any], name: str) -> None:
+    build_s = ensure_cache(ctx, name)
+    if build_s is not None:
+        print(f"built {ctx['caches'][name]} in {build_s:.0f} s", flush=True)
+
+
+def prepare_regimes(ctx: dict[str, Any], pool: ProcessPoolExecutor) -> dict[str, Any]:
+    """The regimes' extra models (trained in ``pool``, at once), teacher B's ``full`` cache and the step
+    costs; sets the equal-time runs' steps in ``ctx["run_steps"]``. Returns the costs, with the models'
+    records under "models"."""
+    longest_first = sorted(ctx["extra_models"], key=lambda n: -ctx["extra_models"][n].get("steps", 0))
+    futures = {name: pool.submit(ensure_model, name, ctx) for name in longest_first}
+    models = {name: fut.result() for name, fut in futures.items()}
+    for name, rec in models.items():
+        how = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
+        print(f"{name}: held-out CE {' -> '.join(f'{ce:.3f}' for _, ce in rec['curve'])} ({how})", flush=True)
+    for name in ("full-tA", "full-tB"):
+        _build(ctx, name)
+    costs = step_costs(ctx)
+    print("step cost vs full KD: " + ", ".join(f"{k} {v:.2f}x" for k, v in costs["ratio"].items()), flush=True)
+    for m in methods():
+        if m.equal_time:
+            full = costs["step_s"]["kd-full"]
+            ctx["run_steps"][m.key] = equal_time_steps(ctx["steps"], full, costs["step_s"][m.cost_of])
+    return {**costs, "models": models}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -520,24 +957,39 @@ def main() -> None:
     p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="which ablations (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default: 2)")
     p.add_argument("--plots", type=Path, help="directory for the PNG plots (default: OUT)")
+    p.add_argument("--steps", type=int, help="training steps of every run (default: the demo's KD steps)")
+    p.add_argument("--report-only", action="store_true", help="tables and plots of the runs already finished")
+    p.add_argument(
+        "--plateau-steps",
+        type=int,
+        default=EXTRA_MODELS["base-B"]["max_steps"],
+        help="regimes: the most CE steps base B trains looking for its held-out plateau (default: %(default)s)",
+    )
     args = p.parse_args()
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
+    if min(args.jobs, args.plateau_steps, args.steps or 1) < 1:
+        p.error("--jobs, --steps and --plateau-steps must be >= 1")
     t_start = time.perf_counter()
-    ctx = demo_context(args.demo.resolve(), args.out.resolve())
+    extra = {**EXTRA_MODELS, "base-B": {**EXTRA_MODELS["base-B"], "max_steps": args.plateau_steps}}
+    ctx = demo_context(args.demo.resolve(), args.out.resolve(), extra)
+    ctx["steps"] = args.steps or ctx["steps"]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.jobs))
     _worker_init(max(1, args.jobs))
-    for name in BUILDS:
-        build_s = ensure_cache(ctx, name)
-        if build_s is not None:
-            print(f"built {ctx['caches'][name]} in {build_s:.0f} s", flush=True)
-
     todo = [(m, s) for m in methods() if set(m.groups) & set(args.groups) for s in args.seeds]
-    records = []
+    for name in BUILDS:  # teacher B's after the regimes' models, in prepare_regimes
+        if BUILDS[name][1] == "demo" and any(m.source == name for m, _ in todo):
+            _build(ctx, name)
+    todo.sort(key=lambda ms: (run_tier(ms[0]), ms[1]))  # should the runs be cut short, what is done means the most
+    records, costs = [], {}
     with ProcessPoolExecutor(
         args.jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(1,)
     ) as pool:
+        if "regimes" in args.groups:
+            costs = prepare_regimes(ctx, pool)
+        if args.report_only:
+            records = [r for m, s in todo if (r := finished(m, s, ctx)[2]) is not None]
+            print(f"--report-only: {len(records)} of {len(todo)} runs finished", flush=True)
+            todo = []
         futures = {pool.submit(run_one, m, s, ctx): (m, s) for m, s in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             m, s = futures[fut]
@@ -552,11 +1004,18 @@ def main() -> None:
 
     seqs, logp = _eval_context(ctx)
     refs = {}
-    for name, path in (("teacher", ctx["teacher"]), ("base student", ctx["base"])):
+    for name, path in (("teacher", ctx["teachers"]["demo"]), ("base student", ctx["bases"]["A"])):
         m = score(log_softmax_rows(load_causal_lm(path, "cpu", torch.float32), seqs), seqs, logp)
         refs[name] = {**m, "agree": None if name == "teacher" else m["agree"]}
     summary = summarize(records)
     made = plots(summary, refs, args.plots or args.out)
+    regime_text = ""
+    if "regimes" in args.groups:
+        rrefs = {f"{kind} {k}": score(log_softmax_rows(load_causal_lm(path, "cpu", torch.float32), seqs), seqs, logp)
+                 for kind in ("teacher", "base") for k, path in ctx[f"{kind}s"].items()}  # fmt: skip
+        refs.update(rrefs)
+        regime_text = regime_report(summary, rrefs, costs, ctx)
+        made += [p for p in [regime_plot(summary, rrefs, args.plots or args.out)] if p is not None]
 
     machine = machine_info(1)
     n_pos = sum(len(s) - 1 for s in seqs)
@@ -577,12 +1036,14 @@ def main() -> None:
             f"on average; the true next token is outside them at {cov['label_outside']:.1%} of positions"
         )
     head[-1] += "\n"
-    text = "\n".join(head) + "\n" + tables(summary, refs, args.groups)
+    text = "\n".join(head) + "\n" + tables(summary, refs, args.groups) + regime_text
     text += "".join(f"\n![{p.stem}]({p})\n" for p in made)
     print("\n" + text)
     (args.out / "quality.md").write_text(text)
     (args.out / "quality.json").write_text(
-        json.dumps({"refs": refs, "summary": summary, "records": records, "ctx": ctx}, indent=1, default=str)
+        json.dumps(
+            {"refs": refs, "summary": summary, "records": records, "ctx": ctx, "costs": costs}, indent=1, default=str
+        )
     )
 
 
