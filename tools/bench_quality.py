@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selkd.trainer.demo.models import ce_step
 from selkd.trainer.selection import SIGNALS as SELECTION_SIGNALS
 
 # caches this benchmark builds (sample50: the demo's): name -> (classes, teacher); teacher B's only for regimes
@@ -486,12 +487,7 @@ def _ce_steps(
         for group in opt.param_groups:
             group["lr"] = lr[1] + (lr[0] - lr[1]) * 0.5 * (1 + math.cos(math.pi * i / max(1, steps)))
         x = torch.from_numpy(pool[rng.integers(0, len(pool), batch)].astype(np.int64))
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        total += float(loss.detach())
+        total += float(ce_step(model, opt, x).detach())
     model.eval()
     return total / max(1, steps)
 

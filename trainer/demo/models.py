@@ -105,6 +105,17 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def ce_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of plain next-token CE on token ids ``x`` [B, L] (gradient norm clipped at 1);
+    returns the loss, still on the device."""
+    loss = model(input_ids=x, labels=x, use_cache=False).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def pretrain_lm(
     model: torch.nn.Module,
     pool: np.ndarray,
@@ -139,11 +150,7 @@ def pretrain_lm(
         for group in opt.param_groups:
             group["lr"] = lr * scale
         x = torch.from_numpy(pool[rng.integers(0, len(pool), batch)].astype(np.int64))
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = ce_step(model, opt, x)
         step += 1
         tokens += x.numel()
         window += float(loss.detach())
