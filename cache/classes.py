@@ -73,7 +73,7 @@ def sample_counts(
     return ids[:, :u_max], counts[:, :u_max]
 
 
-CHUNK = 256  # positions per class-selection chunk when the logits exist whole ([CHUNK, C] fp32 temporaries)
+CHUNK = 256  # positions per class-selection chunk, also within a head chunk ([CHUNK, C] fp32 scratch)
 
 
 class _Scratch:

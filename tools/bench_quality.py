@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -60,6 +59,7 @@ import numpy as np
 import torch
 
 from selkd.trainer.demo.models import ce_step
+from selkd.trainer.demo.util import digest
 from selkd.trainer.selection import SIGNALS as SELECTION_SIGNALS
 
 # caches this benchmark builds (sample50: the demo's): name -> (classes, teacher); teacher B's only for regimes
@@ -379,15 +379,17 @@ def demo_context(demo: Path, out: Path, extra_models: dict[str, dict[str, Any]])
     if missing:
         raise SystemExit(f"bench_quality: {path} lacks {', '.join(missing)}: rerun `selkd-demo --out {demo}` (seconds)")
     sample50 = demo / "caches" / "full"
-    identity = hashlib.sha256(
-        json.dumps([s["teacher_dir"], s["base_dir"], s["caches"]], sort_keys=True).encode()
-    ).hexdigest()[:16]
+    identity = digest([s["teacher_dir"], s["base_dir"], s["caches"]], 16)
     return {
         "demo": str(demo),
         "out": str(out),
         "teachers": {"demo": s["teacher_dir"], **{t: str(out / "models" / f"teacher-{t}") for t in "AB"}},
         "bases": {"A": s["base_dir"], "B": str(out / "models" / "base-B")},
-        "model_ids": {"base-A": identity, "teacher-demo": identity, **{k: _digest(v) for k, v in extra_models.items()}},
+        "model_ids": {
+            "base-A": identity,
+            "teacher-demo": identity,
+            **{k: digest(v, 16) for k, v in extra_models.items()},
+        },
         "extra_models": extra_models,
         "pretrain_batch": b["pretrain_batch"],
         "extra_data": str(Path(s["kd_data"]).with_name("extra.jsonl")),
@@ -405,10 +407,6 @@ def demo_context(demo: Path, out: Path, extra_models: dict[str, dict[str, Any]])
         "identity": identity,
         "run_steps": {},  # method key -> steps, for the equal-time runs (set once the step costs are known)
     }
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
@@ -550,7 +548,7 @@ def step_costs(ctx: dict[str, Any]) -> dict[str, Any]:
     from selkd.trainer.loop import train
 
     path = Path(ctx["out"]) / "step_costs.json"
-    ident = _digest([ctx["identity"], TIMING, [m[:6] for m in REGIME_METHODS], ctx["steps"]])
+    ident = digest([ctx["identity"], TIMING, [m[:6] for m in REGIME_METHODS], ctx["steps"]], 16)
     if path.is_file() and (saved := json.loads(path.read_text())).get("id") == ident:
         return saved
     by_name = {m.cost_of: m for m in methods() if m.key.startswith("rg-bAtA-") and not m.equal_time}

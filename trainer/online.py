@@ -19,14 +19,9 @@ from selkd.cache.doc_attention import attention_inputs
 from selkd.cache.logits import TeacherHead
 from selkd.cache.modes import ClassSpec
 from selkd.cache.reader import CachedSequence
+from selkd.cache.teacher import vocab_size
 from selkd.cache.tokens import Packing
 from selkd.trainer.batch import Batch, collate
-
-
-def _head_rows(model: nn.Module) -> int:
-    """Every logit column: the output embedding's rows (the config's vocab_size when it has none)."""
-    weight = getattr(model.get_output_embeddings(), "weight", None)
-    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
 class OnlineTeacher:
@@ -49,7 +44,7 @@ class OnlineTeacher:
         self.head = TeacherHead(model, BuildConfig.head_chunk_tokens)
         self.generator = torch.Generator(device=self.head.device).manual_seed(seed)
         self.device = self.head.input_device  # under --teacher-device-map, where its forward takes ids
-        self.width = classes if classes is not None else _head_rows(model)  # classes selected over
+        self.width = classes if classes is not None else vocab_size(model)  # classes selected over
 
     @torch.no_grad()
     def sequences(
@@ -73,14 +68,14 @@ class OnlineTeacher:
             )
             n = int(length) - 1
             for j, i in enumerate(rows):
-                part = slice(j * n, (j + 1) * n)
+                sl = slice(j * n, (j + 1) * n)
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
-                    teacher_entropy=res.entropy[part].float().cpu().numpy(),
-                    teacher_logprob=res.next_logprob[part].float().cpu().numpy(),
-                    targets=res.targets.select(part).to("cpu"),  # float32, as the reader gives them
+                    teacher_entropy=res.entropy[sl].float().cpu().numpy(),
+                    teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
+                    targets=res.targets.select(sl).to("cpu"),  # float32, as the reader gives them
                     trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
