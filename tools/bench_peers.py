@@ -13,7 +13,7 @@ length, each in a fresh process:
 
 Every selkd run uses ``--no-doc-attention``, so the attention is TRL's. tokens/s is batch x seq-len over
 the median step time (wall time from one step's end to the next, teacher and data included) after two
-warm-up steps; peak RSS is the process's (``wait4``). With ``--repeats R`` the methods run R times
+warm-up steps; peak RSS is the process's own (``VmHWM``). With ``--repeats R`` the methods run R times
 interleaved (A, B, C, D, A, B, ...) and the best tokens/s is kept (a busy machine only slows runs
 down). Prints a markdown table with the machine and the command.
 
@@ -46,16 +46,36 @@ WARMUP = 2
 METHODS = ("TRL GKD", "online full KD", "offline KD, all positions", "offline SE-KD 20%")
 
 
-def run_process(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` (output to ``log``); its peak RSS in MiB (``wait4``: this child's alone, not the
-    largest of every child so far)."""
+# runs a child's Python command line (``-m MODULE ARGS`` or ``SCRIPT ARGS``) and, at its exit, copies its
+# /proc/self/status to the file named first: VmHWM there is this process's own peak RSS. wait4's ru_maxrss is
+# not: Linux carries the parent's peak into a child across fork and exec, so every child would read at least
+# the benchmark's own RSS (1.5 GB after it has built a cache at V = 151,936).
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+status, proc = sys.argv.pop(1), "/proc/self/status"
+atexit.register(lambda: open(status, "w").write(open(proc).read() if os.path.exists(proc) else ""))
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_process(argv: list[str], log: Path) -> float:
+    """Run ``python ARGV`` (output to ``log``); its own peak RSS in MiB (``VmHWM``; ``wait4``'s ru_maxrss,
+    which includes the parent's, where there is no /proc)."""
+    status = log.with_suffix(".status")
+    status.unlink(missing_ok=True)
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, str(status), *argv], stdout=f, stderr=f)
+        _, code, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(code)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 1024
+        raise RuntimeError(f"python {' '.join(argv[:3])} ... failed:\n{log.read_text()[-3000:]}")
+    hwm = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
+    return int(hwm[0]) / 1024 if hwm else usage.ru_maxrss / 1024
 
 
 def tokens_per_s(step_ends: list[float], tokens_per_step: int) -> float:
@@ -66,7 +86,7 @@ def tokens_per_s(step_ends: list[float], tokens_per_step: int) -> float:
 
 def selkd_run(args: list[str], tokens_per_step: int) -> dict[str, float]:
     out = Path(args[args.index("--out") + 1])
-    rss = run_process([sys.executable, "-m", "selkd.trainer", *args], out.with_suffix(".log"))
+    rss = run_process(["-m", "selkd.trainer", *args], out.with_suffix(".log"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ends = [r["elapsed_s"] for r in rows if not r.get("eval")]
     shutil.rmtree(out, ignore_errors=True)
@@ -108,6 +128,10 @@ def trl_worker(args: argparse.Namespace) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
         gradient_checkpointing=False,  # TRL's SFT default is True; selkd does not checkpoint the decoder either
+        # TRL's default is bf16 autocast, even on a CPU (there 12 steps at V = 151,936 ran 17 minutes unfinished);
+        # the models are fp32 and selkd's --dtype auto trains them in fp32: the same precision for both
+        bf16=False,
+        fp16=False,
     )
     trainer = GKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(args.student),
@@ -174,7 +198,7 @@ def in_process(work: Path, vocab: int, tokens: Path, args: argparse.Namespace) -
 
 def trl_run(work: Path, teacher: Path, student: Path, tokens: Path, args: argparse.Namespace) -> dict[str, float]:
     result = work / "trl-result.json"
-    cmd = [sys.executable, __file__, "--worker", "--teacher", str(teacher), "--student", str(student)]
+    cmd = [__file__, "--worker", "--teacher", str(teacher), "--student", str(student)]
     cmd += ["--tokens", str(tokens), "--out", str(work / "trl-out"), "--result", str(result)]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     rss = run_process(cmd, work / "trl.log")
