@@ -11,6 +11,8 @@ from pathlib import Path
 import bench_quality as bq  # tools/ is on sys.path (conftest)
 import pytest
 
+from selkd.trainer.spec import DEFAULT_CURRICULUM_STEPS
+
 
 def test_equal_time_steps_are_the_steps_full_kds_time_buys() -> None:
     assert bq.equal_time_steps(120, 0.5, 0.3) == 200  # a 0.6x step: 120 / 0.6
@@ -76,7 +78,7 @@ def test_verdicts_answer_within_002_at_06x_and_against_random_per_budget() -> No
 def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
     ms = [m for m in bq.methods() if "regimes" in m.groups]
     keys = [m.key for m in ms]
-    assert len(keys) == len(set(keys)) == 2 + 4 * (6 + 5)  # CE only per base; 6 methods, 5 of them selecting
+    assert len(keys) == len(set(keys)) == 2 + 4 * (8 + 5)  # CE only per base; 8 methods, 5 with an equal-time twin
     assert all(set(m.groups) == {"regimes"} for m in ms)
     assert not any("regimes" in m.groups for m in bq.methods() if not m.key.startswith("rg-"))
     by_key = {m.key: m for m in ms}
@@ -87,7 +89,7 @@ def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
             assert twin.select != "none" and m.cost_of in {r[0] for r in bq.REGIME_METHODS}
     # the training order: every regime method in exactly one tier, full KD, SE-KD, random and CE only first
     tiers = {m.key: bq.run_tier(m) for m in ms}
-    assert sum(len(t) for t in bq.RUN_TIERS) == 12 and set(tiers.values()) == set(range(len(bq.RUN_TIERS)))
+    assert sum(len(t) for t in bq.RUN_TIERS) == 14 and set(tiers.values()) == set(range(len(bq.RUN_TIERS)))
     assert {k for k, t in tiers.items() if t == 0} == {
         *(f"rg-b{b}t{t}-{n}" for b, t in bq.REGIMES for n in ("kd-full", "se", "random")),
         "rg-bA-ce-only",
@@ -96,3 +98,25 @@ def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
     assert {bq.run_tier(m) for m in bq.methods() if not m.key.startswith("rg-")} == {0}
     assert {by_key[f"rg-b{b}t{t}-se"].source for b, t in bq.REGIMES} == {"full-tA", "full-tB"}
     assert by_key["rg-bBtB-se"].base == "B" and by_key["rg-bBtB-se"].teacher == "B"
+
+
+def test_teacher_b_continues_teacher_a_and_its_identity_follows() -> None:
+    extra = bq.EXTRA_MODELS
+    ctx = {"extra_models": extra}
+    assert bq._trained_first("teacher-B", ctx) == ["teacher-A"] and bq._trained_first("base-B", ctx) == []
+    ids = bq.model_ids(extra, "root")
+    changed = bq.model_ids({**extra, "teacher-A": {**extra["teacher-A"], "steps": 1}}, "root")
+    assert ids["base-A"] == ids["teacher-demo"] == "root" and len(set(ids.values())) == 4
+    assert changed["teacher-A"] != ids["teacher-A"] and changed["teacher-B"] != ids["teacher-B"]  # B retrains
+    assert changed["base-B"] == ids["base-B"] and bq.model_ids(extra, "other")["base-B"] != ids["base-B"]
+
+
+def test_curriculum_reaches_top_k_half_way_through_its_own_run(tmp_path: Path) -> None:
+    ctx = {"caches": {"full-tA": "c"}, "bases": {"A": "b"}, "steps": 40, "run_steps": {}, "batch": 2, "lr": 1e-3}
+    ctx["warmup_steps"] = 2
+    by_key = {m.key: m for m in bq.methods()}
+    cfg = bq.train_config(by_key["rg-bAtA-se-curr"], 0, tmp_path, ctx)
+    assert cfg.select_policy == "curriculum" and cfg.curriculum_steps == 20 and cfg.steps == 40
+    plain = bq.train_config(by_key["rg-bAtA-se"], 0, tmp_path, ctx)
+    assert plain.curriculum_steps == DEFAULT_CURRICULUM_STEPS  # other runs keep the default (and identity)
+    assert bq.train_config(by_key["rg-bAtA-se-global"], 0, tmp_path, ctx).select_policy == "global"

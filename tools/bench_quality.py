@@ -16,12 +16,12 @@ Groups (``--groups``):
   lr       full KD, SE-KD 20%, random 20% and SE-KD 20% + CE at 3x lower and 3x higher peak learning
            rates than the demo's (full targets)
   regimes  the regime map: 2 base students (A: the demo's; B: A continued with CE until its held-out CE
-           plateaus) x 2 teachers (A and B: the demo's teacher trained on, B 2.7 times as many more steps
-           as A), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k), random
-           20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD 20%
-           + CE on all positions, at equal steps and (every selection method) at equal wall time: the
-           steps its cheaper step buys against full KD's, from a timing pass of short runs interleaved in
-           one process
+           plateaus) x 2 teachers (A: the demo's teacher trained on; B: teacher A trained on 2.6 times as
+           many more steps), each with its own ``full`` cache; per regime CE only, full KD, SE-KD 20% (top-k),
+           random 20%, SE-KD 20% stochastic (Hansen-Hurwitz weights), student entropy 15% + random 5%, SE-KD
+           20% + CE on all positions, SE-KD 20% curriculum (top-k from half-way) and global (GLS), at equal
+           steps and (every selection method but curriculum and global) at equal wall time: the steps its
+           cheaper step buys against full KD's, from a timing pass of short runs interleaved in one process
 
 The CE-only runs read the ``topk:64`` cache for their batches, the regimes' the demo's one (any of the
 caches gives the same sequences in the same order; the targets are unused).
@@ -147,7 +147,10 @@ REGIME_METHODS = (
     ("se-stoch", "SE-KD 20% stochastic (HH weights)", _sel(0.2), "stochastic", True, 0.0),
     ("se-hybrid", "SE 15% + random 5%", f"{SE}:0.15+random:0.05", "sequence", True, 0.0),
     ("se-ce", "SE-KD 20% + CE on all", _sel(0.2), "sequence", True, 1.0),
+    ("se-curr", "SE-KD 20% curriculum", _sel(0.2), "curriculum", True, 0.0),
+    ("se-global", "SE-KD 20% global (GLS)", _sel(0.2), "global", True, 0.0),
 )
+NO_EQUAL_TIME = ("se-curr", "se-global")  # the paper's policy variants: equal steps only (their step costs SE-KD's)
 # the order the regimes' runs are trained in, tier by tier (each tier seed by seed): (method, equal time)
 RUN_TIERS = (
     {("kd-full", False), ("se", False), ("random", False), ("", False)},  # "": CE only
@@ -156,6 +159,7 @@ RUN_TIERS = (
     {("se-stoch", False)},
     {("se-ce", True), ("se-hybrid", True)},
     {("se-stoch", True)},
+    {("se-curr", False), ("se-global", False)},
 )
 
 
@@ -164,7 +168,8 @@ def run_tier(m: Method) -> int:
     return next(i for i, tier in enumerate(RUN_TIERS) if (m.cost_of, m.equal_time) in tier or not m.cost_of)
 
 
-ENTROPY_METHODS = ("se", "se-stoch", "se-hybrid", "se-ce")  # the entropy-selected ones the reading asks about
+# the entropy-selected ones the reading asks about
+ENTROPY_METHODS = ("se", "se-stoch", "se-hybrid", "se-ce", "se-curr", "se-global")
 
 
 def regime_key(base: str, teacher: str) -> str:
@@ -197,7 +202,7 @@ def regime_methods() -> list[Method]:
                 cost_of=name,
             )
             out.append(m)
-            if select != "none":
+            if select != "none" and name not in NO_EQUAL_TIME:
                 out.append(dataclasses.replace(m, key=f"{m.key}-eqt", equal_time=True))
     return out
 
@@ -284,17 +289,19 @@ def _eval_context(ctx: dict[str, Any], teacher: str = "demo") -> tuple[list[np.n
 def train_config(method: Method, seed: int, out: Path, ctx: dict[str, Any]) -> Any:
     from selkd.trainer.config import TrainConfig
 
+    steps = ctx["run_steps"].get(method.key, ctx["steps"])
     return TrainConfig(
         cache=ctx["caches"][method.source],
         out=str(out),
         student=ctx["bases"][method.base],
-        steps=ctx["run_steps"].get(method.key, ctx["steps"]),
+        steps=steps,
         batch_size=ctx["batch"],
         lr=ctx["lr"] * method.lr_factor,
         warmup_steps=ctx["warmup_steps"],
         seed=seed,
         select=method.select,
         select_policy=method.policy,
+        **({"curriculum_steps": max(1, steps // 2)} if method.policy == "curriculum" else {}),  # top-k from half-way
         importance_weights=method.importance_weights,
         topk_renormalize=method.renormalize,
         kd_weight=method.kd_weight,
@@ -385,11 +392,7 @@ def demo_context(demo: Path, out: Path, extra_models: dict[str, dict[str, Any]])
         "out": str(out),
         "teachers": {"demo": s["teacher_dir"], **{t: str(out / "models" / f"teacher-{t}") for t in "AB"}},
         "bases": {"A": s["base_dir"], "B": str(out / "models" / "base-B")},
-        "model_ids": {
-            "base-A": identity,
-            "teacher-demo": identity,
-            **{k: digest(v, 16) for k, v in extra_models.items()},
-        },
+        "model_ids": model_ids(extra_models, identity),
         "extra_models": extra_models,
         "pretrain_batch": b["pretrain_batch"],
         "extra_data": str(Path(s["kd_data"]).with_name("extra.jsonl")),
@@ -442,15 +445,40 @@ def ensure_cache(ctx: dict[str, Any], name: str) -> float | None:
 
 # ----------------------------------------------------------------------------- the regimes' extra models
 
-# teachers A and B: the demo's teacher trained on for `steps` more steps of CE, the lr a cosine from `lr` to
-# lr/10 (on a busy machine the demo's time-budgeted teacher can end no better than its base student);
-# base B: base A trained on with CE at a constant lr, scored on the held-out sequences every `every` steps,
-# until `every` steps gain less than `delta` nats (or `max_steps`)
+# teacher A: the demo's teacher trained on for `steps` more steps of CE, the lr a cosine from `lr` (the demo's
+# teacher lr) to lr/10 (on a busy machine the demo's time-budgeted teacher can end no better than its base
+# student); teacher B: teacher A trained on the same way (`from` names another extra model of the same kind:
+# it is trained first, in the same process); base B: base A trained on with CE at a constant lr, scored on the
+# held-out sequences every `every` steps, until `every` steps gain less than `delta` nats (or `max_steps`)
 EXTRA_MODELS = {
-    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 300, "lr": 1e-3, "seed": 11},
-    "teacher-B": {"kind": "teacher", "from": "demo", "steps": 800, "lr": 1e-3, "seed": 12},
-    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 800, "lr": 1e-3, "seed": 13},
+    "teacher-A": {"kind": "teacher", "from": "demo", "steps": 500, "lr": 3e-3, "seed": 11},
+    "teacher-B": {"kind": "teacher", "from": "A", "steps": 1300, "lr": 3e-3, "seed": 12},
+    "base-B": {"kind": "base", "from": "A", "every": 100, "delta": 0.01, "max_steps": 3000, "lr": 1e-3, "seed": 13},
 }
+
+
+def model_ids(extra_models: dict[str, dict[str, Any]], root: str) -> dict[str, str]:
+    """Each model's identity: ``root`` (the demo's) for the demo's own, for an extra model a digest of its
+    settings and of the identity of the model it starts from (so retraining teacher A retrains teacher B)."""
+    ids = {"base-A": root, "teacher-demo": root}
+
+    def ident(name: str) -> str:
+        if name not in ids:
+            settings = extra_models[name]
+            start = f"{settings['kind']}-{settings['from']}"
+            ids[name] = digest([settings, ident(start) if start in extra_models else ids[start]], 16)
+        return ids[name]
+
+    for name in extra_models:
+        ident(name)
+    return ids
+
+
+def _trained_first(name: str, ctx: dict[str, Any]) -> list[str]:
+    """The extra models ``name`` starts from, nearest last (trained before it, in its process)."""
+    settings = ctx["extra_models"][name]
+    start = f"{settings['kind']}-{settings['from']}"
+    return [*_trained_first(start, ctx), start] if start in ctx["extra_models"] else []
 
 
 def plateaued(curve: list[tuple[int, float]], delta: float) -> bool:
@@ -498,6 +526,8 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     from selkd.cache.teacher import load_causal_lm
     from selkd.trainer.demo.models import save_model, score_sequences
 
+    for start in _trained_first(name, ctx):
+        ensure_model(start, ctx)
     settings = ctx["extra_models"][name]
     kind, which = name.split("-")
     directory = Path(ctx[f"{kind}s"][which])
@@ -677,7 +707,11 @@ def regime_rows(base: str, teacher: str) -> list[tuple[str, str, bool]]:
     rk = regime_key(base, teacher)
     rows = [(f"rg-b{base}-ce-only", "CE only", False)]
     rows += [(f"rg-{rk}-{name}", label, False) for name, label, *_ in REGIME_METHODS]
-    rows += [(f"rg-{rk}-{name}-eqt", label, True) for name, label, select, *_ in REGIME_METHODS if select != "none"]
+    rows += [
+        (f"rg-{rk}-{name}-eqt", label, True)
+        for name, label, select, *_ in REGIME_METHODS
+        if select != "none" and name not in NO_EQUAL_TIME
+    ]
     return rows
 
 
@@ -923,9 +957,11 @@ def prepare_regimes(ctx: dict[str, Any], pool: ProcessPoolExecutor) -> dict[str,
     """The regimes' extra models (trained in ``pool``, at once), teacher B's ``full`` cache and the step
     costs; sets the equal-time runs' steps in ``ctx["run_steps"]``. Returns the costs, with the models'
     records under "models"."""
-    longest_first = sorted(ctx["extra_models"], key=lambda n: -ctx["extra_models"][n].get("steps", 0))
-    futures = {name: pool.submit(ensure_model, name, ctx) for name in longest_first}
+    extra = ctx["extra_models"]
+    starts = {s for name in extra for s in _trained_first(name, ctx)}  # trained inside the chains that need them
+    futures = {name: pool.submit(ensure_model, name, ctx) for name in extra if name not in starts}
     models = {name: fut.result() for name, fut in futures.items()}
+    models.update({name: ensure_model(name, ctx) for name in extra if name in starts})
     for name, rec in models.items():
         how = "reused" if rec["reused"] else f"{rec['seconds']:.0f} s"
         print(f"{name}: held-out CE {' -> '.join(f'{ce:.3f}' for _, ce in rec['curve'])} ({how})", flush=True)
