@@ -568,27 +568,28 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
 TIMING = {"steps": 12, "rounds": 2}  # the step-cost pass: short runs per method, interleaved A, B, ..., A, B, ...
 
 
-def step_costs(ctx: dict[str, Any]) -> dict[str, Any]:
+def step_costs(ctx: dict[str, Any], name: str = "step_costs.json", rounds: int = TIMING["rounds"]) -> dict[str, Any]:
     """Per method of :data:`REGIME_METHODS`, its step time (s) and its ratio to full KD's, from short runs
-    in this one process interleaved over ``TIMING["rounds"]`` rounds on regime A/A's models and caches (the
+    in this one process interleaved over ``rounds`` rounds on regime A/A's models and caches (the
     regimes share the student's shape and the cache's format, so one timing serves all four). Each run's
     step time is the median of its logged steps after the second, a method's the median over rounds: a
     pause of the process or a burst of load spoils a step or a round, not the ratio. Kept in
-    OUT/step_costs.json."""
+    OUT/``name`` (``--retime`` writes another file: the equal-time runs keep the steps of the first)."""
     from selkd.trainer.loop import train
 
-    path = Path(ctx["out"]) / "step_costs.json"
-    ident = digest([ctx["identity"], TIMING, [m[:6] for m in REGIME_METHODS], ctx["steps"]], 16)
+    path = Path(ctx["out"]) / name
+    timing = {**TIMING, "rounds": rounds}
+    ident = digest([ctx["identity"], timing, [m[:6] for m in REGIME_METHODS], ctx["steps"]], 16)
     if path.is_file() and (saved := json.loads(path.read_text())).get("id") == ident:
         return saved
     by_name = {m.cost_of: m for m in methods() if m.key.startswith("rg-bAtA-") and not m.equal_time}
     times: dict[str, list[float]] = {name: [] for name in by_name}
-    for _ in range(TIMING["rounds"]):
+    for _ in range(rounds):
         for name, m in by_name.items():
             out = Path(ctx["out"]) / "timing" / name
             if out.exists():
                 shutil.rmtree(out)
-            cfg = dataclasses.replace(train_config(m, 0, out, ctx), steps=TIMING["steps"], log_every=1)
+            cfg = dataclasses.replace(train_config(m, 0, out, ctx), steps=timing["steps"], log_every=1)
             train(cfg)
             times[name].append(median_step_s(out / "metrics.jsonl"))
             shutil.rmtree(out)
@@ -990,14 +991,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training steps of every run (default: the demo's KD steps)")
     p.add_argument("--report-only", action="store_true", help="tables and plots of the runs already finished")
     p.add_argument(
+        "--retime",
+        type=int,
+        metavar="ROUNDS",
+        help="regimes: only time the methods' steps again, ROUNDS interleaved rounds, into OUT/step_costs-retime.json "
+        "(a check of the first timing, on a quieter machine; the runs keep their steps)",
+    )
+    p.add_argument(
         "--plateau-steps",
         type=int,
         default=EXTRA_MODELS["base-B"]["max_steps"],
         help="regimes: the most CE steps base B trains looking for its held-out plateau (default: %(default)s)",
     )
     args = p.parse_args()
-    if min(args.jobs, args.plateau_steps, args.steps or 1) < 1:
-        p.error("--jobs, --steps and --plateau-steps must be >= 1")
+    if min(args.jobs, args.plateau_steps, args.steps or 1, args.retime or 1) < 1:
+        p.error("--jobs, --steps, --plateau-steps and --retime must be >= 1")
     t_start = time.perf_counter()
     extra = {**EXTRA_MODELS, "base-B": {**EXTRA_MODELS["base-B"], "max_steps": args.plateau_steps}}
     ctx = demo_context(args.demo.resolve(), args.out.resolve(), extra)
@@ -1016,6 +1024,14 @@ def main() -> None:
     ) as pool:
         if "regimes" in args.groups:
             costs = prepare_regimes(ctx, pool)
+        if args.retime and "regimes" in args.groups:
+            again = step_costs(ctx, "step_costs-retime.json", args.retime)
+            print("step cost vs full KD, again: " + ", ".join(f"{k} {v:.2f}x" for k, v in again["ratio"].items()))
+            print(
+                "per round (ms): "
+                + "; ".join(f"{k} {[round(t * 1000) for t in v]}" for k, v in again["rounds"].items())
+            )
+            return
         if args.report_only:
             records = [r for m, s in todo if (r := finished(m, s, ctx)[2]) is not None]
             print(f"--report-only: {len(records)} of {len(todo)} runs finished", flush=True)
