@@ -178,17 +178,20 @@ selkd-train --cache cache/ --student ./qwen3-1.7b --out runs/ce --kd-weight 0 --
 
 Which selection to use. The defaults (`--select student-entropy:0.2`, `--select-policy sequence`, no CE
 term) are the paper's, measured on a pretrained 1.7B student with an 8B teacher, where SE-KD at 20% beat
-full KD. On this project's small CPU models (docs/results.md section 5, the regime map) SE-KD alone never
-came within 0.02 nat of full KD and never beat random 20%; the evidence disagrees, so the defaults stay
-and you decide on your own held-out set: use the default when the student is pretrained and close to a
-clearly stronger teacher, the vocabulary large (an SE-KD step then costs about half a full-KD step) and
-the run long, after checking it beats `--select random:0.2` over a few hundred steps; use `--select none`
-when the student is small or far from its teacher, the run short or the vocabulary small; add
-`--ce-weight 1` to a selection when the student is far from the teacher (it costs a head pass over every
-position: more than a full-KD step at V = 4,096); and skip KD when the teacher is not clearly better than
-the student on held-out CE. `--select-policy stochastic` (Hansen-Hurwitz weights) is the unbiased
-estimate of full KD at a fifth of the positions; the hybrid `student-entropy:0.15+random:0.05` keeps some
-uniform coverage.
+full KD. On this project's small CPU models (docs/results.md section 5, the regime map: 0.63M students,
+V = 4,096, 100 steps, three of four regimes with the teacher clearly ahead) top-k by student entropy,
+with or without the paper's curriculum and global policies, never came within 0.02 nat of full KD and
+never beat random 20%; the evidence disagrees, so the defaults stay and you decide on your own held-out
+set: use the default when the student is pretrained and close to a clearly stronger teacher, the
+vocabulary large (an SE-KD step then costs about half a full-KD step) and the run long, after checking
+it beats `--select random:0.2` over a few hundred steps; use `--select none` when the student is small or
+far from its teacher, the run short or the vocabulary small; `--select random:0.2` given the steps its
+cheaper step buys beat full KD wherever the teacher was ahead; `--select-policy stochastic`
+(Hansen-Hurwitz weights, an exactly unbiased estimate of full KD) tied full KD at equal wall time in
+every regime; the hybrid `student-entropy:0.15+random:0.05` keeps some uniform coverage and recovers most
+of top-k's gap; add `--ce-weight 1` to a selection when the student is near its plateau (it costs a head
+pass over every position: more than a full-KD step at V = 4,096); and skip KD when the teacher is not
+clearly better than the student on held-out CE.
 
 Rerunning the same command with the same `--out` resumes from the last complete checkpoint
 (`--resume` insists on one). `--steps` may be raised on a rerun to train longer; any other change
