@@ -67,15 +67,18 @@ class OnlineTeacher:
                 self.head, hidden, x[:, 1:].reshape(-1), self.spec, self.temperature, self.generator, self.width
             )
             n = int(length) - 1
+            # one copy to the host per group of rows, then per-row views (float32, as the reader gives them)
+            entropy, logprob = res.entropy.float().cpu().numpy(), res.next_logprob.float().cpu().numpy()
+            targets = res.targets.to("cpu")
             for j, i in enumerate(rows):
                 sl = slice(j * n, (j + 1) * n)
                 out[i] = CachedSequence(
                     seq_index=int(seq_index[i]),
                     input_ids=seqs[i],
                     doc_start=doc_start[i],
-                    teacher_entropy=res.entropy[sl].float().cpu().numpy(),
-                    teacher_logprob=res.next_logprob[sl].float().cpu().numpy(),
-                    targets=res.targets.select(sl).to("cpu"),  # float32, as the reader gives them
+                    teacher_entropy=entropy[sl],
+                    teacher_logprob=logprob[sl],
+                    targets=targets.select(sl),
                     trained=None if loss_mask is None else fmt.trained_targets(loss_mask[i]),
                 )
         return [s for s in out if s is not None]
