@@ -464,9 +464,8 @@ def model_ids(extra_models: dict[str, dict[str, Any]], root: str) -> dict[str, s
 
     def ident(name: str) -> str:
         if name not in ids:
-            settings = extra_models[name]
-            start = f"{settings['kind']}-{settings['from']}"
-            ids[name] = digest([settings, ident(start) if start in extra_models else ids[start]], 16)
+            start = _start(name, extra_models)
+            ids[name] = digest([extra_models[name], ident(start) if start in extra_models else ids[start]], 16)
         return ids[name]
 
     for name in extra_models:
@@ -476,9 +475,14 @@ def model_ids(extra_models: dict[str, dict[str, Any]], root: str) -> dict[str, s
 
 def _trained_first(name: str, ctx: dict[str, Any]) -> list[str]:
     """The extra models ``name`` starts from, nearest last (trained before it, in its process)."""
-    settings = ctx["extra_models"][name]
-    start = f"{settings['kind']}-{settings['from']}"
+    start = _start(name, ctx["extra_models"])
     return [*_trained_first(start, ctx), start] if start in ctx["extra_models"] else []
+
+
+def _start(name: str, extra_models: dict[str, dict[str, Any]]) -> str:
+    """The model extra model ``name`` starts from, as "kind-which" ("teacher-demo", "base-A", "teacher-A")."""
+    settings = extra_models[name]
+    return f"{settings['kind']}-{settings['from']}"
 
 
 def plateaued(curve: list[tuple[int, float]], delta: float) -> bool:
