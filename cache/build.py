@@ -32,6 +32,7 @@ from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask
 from selkd.cache.doc_attention import attention_inputs, check_separates
 from selkd.cache.errors import BuildError
+from selkd.cache.fingerprints import tokenizer_fingerprint
 from selkd.cache.header import agree_header, finalize, make_header, open_output
 from selkd.cache.leases import LeasedPartWriter, PartLeases, log, run_leased
 from selkd.cache.logits import TeacherHead
@@ -52,7 +53,6 @@ from selkd.cache.teacher import (
     num_classes,
     resolve_device,
     resolve_dtype,
-    tokenizer_fingerprint,
     vocab_size,
 )
 from selkd.cache.tokens import CACHE_TOKENS_PREFIX, Packing, TokenStore

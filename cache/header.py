@@ -16,10 +16,11 @@ from selkd.cache import __version__
 from selkd.cache import format as fmt
 from selkd.cache.config import SETTINGS_BEFORE_OPTION, SETTINGS_KEYS, BuildConfig
 from selkd.cache.errors import BuildError
+from selkd.cache.fingerprints import config_hash, same_tokenizer, tokenizer_fingerprint
 from selkd.cache.reader import CacheError, header_classes, read_header
 from selkd.cache.scoring import wait_for
 from selkd.cache.store import Storage
-from selkd.cache.teacher import config_hash, num_classes, same_tokenizer, tokenizer_fingerprint
+from selkd.cache.teacher import num_classes
 from selkd.cache.tokens import CACHE_TOKENS_PREFIX, FINGERPRINT_VERSION, Packing, TokenStore, store_options
 
 

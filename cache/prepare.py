@@ -38,10 +38,10 @@ from selkd.cache import __version__
 from selkd.cache.config import PrepareConfig
 from selkd.cache.documents import CorpusStats, source_documents
 from selkd.cache.errors import DataError
+from selkd.cache.fingerprints import same_tokenizer, tokenizer_fingerprint
 from selkd.cache.scoring import wait_for
 from selkd.cache.sources import Source, resolve_specs
 from selkd.cache.store import Storage, is_url
-from selkd.cache.teacher import same_tokenizer, tokenizer_fingerprint
 from selkd.cache.tokenizing import StreamHash, eos_id, tokenize_documents
 from selkd.cache.tokens import (
     LOSS_MASK,

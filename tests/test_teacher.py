@@ -13,14 +13,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from selkd.cache import teacher
+from selkd.cache.fingerprints import config_hash, tokenizer_fingerprint
 from selkd.cache.teacher import (
     ModelError,
-    config_hash,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
-    tokenizer_fingerprint,
     vocab_size,
 )
 

@@ -17,7 +17,8 @@ from selkd.cache import format as fmt
 from selkd.cache import open_cache
 from selkd.cache.build import BuildResult, build_cache
 from selkd.cache.config import BuildConfig
-from selkd.cache.teacher import FINGERPRINT_PREFIX, _fingerprint_v1, load_tokenizer, tokenizer_fingerprint
+from selkd.cache.fingerprints import FINGERPRINT_PREFIX, _fingerprint_v1, tokenizer_fingerprint
+from selkd.cache.teacher import load_tokenizer
 from selkd.trainer.cli import main as train_main
 
 SEQ = 64

@@ -38,7 +38,8 @@ from selkd.cache.classes import ClassSpec
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig
 from selkd.cache.corpus import eval_mask, load_corpus
-from selkd.cache.teacher import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from selkd.cache.fingerprints import tokenizer_fingerprint
+from selkd.cache.teacher import load_causal_lm, load_tokenizer
 from selkd.trainer import distributed as D
 from selkd.trainer import head as H
 from selkd.trainer import loop

@@ -108,6 +108,31 @@ def mp_context(url: str) -> str | None:
 # --- the stream ----------------------------------------------------------------------------------
 
 
+def _check_arguments(
+    split: str,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    sample_ratio: float | None,
+    unit_size: int,
+    shuffle_window: int,
+) -> None:
+    """:class:`CacheStream`'s argument checks (ValueError naming the argument)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, not {seed}")
+    if unit_size < 1 or shuffle_window < 1:
+        raise ValueError("unit_size and shuffle_window must be >= 1")
+    if sample_ratio is not None and not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in (0, 1], not {sample_ratio}")
+    if sample_ratio is not None and split != "train":
+        raise ValueError(f"sample_ratio applies to the train split only, not {split!r}")
+
+
 class CacheStream(IterableDataset):
     """Streams batches (already collated in the workers) of one split of a cache.
 
@@ -134,18 +159,7 @@ class CacheStream(IterableDataset):
         shuffle_window: int = 4,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, not {seed}")
-        if unit_size < 1 or shuffle_window < 1:
-            raise ValueError("unit_size and shuffle_window must be >= 1")
-        if sample_ratio is not None and not 0.0 < sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio must be in (0, 1], not {sample_ratio}")
-        if sample_ratio is not None and split != "train":
-            raise ValueError(f"sample_ratio applies to the train split only, not {split!r}")
+        _check_arguments(split, batch_size, seed, rank, world_size, sample_ratio, unit_size, shuffle_window)
         self.url = str(url)
         self.split = split
         self.batch_size = batch_size

@@ -26,13 +26,9 @@ from torch import nn
 from selkd.cache import open_cache
 from selkd.cache.doc_attention import check_separates
 from selkd.cache.errors import SelkdError
+from selkd.cache.fingerprints import same_tokenizer
 from selkd.cache.reader import CacheReader
-from selkd.cache.teacher import (
-    DTYPE_NAMES,
-    load_causal_lm,
-    load_tokenizer,
-    same_tokenizer,
-)
+from selkd.cache.teacher import DTYPE_NAMES, load_causal_lm, load_tokenizer
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.config import TrainConfig, config_differences

@@ -13,6 +13,7 @@ import torch
 
 from selkd.cache.config import SETTINGS_BEFORE_OPTION
 from selkd.cache.doc_attention import check_separates
+from selkd.cache.fingerprints import tokenizer_fingerprint
 from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
 from selkd.cache.teacher import (
@@ -20,7 +21,6 @@ from selkd.cache.teacher import (
     load_causal_lm,
     load_tokenizer,
     num_classes,
-    tokenizer_fingerprint,
     vocab_size,
 )
 from selkd.cache.tokens import CACHE_TOKENS_PREFIX
