@@ -102,8 +102,8 @@ def test_regime_methods_cover_four_regimes_with_equal_time_twins() -> None:
 
 def test_teacher_b_continues_teacher_a_and_its_identity_follows() -> None:
     extra = bq.EXTRA_MODELS
-    ctx = {"extra_models": extra}
-    assert bq._trained_first("teacher-B", ctx) == ["teacher-A"] and bq._trained_first("base-B", ctx) == []
+    assert bq._start("teacher-B", extra) == "teacher-A" in extra  # trained first, in teacher B's process
+    assert bq._start("base-B", extra) == "base-A" not in extra  # the demo's: nothing to train first
     ids = bq.model_ids(extra, "root")
     changed = bq.model_ids({**extra, "teacher-A": {**extra["teacher-A"], "steps": 1}}, "root")
     assert ids["base-A"] == ids["teacher-demo"] == "root" and len(set(ids.values())) == 4

@@ -151,6 +151,14 @@ REGIME_METHODS = (
     ("se-global", "SE-KD 20% global (GLS)", _sel(0.2), "global", True, 0.0),
 )
 NO_EQUAL_TIME = ("se-curr", "se-global")  # the paper's policy variants: equal steps only (their step costs SE-KD's)
+
+
+def has_equal_time(name: str, select: str) -> bool:
+    """Whether regime method ``name`` (of :data:`REGIME_METHODS`) also runs at equal wall time: every
+    selecting one but :data:`NO_EQUAL_TIME`."""
+    return select != "none" and name not in NO_EQUAL_TIME
+
+
 # the order the regimes' runs are trained in, tier by tier (each tier seed by seed): (method, equal time)
 RUN_TIERS = (
     {("kd-full", False), ("se", False), ("random", False), ("", False)},  # "": CE only
@@ -202,7 +210,7 @@ def regime_methods() -> list[Method]:
                 cost_of=name,
             )
             out.append(m)
-            if select != "none" and name not in NO_EQUAL_TIME:
+            if has_equal_time(name, select):
                 out.append(dataclasses.replace(m, key=f"{m.key}-eqt", equal_time=True))
     return out
 
@@ -464,19 +472,12 @@ def model_ids(extra_models: dict[str, dict[str, Any]], root: str) -> dict[str, s
 
     def ident(name: str) -> str:
         if name not in ids:
-            start = _start(name, extra_models)
-            ids[name] = digest([extra_models[name], ident(start) if start in extra_models else ids[start]], 16)
+            ids[name] = digest([extra_models[name], ident(_start(name, extra_models))], 16)
         return ids[name]
 
     for name in extra_models:
         ident(name)
     return ids
-
-
-def _trained_first(name: str, ctx: dict[str, Any]) -> list[str]:
-    """The extra models ``name`` starts from, nearest last (trained before it, in its process)."""
-    start = _start(name, ctx["extra_models"])
-    return [*_trained_first(start, ctx), start] if start in ctx["extra_models"] else []
 
 
 def _start(name: str, extra_models: dict[str, dict[str, Any]]) -> str:
@@ -530,8 +531,8 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     from selkd.cache.teacher import load_causal_lm
     from selkd.trainer.demo.models import save_model, score_sequences
 
-    for start in _trained_first(name, ctx):
-        ensure_model(start, ctx)
+    if (start := _start(name, ctx["extra_models"])) in ctx["extra_models"]:
+        ensure_model(start, ctx)  # trained first, in this process (and that one's start before it)
     settings = ctx["extra_models"][name]
     kind, which = name.split("-")
     directory = Path(ctx[f"{kind}s"][which])
@@ -572,16 +573,18 @@ def ensure_model(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
 TIMING = {"steps": 12, "rounds": 2}  # the step-cost pass: short runs per method, interleaved A, B, ..., A, B, ...
 
 
-def step_costs(ctx: dict[str, Any], name: str = "step_costs.json", rounds: int = TIMING["rounds"]) -> dict[str, Any]:
+def step_costs(
+    ctx: dict[str, Any], filename: str = "step_costs.json", rounds: int = TIMING["rounds"]
+) -> dict[str, Any]:
     """Per method of :data:`REGIME_METHODS`, its step time (s) and its ratio to full KD's, from short runs
     in this one process interleaved over ``rounds`` rounds on regime A/A's models and caches (the
     regimes share the student's shape and the cache's format, so one timing serves all four). Each run's
     step time is the median of its logged steps after the second, a method's the median over rounds: a
     pause of the process or a burst of load spoils a step or a round, not the ratio. Kept in
-    OUT/``name`` (``--retime`` writes another file: the equal-time runs keep the steps of the first)."""
+    OUT/``filename`` (``--retime`` writes another file: the equal-time runs keep the steps of the first)."""
     from selkd.trainer.loop import train
 
-    path = Path(ctx["out"]) / name
+    path = Path(ctx["out"]) / filename
     timing = {**TIMING, "rounds": rounds}
     ident = digest([ctx["identity"], timing, [m[:6] for m in REGIME_METHODS], ctx["steps"]], 16)
     if path.is_file() and (saved := json.loads(path.read_text())).get("id") == ident:
@@ -715,7 +718,7 @@ def regime_rows(base: str, teacher: str) -> list[tuple[str, str, bool]]:
     rows += [
         (f"rg-{rk}-{name}-eqt", label, True)
         for name, label, select, *_ in REGIME_METHODS
-        if select != "none" and name not in NO_EQUAL_TIME
+        if has_equal_time(name, select)
     ]
     return rows
 
@@ -963,7 +966,7 @@ def prepare_regimes(ctx: dict[str, Any], pool: ProcessPoolExecutor) -> dict[str,
     costs; sets the equal-time runs' steps in ``ctx["run_steps"]``. Returns the costs, with the models'
     records under "models"."""
     extra = ctx["extra_models"]
-    starts = {s for name in extra for s in _trained_first(name, ctx)}  # trained inside the chains that need them
+    starts = {_start(name, extra) for name in extra}  # trained inside the chains that need them
     futures = {name: pool.submit(ensure_model, name, ctx) for name in extra if name not in starts}
     models = {name: fut.result() for name, fut in futures.items()}
     models.update({name: ensure_model(name, ctx) for name in extra if name in starts})
