@@ -166,6 +166,8 @@ def agree_header(
                 "--out. Differences (stored -> now):\n  " + "\n  ".join(diffs)
             )
     elif rank == 0 or world == 1:
-        storage.write_json("zarr.json", root_metadata(header, None))
+        if not storage.create_json("zarr.json", root_metadata(header, None)):
+            # another builder of this --out (a rerun started while the first runs) was first: same settings?
+            agree_header(storage, read_header(storage), header, tokenizer, rank, world)
     else:
         wait_for(lambda: storage.exists("zarr.json"), "rank 0 to create the cache")

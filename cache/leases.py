@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from selkd.cache import format as fmt
-from selkd.cache.store import Storage
+from selkd.cache.store import Storage, json_bytes
 from selkd.cache.writer import PartWriter
 
 _LEASE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
@@ -108,7 +108,7 @@ def _lease_record(owner: str, ttl_s: float, now: float, previous: dict[str, Any]
 
 
 def _write_lease(storage: Storage, key: str, token: str | None, record: dict[str, Any]) -> bool:
-    if storage.swap(key, token, json.dumps(record, indent=1, sort_keys=True).encode()):
+    if storage.swap(key, token, json_bytes(record)):
         return True
     current = _parse_lease(storage.read_bytes(key))
     return current is not None and current.get("token") == record["token"]

@@ -162,14 +162,9 @@ def _claim(
     differences otherwise)."""
     existing = read_header(storage)
     if existing is None and rank == 0:
-        if not storage.is_empty():
-            raise TokenStoreError(
-                f"{storage.url}: holds files that are not a selkd token store; choose an empty or new location"
-            )
-        root = {"zarr_format": 3, "node_type": "group", "attributes": {ROOT_ATTR: header}}
-        if storage.create_exclusive("zarr.json", _json_bytes(root)):
+        existing = _create_root(storage, header)
+        if existing is None:
             return header, True
-        existing = read_header(storage)  # another rank 0 was first
     elif existing is None:
         wait_for(lambda: read_header(storage) is not None, "rank 0 to create the token store")
         existing = read_header(storage)
@@ -183,10 +178,21 @@ def _claim(
     return existing, False
 
 
-def _json_bytes(obj: Any) -> bytes:
-    import json
-
-    return json.dumps(obj, indent=1, sort_keys=True).encode()
+def _create_root(storage: Storage, header: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the store's root with ``header`` (None: this call did), or the header another preparer
+    of the same store wrote first (two rank 0s: a rerun started while the first still runs). Its root
+    is the first key a preparer writes, so a store that holds files but, read after them, no header
+    is foreign; its files may be the other preparer's, written since this one's first look."""
+    if storage.is_empty():
+        root = {"zarr_format": 3, "node_type": "group", "attributes": {ROOT_ATTR: header}}
+        if storage.create_json("zarr.json", root):
+            return None
+    existing = read_header(storage)
+    if existing is None:
+        raise TokenStoreError(
+            f"{storage.url}: holds files that are not a selkd token store; choose an empty or new location"
+        )
+    return existing
 
 
 def _units(storage: Storage, sources: list[Source], rank: int, options: dict[str, Any] | None) -> list[Source]:

@@ -90,6 +90,11 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON record is stored: indented, keys sorted."""
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
 class Storage(ABC):
     """Keys are '/'-separated paths relative to the cache root; ``store`` is the zarr store wrapped."""
 
@@ -202,7 +207,7 @@ class Storage(ABC):
             raise StoreError(f"{self.url}/{key}: not valid JSON ({err}); the record is corrupt") from err
 
     def write_json(self, key: str, obj: Any) -> None:
-        self.write_bytes(key, json.dumps(obj, indent=1, sort_keys=True).encode())
+        self.write_bytes(key, json_bytes(obj))
 
     def exists(self, key: str) -> bool:
         return bool(sync(self.store.exists(key)))
@@ -264,6 +269,10 @@ class Storage(ABC):
         """
         self.check_writable("create_exclusive")
         return self._create_if_absent(key, data)
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """:meth:`create_exclusive` of ``obj`` as JSON: True if this call created ``key``."""
+        return self.create_exclusive(key, json_bytes(obj))
 
     def _create_checked(self, key: str, data: bytes) -> bool:
         """Create-if-absent as check-then-write under the process lock: exact within this process."""

@@ -27,11 +27,13 @@ from typing import Any
 import faults  # tools/faults.py
 import pytest
 
+from selkd.cache import build as build_module
 from selkd.cache import format as fmt
 from selkd.cache import open_cache
 from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig
+from selkd.cache.errors import BuildError
 from selkd.cache.leases import PartLeases, _pid_space, acquire_lease, read_lease, release_lease
 from selkd.cache.store import Storage
 
@@ -108,6 +110,25 @@ def test_two_builders_with_the_same_rank_never_write_the_same_part(
     assert {k.rsplit("/", 1)[1].removesuffix(".json") for k in commits} == set(faults.cache_digest(reference))
     assert faults.cache_digest(out) == faults.cache_digest(reference)
     assert cache_main(["verify", str(out)]) == 0
+
+
+def test_a_builder_that_looked_before_another_created_the_cache_joins_or_refuses_it(
+    reference: Path, tiny_teacher_dir: Path, text_corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds of one new --out: the second looked while it was empty, the first then wrote the
+    root. The second must not overwrite the first's header: with other settings it stops, with the
+    same ones it joins (here: finds every part committed)."""
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)  # what the first builder has written by now
+    root = (out / "zarr.json").read_bytes()
+    real_open_output = build_module.open_output
+    monkeypatch.setattr(build_module, "open_output", lambda c: (real_open_output(c)[0], None))  # its first look
+    with pytest.raises(BuildError, match=r"(?s)built with other settings.*sample selection"):
+        build_cache(cfg(tiny_teacher_dir, text_corpus_dir, out, sample_ratio=0.5))
+    assert (out / "zarr.json").read_bytes() == root
+    result = build_cache(cfg(tiny_teacher_dir, text_corpus_dir, out))
+    assert result.finalized and result.parts_written == 0
+    assert faults.cache_digest(out) == faults.cache_digest(reference)
 
 
 # --- leases, deterministically: one builder, and a second owner played by the test ---------------------

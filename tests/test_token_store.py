@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selkd.cache import open_cache
+from selkd.cache import prepare as prepare_module
 from selkd.cache.build import build_cache
 from selkd.cache.cli import main as cache_main
 from selkd.cache.config import BuildConfig, PrepareConfig
@@ -188,6 +189,32 @@ def test_rerun_resumes_and_refuses_other_settings(
     with pytest.raises(TokenStoreError, match="holds files that are not a selkd token store"):
         prepare([str(data_dir)], foreign, tok, tiny_tokenizer_dir)
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
+
+
+def test_a_second_preparer_joins_a_store_created_after_its_first_look(
+    tmp_path: Path, tok: Any, tiny_tokenizer_dir: Path, text_corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rank-0 preparers of one store (two builds of one --out): the second looks (no header yet),
+    the first then creates and fills the store, and the second, finding files, joins it. It failed
+    once in CI with "holds files that are not a selkd token store"; here the interleaving is forced."""
+    data, out = [str(text_corpus_dir)], tmp_path / "t"
+    real_read_header = prepare_module.read_header
+    first_look = True
+
+    def look_then_let_the_other_preparer_run(storage: Storage) -> Any:
+        nonlocal first_look
+        header = real_read_header(storage)
+        if first_look:
+            first_look = False
+            other.append(prepare(data, out, tok, tiny_tokenizer_dir))
+        return header
+
+    other: list[TokenStore] = []
+    monkeypatch.setattr(prepare_module, "read_header", look_then_let_the_other_preparer_run)
+    second = prepare(data, out, tok, tiny_tokenizer_dir)
+    assert len(other) == 1 and second.summary == other[0].summary
+    assert second.header == other[0].header
+    assert_same_stream(second.packed(SEQ), load_corpus(data, tok, SEQ, progress=False))
 
 
 def test_unreadable_data_leaves_nothing_behind(tmp_path: Path, tok: Any, tiny_tokenizer_dir: Path) -> None:
