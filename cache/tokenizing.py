@@ -10,7 +10,7 @@ position t - 1) is distilled when the build or online run uses ``--loss-on assis
 a plain-text document and its EOS is trained; of a chat row (:class:`~selkd.cache.chat.ChatText`)
 only the tokens that overlap an assistant turn, not its EOS (nothing follows a conversation's end).
 
-Only the token store's preparation (:mod:`selkd.cache.prepare`) calls this, so a cache, an online run
+Only the token store's preparation (:mod:`selkd.cache.tokenize_units`) calls this, so a cache, an online run
 and ``load_corpus`` all see the same stream.
 """
 

@@ -70,7 +70,7 @@ def assert_same_stream(packed: Any, reference: PackedCorpus) -> None:
 _THREADS_PROBE = """
 import os, sys
 from tokenizers import Tokenizer, models, pre_tokenizers
-from selkd.cache.prepare import limit_tokenizer_threads
+from selkd.cache.tokenize_units import limit_tokenizer_threads
 limit_tokenizer_threads(int(sys.argv[1]))
 def threads():
     return int(open("/proc/self/status").read().split("Threads:")[1].split()[0])
