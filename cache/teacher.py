@@ -312,6 +312,18 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"torch_dtype": dtype}
 
 
+def checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype a model's config.json declares (``dtype``, or ``torch_dtype`` as transformers before 4.56
+    wrote it); None when it declares none, one selkd does not know, or the config cannot be read (the
+    model's loader then says what is wrong with ``source``, in one line)."""
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPE_NAMES.get(str(declared).removeprefix("torch."))
+
+
 def load_causal_lm(
     name_or_path: str | Path,
     device: str | torch.device | None = None,

@@ -28,7 +28,7 @@ from selkd.cache.doc_attention import check_separates
 from selkd.cache.errors import SelkdError
 from selkd.cache.fingerprints import same_tokenizer
 from selkd.cache.reader import CacheReader
-from selkd.cache.teacher import DTYPE_NAMES, load_causal_lm, load_tokenizer
+from selkd.cache.teacher import DTYPE_NAMES, checkpoint_dtype, load_causal_lm, load_tokenizer
 from selkd.trainer import checkpoint as ckpt
 from selkd.trainer import distributed as D
 from selkd.trainer.config import TrainConfig, config_differences
@@ -193,20 +193,6 @@ class Precision(NamedTuple):
         if self.autocast is None:
             return f"{name[self.weights]} weights"
         return f"{name[self.weights]} master weights, {name[self.autocast]} compute, {name[self.final]} OUT/final"
-
-
-def checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
-    """The dtype a model's config.json declares (``dtype``, or ``torch_dtype`` as transformers before 4.56
-    wrote it); None when it declares none, one selkd does not know, or the config cannot be read (the
-    model's loader then says what is wrong with ``source``, in one line)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError):
-        return None
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return DTYPE_NAMES.get(str(declared).removeprefix("torch."))
 
 
 def resolve_precision(cfg: TrainConfig) -> Precision:

@@ -18,6 +18,7 @@ from selkd.cache.prepare import corpus_tokens
 from selkd.cache.reader import CacheReader
 from selkd.cache.teacher import (
     DTYPE_NAMES,
+    checkpoint_dtype,
     load_causal_lm,
     load_tokenizer,
     num_classes,
@@ -30,7 +31,7 @@ from selkd.trainer.data import CacheStream
 from selkd.trainer.loader import make_loader
 from selkd.trainer.metrics import log
 from selkd.trainer.online import OnlineStream, OnlineTeacher
-from selkd.trainer.setup import TrainError, checkpoint_dtype
+from selkd.trainer.setup import TrainError
 from selkd.trainer.targets_check import check_targets
 
 
